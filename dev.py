@@ -1,0 +1,74 @@
+#!/usr/bin/env python3
+"""Set up and run splitstore from a fresh checkout, with only Python 3.11+ and pip.
+
+    python3 dev.py demo     store and fetch a sample file through two local servers
+    python3 dev.py test     lint, type-check and run the whole test suite
+    python3 dev.py bench    run the benchmarks (pass --quick for a short run)
+    python3 dev.py setup    only create .venv and install the project into it
+
+Each command creates .venv and installs the project (pinned by constraints.txt) first,
+if that was not done already for the current pyproject.toml and constraints.txt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+PY = BIN / ("python.exe" if os.name == "nt" else "python")
+STAMP = VENV / ".splitstore-installed"
+
+
+def setup() -> None:
+    if sys.version_info < (3, 11):
+        sys.exit(f"splitstore needs Python 3.11 or newer; this is {sys.version.split()[0]}")
+    inputs = b"".join((ROOT / f).read_bytes() for f in ("pyproject.toml", "constraints.txt"))
+    wanted = hashlib.sha256(inputs).hexdigest()
+    if PY.exists() and STAMP.exists() and STAMP.read_text().strip() == wanted:
+        return
+    if not PY.exists():
+        print("dev.py: creating .venv", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    print("dev.py: installing splitstore and its tools into .venv", flush=True)
+    pip = [str(PY), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "-c", "constraints.txt", "-e", ".[dev]"], cwd=ROOT, check=True)
+    STAMP.write_text(wanted + "\n")
+
+
+def run(*cmd: str) -> None:
+    print("+", " ".join(cmd), flush=True)
+    result = subprocess.run(cmd, cwd=ROOT)
+    if result.returncode != 0:
+        sys.exit(result.returncode)
+
+
+def main(argv: list[str]) -> None:
+    command, rest = (argv[0], argv[1:]) if argv else ("help", [])
+    if command in ("help", "-h", "--help"):
+        print(__doc__)
+        return
+    setup()
+    if command == "setup":
+        return
+    if command == "demo":
+        run(str(BIN / "splitstore"), "demo", *rest)
+    elif command == "test":
+        run(str(BIN / "ruff"), "check", ".")
+        run(str(BIN / "ruff"), "format", "--check", ".")
+        run(str(BIN / "mypy"))
+        run(str(PY), "-m", "pytest", *rest)
+    elif command == "bench":
+        run(str(PY), "-m", "benchmarks", *rest)
+    else:
+        sys.exit(f"dev.py: unknown command {command!r}; try: demo, test, bench, setup")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

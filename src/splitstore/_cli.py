@@ -1,0 +1,398 @@
+"""The ``splitstore`` command line: one clear line on stderr and a non-zero exit on failure.
+
+Exit codes (also in the README): 0 ok, 1 other failure, 2 bad usage or config,
+3 not stored, 4 stored data damaged, 5 server unavailable or failing, 6 token or
+certificate refused, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+import traceback
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from ._client import AsyncClient, FileInfo
+from ._config import load_config
+from ._errors import SplitStoreError, UsageError
+from ._progress import TransferProgress
+from ._service import ServerLimits
+from ._version import __version__
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_FAILURE, EXIT_INTERRUPTED = 0, 1, 130
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    try:
+        code: int = args.handler(args)
+        return code
+    except SplitStoreError as exc:
+        _fail(str(exc), args.verbose)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("splitstore: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # a bug: say so in one line, details with -v
+        _fail(f"internal error: {type(exc).__name__}: {exc} (run with -v for details)", True)
+        return EXIT_FAILURE
+
+
+def _fail(message: str, verbose: bool) -> None:
+    if verbose:
+        traceback.print_exc()
+    print(f"splitstore: error: {message}", file=sys.stderr)
+
+
+# -- client commands ------------------------------------------------------------------
+
+
+def _with_client(
+    args: argparse.Namespace, job: Callable[[AsyncClient], Coroutine[Any, Any, int]]
+) -> int:
+    config = load_config(args.config)
+
+    async def run() -> int:
+        async with AsyncClient(config) as client:
+            return await job(client)
+
+    return asyncio.run(run())
+
+
+def _progress(args: argparse.Namespace, description: str) -> TransferProgress:
+    return TransferProgress(description, enabled=False if args.quiet else None)
+
+
+def _cmd_put(args: argparse.Namespace) -> int:
+    async def job(client: AsyncClient) -> int:
+        name = args.name if args.name is not None else Path(args.file).name
+        with _progress(args, f"storing {name}") as bar:
+            started = time.monotonic()
+            info = await client.store(args.file, args.name, progress=bar.update)
+            seconds = time.monotonic() - started
+        if args.json:
+            _print_json(info.to_json())
+        elif not args.quiet:
+            print(
+                f"stored {info.name!r}: {_size(info.size)} in {info.chunks} chunks "
+                f"of {info.chunk_size} bytes, in {seconds:.2f} s"
+            )
+            for server in client.config.servers:
+                print(
+                    f"  {info.chunks_per_server.get(server.kind, 0):>10} chunks, "
+                    f"{_size(info.bytes_per_server.get(server.kind, 0)):>10} -> {server.label}"
+                )
+        return EXIT_OK
+
+    return _with_client(args, job)
+
+
+def _cmd_get(args: argparse.Namespace) -> int:
+    async def job(client: AsyncClient) -> int:
+        with _progress(args, f"fetching {args.name}") as bar:
+            path = await client.fetch(args.name, args.output, force=args.force, progress=bar.update)
+        if not args.quiet:
+            print(f"fetched {args.name!r} into {path} (every hash checked)")
+        return EXIT_OK
+
+    return _with_client(args, job)
+
+
+def _cmd_ls(args: argparse.Namespace) -> int:
+    async def job(client: AsyncClient) -> int:
+        infos = await client.list()
+        if args.json:
+            _print_json([i.to_json() for i in infos])
+            return EXIT_OK
+        for info in infos:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(info.stored_at))
+            partial = "" if len(info.committed_on) == len(client.config.servers) else "  (partial)"
+            print(f"{_size(info.size):>10}  {when}  {info.name}{partial}")
+        return EXIT_OK
+
+    return _with_client(args, job)
+
+
+def _cmd_rm(args: argparse.Namespace) -> int:
+    async def job(client: AsyncClient) -> int:
+        await client.delete(args.name)
+        if not args.quiet:
+            print(f"deleted {args.name!r}")
+        return EXIT_OK
+
+    return _with_client(args, job)
+
+
+def _cmd_stat(args: argparse.Namespace) -> int:
+    async def job(client: AsyncClient) -> int:
+        info = await client.stat(args.name)
+        if args.json:
+            _print_json(info.to_json())
+        else:
+            _print_info(info, client)
+        return EXIT_OK
+
+    return _with_client(args, job)
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    async def job(client: AsyncClient) -> int:
+        with _progress(args, f"verifying {args.name}") as bar:
+            try:
+                info = await client.verify(args.name, progress=bar.update)
+            except SplitStoreError as exc:
+                if not args.json:
+                    raise
+                server = getattr(exc, "server", None)
+                _print_json({"name": args.name, "ok": False, "error": str(exc), "server": server})
+                return exc.exit_code
+        if args.json:
+            _print_json({"name": info.name, "ok": True, "size": info.size, "sha256": info.sha256})
+        elif not args.quiet:
+            print(
+                f"{info.name!r} is intact on both servers "
+                f"({_size(info.size)}, sha256 {info.sha256})"
+            )
+        return EXIT_OK
+
+    return _with_client(args, job)
+
+
+def _print_info(info: FileInfo, client: AsyncClient) -> None:
+    stored = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(info.stored_at))
+    print(f"name:        {info.name}")
+    print(f"size:        {info.size} bytes ({_size(info.size)})")
+    print(f"chunks:      {info.chunks} of {info.chunk_size} bytes")
+    for server in client.config.servers:
+        print(
+            f"  {server.kind:<5}      {info.chunks_per_server.get(server.kind, 0)} chunks, "
+            f"{info.bytes_per_server.get(server.kind, 0)} bytes  ({server.label})"
+        )
+    print(f"stored:      {stored}")
+    print(f"sha256:      {info.sha256}")
+    print(f"version:     {info.version_id}")
+    print(f"committed:   {', '.join(info.committed_on)}")
+
+
+# -- setup and servers ----------------------------------------------------------------
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    from ._setup import init_setup
+
+    paths = init_setup(
+        Path(args.dir),
+        https_port=args.https_port,
+        tcp_port=args.tcp_port,
+        host=args.host,
+        force=args.force,
+    )
+    if not args.quiet:
+        print(f"wrote a splitstore setup in {paths.root}:")
+        print(f"  config       {paths.config}")
+        print(f"  token        {paths.token}  (keep it private)")
+        print(f"  CA           {paths.ca_cert}")
+        print(f"  data         {paths.https_data}, {paths.tcp_data}")
+        print(f"next: splitstore serve --config {paths.config}   (in another terminal)")
+    return EXIT_OK
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from ._serve import ServerSpec, run_until_stopped
+
+    limits = ServerLimits(idle_timeout=args.idle_timeout)
+    if args.kind is None:
+        config = load_config(args.config)
+        specs = [ServerSpec.from_config(s) for s in config.servers]
+    else:
+        if args.data_dir is None or args.token_file is None or args.port is None:
+            raise UsageError(f"'serve {args.kind}' needs --data-dir, --port and --token-file")
+        tls = not args.no_tls
+        if tls and (args.cert is None or args.key is None):
+            raise UsageError(f"'serve {args.kind}' needs --cert and --key (or --no-tls for tcp)")
+        specs = [
+            ServerSpec(
+                kind=args.kind,
+                host=args.host,
+                port=args.port,
+                data_dir=Path(args.data_dir),
+                token_file=Path(args.token_file),
+                tls=tls,
+                cert_file=Path(args.cert) if args.cert else None,
+                key_file=Path(args.key) if args.key else None,
+            )
+        ]
+    asyncio.run(run_until_stopped(specs, limits, announce=not args.quiet))
+    return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from ._demo import run_demo
+
+    return run_demo(Path(args.workdir) if args.workdir else None, size_mb=args.size_mb)
+
+
+# -- parser ---------------------------------------------------------------------------
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    common = _common_options(suppress=False)
+    # Options repeated after the command must not reset those given before it.
+    sub_common = _common_options(suppress=True)
+
+    parser = argparse.ArgumentParser(
+        prog="splitstore",
+        description="Store files split across an HTTPS server and a TCP server.",
+        epilog="exit codes: 0 ok, 1 failure, 2 usage/config, 3 not stored, 4 data damaged, "
+        "5 server unavailable, 6 token or certificate refused, 130 interrupted",
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"splitstore {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler: Command, help: str, example: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(
+            name,
+            help=help,
+            description=help,
+            parents=[sub_common],
+            epilog=f"example:\n  {example}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.set_defaults(handler=handler)
+        return p
+
+    p = command(
+        "init",
+        _cmd_init,
+        "write a ready local setup (config, CA, certificate, token)",
+        "splitstore init --dir ~/splitstore",
+    )
+    p.add_argument("--dir", default=".", help="folder to write the setup into (default: .)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing setup (keeps data)")
+    p.add_argument("--host", default="127.0.0.1", help="address the servers listen on")
+    p.add_argument("--https-port", type=int, default=7443)
+    p.add_argument("--tcp-port", type=int, default=7444)
+
+    p = command(
+        "serve",
+        _cmd_serve,
+        "run both servers of a config, or one server alone",
+        "splitstore serve --config splitstore.toml\n"
+        "  splitstore serve tcp --data-dir server_files/tcp --port 7444 \\\n"
+        "      --cert tls/server.pem --key tls/server-key.pem --token-file token",
+    )
+    p.add_argument("kind", nargs="?", choices=["https", "tcp"], help="run only this server")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int)
+    p.add_argument("--data-dir")
+    p.add_argument("--cert")
+    p.add_argument("--key")
+    p.add_argument("--token-file")
+    p.add_argument("--no-tls", action="store_true", help="tcp only: plain TCP (insecure)")
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=60.0,
+        help="seconds before an idle or stalled client is dropped (default: 60)",
+    )
+
+    p = command(
+        "put", _cmd_put, "store a file", "splitstore put holiday.mp4 --name videos/holiday.mp4"
+    )
+    p.add_argument("file")
+    p.add_argument("--name", help="name to store it under (default: the file's base name)")
+    p.add_argument("--json", action="store_true")
+
+    p = command(
+        "get", _cmd_get, "fetch a stored file", "splitstore get holiday.mp4 -o restored.mp4"
+    )
+    p.add_argument("name")
+    p.add_argument("-o", "--output", help="file or folder to write (default: ./BASENAME)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+
+    p = command("ls", _cmd_ls, "list stored files", "splitstore ls --json")
+    p.add_argument("--json", action="store_true")
+
+    p = command(
+        "rm", _cmd_rm, "delete a stored file from both servers", "splitstore rm holiday.mp4"
+    )
+    p.add_argument("name")
+
+    p = command("stat", _cmd_stat, "show how a file is stored", "splitstore stat holiday.mp4")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true")
+
+    p = command(
+        "verify",
+        _cmd_verify,
+        "check both servers still hold intact, complete data",
+        "splitstore verify holiday.mp4",
+    )
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true")
+
+    p = command(
+        "demo",
+        _cmd_demo,
+        "store and fetch a sample file through two local servers",
+        "splitstore demo --workdir /tmp/splitstore-demo",
+    )
+    p.add_argument("--workdir", help="keep the demo's setup here (default: a temporary folder)")
+    p.add_argument(
+        "--size-mb", type=float, default=4.0, help="size of the sample file (default: 4)"
+    )
+    return parser
+
+
+def _common_options(*, suppress: bool) -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    default: Any = argparse.SUPPRESS if suppress else None
+    flag: Any = argparse.SUPPRESS if suppress else False
+    common.add_argument(
+        "--config",
+        metavar="PATH",
+        default=default,
+        help="config file (default: $SPLITSTORE_CONFIG, ./splitstore.toml, "
+        "~/.config/splitstore/config.toml)",
+    )
+    common.add_argument(
+        "-v", "--verbose", action="store_true", default=flag, help="debug logs and tracebacks"
+    )
+    common.add_argument(
+        "-q", "--quiet", action="store_true", default=flag, help="no progress bar, less output"
+    )
+    return common
+
+
+def _print_json(doc: Any) -> None:
+    json.dump(doc, sys.stdout, indent=2, ensure_ascii=False)
+    sys.stdout.write("\n")
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""The exceptions splitstore raises.
+
+Every failure is a subclass of one root, so callers can catch ``SplitStoreError``
+and show its message to a person::
+
+    SplitStoreError
+    ├── UsageError                  the caller asked for something that cannot be done
+    │   ├── ConfigError             config missing, unreadable or invalid
+    │   ├── InvalidNameError        a stored name that is empty, too long or has control chars
+    │   └── LocalFileError          a local file is missing, a directory, unreadable, or exists
+    ├── NotFoundError               no file is stored under that name
+    ├── IntegrityError              stored data does not match its manifest (names the server)
+    └── ServerError                 a server failed or refused (names the server)
+        ├── ServerUnavailableError  cannot connect, timed out, or the connection dropped
+        ├── AuthenticationError     the server refused the token
+        ├── TLSVerificationError    the server's certificate is not trusted or does not match
+        ├── ProtocolError           the server sent something that breaks the protocol
+        ├── StorageFullError        the server has no room left for the data
+        └── ConflictError           the server's state changed under us (e.g. a concurrent store)
+
+Lower-layer errors (OSError, ssl.SSLError, aiohttp errors) are translated at the
+boundary with ``raise ... from exc`` so the cause stays available for debugging.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AuthenticationError",
+    "ConfigError",
+    "ConflictError",
+    "IntegrityError",
+    "InvalidNameError",
+    "LocalFileError",
+    "NotFoundError",
+    "ProtocolError",
+    "ServerError",
+    "ServerUnavailableError",
+    "SplitStoreError",
+    "StorageFullError",
+    "TLSVerificationError",
+    "UsageError",
+]
+
+
+class SplitStoreError(Exception):
+    """Root of every error splitstore raises; ``str(exc)`` is meant for a person."""
+
+    #: Exit status the command-line tool uses for this kind of failure.
+    exit_code: int = 1
+
+
+class UsageError(SplitStoreError):
+    exit_code = 2
+
+
+class ConfigError(UsageError):
+    pass
+
+
+class InvalidNameError(UsageError):
+    pass
+
+
+class LocalFileError(UsageError):
+    pass
+
+
+class NotFoundError(SplitStoreError):
+    exit_code = 3
+
+
+class _ServerAttributed(SplitStoreError):
+    """An error that can say which server it concerns."""
+
+    def __init__(self, message: str, *, server: str | None = None) -> None:
+        super().__init__(message)
+        self.server = server
+
+
+class IntegrityError(_ServerAttributed):
+    exit_code = 4
+
+
+class ServerError(_ServerAttributed):
+    exit_code = 5
+
+
+class ServerUnavailableError(ServerError):
+    pass
+
+
+class AuthenticationError(ServerError):
+    exit_code = 6
+
+
+class TLSVerificationError(ServerError):
+    exit_code = 6
+
+
+class ProtocolError(ServerError):
+    pass
+
+
+class StorageFullError(ServerError):
+    pass
+
+
+class ConflictError(ServerError):
+    pass

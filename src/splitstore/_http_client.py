@@ -1,0 +1,226 @@
+"""The client side of the HTTPS server's REST API, on one keep-alive aiohttp session."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any
+
+import aiohttp
+
+from ._errors import (
+    ProtocolError,
+    ServerUnavailableError,
+    TLSVerificationError,
+)
+from ._remote import raise_for_code
+from ._storage import MAX_RECORD_BYTES, ObjectRecord, StorageError
+from ._tls import describe_ssl_error
+
+__all__ = ["HttpsRemote"]
+
+# A JSON reply from our server is a record or a short status; anything longer is not ours.
+MAX_REPLY_BYTES = 2 * MAX_RECORD_BYTES
+
+
+class HttpsRemote:
+    kind = "https"
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        token: str,
+        ssl_context: ssl.SSLContext,
+        *,
+        connect_timeout: float = 10.0,
+        io_timeout: float = 60.0,
+        label: str | None = None,
+    ) -> None:
+        netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.label = label or f"https server at {netloc}"
+        self._base = f"https://{netloc}"
+        self._token = token
+        self._ssl = ssl_context
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, connect=connect_timeout, sock_connect=connect_timeout, sock_read=io_timeout
+        )
+        self._session: aiohttp.ClientSession | None = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=self._ssl, limit=16),
+                timeout=self._timeout,
+                headers={"Authorization": f"Bearer {self._token}"},
+                read_bufsize=1024 * 1024,
+                auto_decompress=False,
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # -- operations ----------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        with self._translating():
+            async with self._http().get(f"{self._base}/v1/ping") as resp:
+                await self._json(resp)
+
+    async def put_stripe(
+        self, object_id: str, version_id: str, length: int, body: AsyncIterator[bytes]
+    ) -> str:
+        url = f"{self._base}/v1/objects/{object_id}/stripes/{version_id}"
+        with self._translating():
+            async with self._http().put(
+                url,
+                data=body,
+                headers={
+                    "Content-Length": str(length),
+                    "Content-Type": "application/octet-stream",
+                },
+            ) as resp:
+                reply = await self._json(resp)
+        digest = reply.get("sha256")
+        if reply.get("length") != length or not isinstance(digest, str):
+            raise ProtocolError(
+                f"the {self.label} sent a malformed upload reply", server=self.label
+            )
+        return digest
+
+    @asynccontextmanager
+    async def get_stripe(self, object_id: str, version_id: str) -> AsyncIterator[_HttpStripe]:
+        url = f"{self._base}/v1/objects/{object_id}/stripes/{version_id}"
+        with self._translating():
+            async with self._http().get(url) as resp:
+                if resp.status != 200:
+                    await self._json(resp)
+                if resp.content_length is None:
+                    raise ProtocolError(
+                        f"the {self.label} sent a stripe without a length", server=self.label
+                    )
+                yield _HttpStripe(resp, self)
+
+    async def commit(self, object_id: str, record: ObjectRecord) -> None:
+        url = f"{self._base}/v1/objects/{object_id}/record"
+        with self._translating():
+            async with self._http().put(url, json=record.to_json()) as resp:
+                await self._json(resp)
+
+    async def get_record(self, object_id: str) -> ObjectRecord:
+        url = f"{self._base}/v1/objects/{object_id}/record"
+        with self._translating():
+            async with self._http().get(url) as resp:
+                reply = await self._json(resp)
+        return self._record(reply.get("record"))
+
+    async def list_records(self) -> AsyncIterator[tuple[str, ObjectRecord]]:
+        with self._translating():
+            async with self._http().get(f"{self._base}/v1/objects") as resp:
+                if resp.status != 200:
+                    await self._json(resp)
+                while True:
+                    line = await resp.content.readline()
+                    if not line:
+                        return
+                    if len(line) > MAX_REPLY_BYTES or not line.endswith(b"\n"):
+                        raise ProtocolError(
+                            f"the {self.label} sent a bad listing", server=self.label
+                        )
+                    doc = _loads(line, self.label)
+                    yield str(doc.get("object_id")), self._record(doc)
+
+    async def delete(self, object_id: str) -> None:
+        with self._translating():
+            async with self._http().delete(f"{self._base}/v1/objects/{object_id}") as resp:
+                await self._json(resp)
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _record(self, doc: Any) -> ObjectRecord:
+        try:
+            return ObjectRecord.from_json(doc)
+        except StorageError as exc:
+            raise ProtocolError(
+                f"the {self.label} sent a malformed record: {exc.message}", server=self.label
+            ) from exc
+
+    async def _json(self, resp: aiohttp.ClientResponse) -> dict[str, Any]:
+        """Read a JSON reply; raise the matching error for a non-2xx status."""
+        raw = await resp.content.read(MAX_REPLY_BYTES + 1)
+        if len(raw) > MAX_REPLY_BYTES:
+            raise ProtocolError(f"the {self.label} sent an oversized reply", server=self.label)
+        if resp.status >= 400:
+            try:
+                err = json.loads(raw)["error"]
+                code, message = str(err["code"]), str(err["message"])
+            except (ValueError, KeyError, TypeError):
+                code, message = "internal", f"HTTP {resp.status}"
+            raise_for_code(code, message, self.label)
+        return _loads(raw, self.label)
+
+    @contextmanager
+    def _translating(self) -> Iterator[None]:
+        """Turn aiohttp and socket errors into SplitStoreErrors that name this server."""
+        label = self.label
+        try:
+            yield
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise TLSVerificationError(
+                f"cannot trust the {label}: {describe_ssl_error(exc.certificate_error)}",
+                server=label,
+            ) from exc
+        except aiohttp.ClientSSLError as exc:
+            raise TLSVerificationError(
+                f"TLS with the {label} failed: {describe_ssl_error(exc)}", server=label
+            ) from exc
+        except aiohttp.ClientConnectorError as exc:
+            reason = exc.strerror or str(exc.os_error)
+            raise ServerUnavailableError(
+                f"cannot connect to the {label}: {reason}", server=label
+            ) from exc
+        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:
+            raise ServerUnavailableError(
+                f"the {label} closed the connection mid-transfer", server=label
+            ) from exc
+        except aiohttp.ClientOSError as exc:
+            raise ServerUnavailableError(
+                f"the connection to the {label} failed: {exc.strerror or exc}", server=label
+            ) from exc
+        except TimeoutError as exc:
+            raise ServerUnavailableError(f"the {label} timed out", server=label) from exc
+        except aiohttp.ClientError as exc:
+            raise ServerUnavailableError(
+                f"talking to the {label} failed: {exc}", server=label
+            ) from exc
+
+
+class _HttpStripe:
+    def __init__(self, resp: aiohttp.ClientResponse, remote: HttpsRemote) -> None:
+        self._resp = resp
+        self._remote = remote
+        self.length: int = resp.content_length or 0
+
+    async def read(self, n: int) -> bytes:
+        with self._remote._translating():
+            try:
+                return await self._resp.content.readexactly(n)
+            except asyncio.IncompleteReadError as exc:
+                # The stream ended early: hand back what did arrive, the caller judges it.
+                return exc.partial
+
+
+def _loads(raw: bytes, label: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(raw)
+    except ValueError as exc:
+        raise ProtocolError(f"the {label} sent a reply that is not JSON", server=label) from exc
+    if not isinstance(doc, dict):
+        raise ProtocolError(f"the {label} sent a reply that is not a JSON object", server=label)
+    return doc

@@ -1,0 +1,148 @@
+"""The manifest: the small document that makes a stored version exist.
+
+A manifest says everything needed to rebuild and check a file: its name, size, chunk
+size, the servers in order with the length and SHA-256 of each one's stripe, and the
+whole file's SHA-256. Writing it to both servers is the commit point of a store. Its
+byte layout (canonical JSON) is specified in docs/format.md.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from ._errors import IntegrityError
+from ._names import MAX_NAME_BYTES, is_version_id, validate_name
+from ._stripes import stripe_lengths
+
+__all__ = ["MANIFEST_FORMAT", "MAX_MANIFEST_BYTES", "Manifest", "StripeInfo"]
+
+MANIFEST_FORMAT = 1
+# A name of MAX_NAME_BYTES escaped as JSON is at most 6x longer; the rest is a few hundred bytes.
+MAX_MANIFEST_BYTES = 8 * MAX_NAME_BYTES
+# Sizes beyond 2**53 would not survive JSON readers in other languages.
+MAX_FILE_SIZE = 2**53
+_HEX64 = frozenset("0123456789abcdef")
+
+
+@dataclass(frozen=True, slots=True)
+class StripeInfo:
+    """One server's share of a stored file."""
+
+    server: str
+    length: int
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    name: str
+    size: int
+    chunk_size: int
+    sha256: str
+    version_id: str
+    created_ns: int
+    stripes: tuple[StripeInfo, ...]
+    encryption: str = "none"
+    format: int = MANIFEST_FORMAT
+
+    def __post_init__(self) -> None:
+        validate_name(self.name)
+        if not _is_uint(self.size) or self.size > MAX_FILE_SIZE:
+            raise ValueError("size out of range")
+        if not _is_uint(self.chunk_size) or self.chunk_size == 0:
+            raise ValueError("chunk_size must be positive")
+        if not _is_sha256(self.sha256) or not is_version_id(self.version_id):
+            raise ValueError("bad hash or version id")
+        if not _is_uint(self.created_ns):
+            raise ValueError("bad creation time")
+        if self.encryption != "none" or self.format != MANIFEST_FORMAT:
+            raise ValueError("unsupported manifest format or encryption")
+        expected = stripe_lengths(self.size, self.chunk_size, len(self.stripes))
+        if [s.length for s in self.stripes] != expected:
+            raise ValueError("stripe lengths do not match the size and chunk size")
+        for s in self.stripes:
+            if not _is_sha256(s.sha256) or not isinstance(s.server, str):
+                raise ValueError("bad stripe entry")
+
+    def stripe_for(self, server: str) -> StripeInfo:
+        for stripe in self.stripes:
+            if stripe.server == server:
+                return stripe
+        raise KeyError(server)
+
+    def to_bytes(self) -> bytes:
+        doc = {
+            "format": self.format,
+            "name": self.name,
+            "size": self.size,
+            "chunk_size": self.chunk_size,
+            "sha256": self.sha256,
+            "version_id": self.version_id,
+            "created_ns": self.created_ns,
+            "encryption": self.encryption,
+            "stripes": [
+                {"server": s.server, "length": s.length, "sha256": s.sha256} for s in self.stripes
+            ],
+        }
+        return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, server: str | None = None) -> Manifest:
+        """Parse and check a manifest; anything malformed is an IntegrityError."""
+        where = f" from the {server}" if server else ""
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise IntegrityError(f"the manifest{where} is too large", server=server)
+        try:
+            doc = json.loads(data.decode("utf-8"))
+            if not isinstance(doc, dict):
+                raise TypeError("not an object")
+            fmt = doc["format"]
+            if fmt != MANIFEST_FORMAT:
+                raise IntegrityError(
+                    f"the manifest{where} has format {fmt!r}, which this version of "
+                    "splitstore cannot read; upgrade splitstore",
+                    server=server,
+                )
+            stripes = tuple(
+                StripeInfo(
+                    server=_get(s, "server", str),
+                    length=_get(s, "length", int),
+                    sha256=_get(s, "sha256", str),
+                )
+                for s in _get(doc, "stripes", list)
+            )
+            return cls(
+                name=_get(doc, "name", str),
+                size=_get(doc, "size", int),
+                chunk_size=_get(doc, "chunk_size", int),
+                sha256=_get(doc, "sha256", str),
+                version_id=_get(doc, "version_id", str),
+                created_ns=_get(doc, "created_ns", int),
+                encryption=_get(doc, "encryption", str),
+                stripes=stripes,
+            )
+        except IntegrityError:
+            raise
+        except (ValueError, TypeError, KeyError, UnicodeDecodeError) as exc:
+            raise IntegrityError(
+                f"the manifest{where} is malformed ({exc})", server=server
+            ) from exc
+
+
+def _get(doc: Any, key: str, kind: type) -> Any:
+    if not isinstance(doc, dict):
+        raise TypeError("expected an object")
+    value = doc[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise TypeError(f"{key!r} has the wrong type")
+    return value
+
+
+def _is_uint(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_sha256(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and set(value) <= _HEX64

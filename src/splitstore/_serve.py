@@ -1,0 +1,125 @@
+"""Running the servers: one of them, or both of a config, until told to stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from ._config import ServerConfig
+from ._errors import ConfigError
+from ._http_server import start_https_server
+from ._service import ServerLimits, StorageService, TokenChecker
+from ._storage import LocalDiskStore, StorageError
+from ._tcp_server import start_tcp_server
+from ._tls import server_ssl_context
+
+__all__ = ["RunningServer", "ServerSpec", "run_until_stopped", "start_server"]
+
+log = logging.getLogger("splitstore.serve")
+
+
+class RunningServer(Protocol):
+    host: str
+    port: int
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """Everything one server needs; built from a config entry or command-line options."""
+
+    kind: str
+    host: str
+    port: int
+    data_dir: Path
+    token_file: Path
+    tls: bool = True
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    @classmethod
+    def from_config(cls, server: ServerConfig) -> ServerSpec:
+        where = f"the {server.kind} server's config"
+        if server.data_dir is None:
+            raise ConfigError(f"{where} needs 'data_dir' to serve")
+        if server.token_file is None:
+            raise ConfigError(f"{where} needs a token file to serve")
+        return cls(
+            kind=server.kind,
+            host=server.host,
+            port=server.port,
+            data_dir=server.data_dir,
+            token_file=server.token_file,
+            tls=server.tls,
+            cert_file=server.cert_file,
+            key_file=server.key_file,
+        )
+
+
+async def start_server(spec: ServerSpec, limits: ServerLimits | None = None) -> RunningServer:
+    """Start one server on its host and port (0 picks a free port)."""
+    limits = limits or ServerLimits()
+    ssl_context = None
+    if spec.tls:
+        if spec.cert_file is None or spec.key_file is None:
+            raise ConfigError(f"the {spec.kind} server needs a certificate and key for TLS")
+        ssl_context = server_ssl_context(spec.cert_file, spec.key_file)
+    elif spec.kind == "https":
+        raise ConfigError("the https server always uses TLS")
+    else:
+        warnings.warn(
+            "the tcp server runs without TLS: the token and data cross the network in the clear",
+            stacklevel=2,
+        )
+    try:
+        store = LocalDiskStore(spec.data_dir, reserve_bytes=limits.reserve_bytes)
+    except (OSError, StorageError) as exc:
+        raise ConfigError(
+            f"cannot use {spec.data_dir} as the {spec.kind} data folder: {exc}"
+        ) from exc
+    service = StorageService(store)
+    tokens = TokenChecker(spec.token_file)
+    start = start_https_server if spec.kind == "https" else start_tcp_server
+    try:
+        return await start(
+            service, tokens, host=spec.host, port=spec.port, ssl_context=ssl_context, limits=limits
+        )
+    except OSError as exc:
+        raise ConfigError(
+            f"the {spec.kind} server cannot listen on {spec.host}:{spec.port}: {exc.strerror}"
+        ) from exc
+
+
+async def run_until_stopped(
+    specs: Sequence[ServerSpec], limits: ServerLimits | None = None, *, announce: bool = True
+) -> None:
+    """Run servers until SIGINT or SIGTERM, then close them cleanly."""
+    running: list[RunningServer] = []
+    try:
+        for spec in specs:
+            server = await start_server(spec, limits)
+            running.append(server)
+            if announce:
+                scheme = "https" if spec.kind == "https" else ("tcp+tls" if spec.tls else "tcp")
+                print(
+                    f"{spec.kind} server listening on {scheme}://{server.host}:{server.port}, "
+                    f"storing in {spec.data_dir}",
+                    flush=True,
+                )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        if announce:
+            print("shutting down", flush=True)
+    finally:
+        for server in running:
+            await server.close()

@@ -1,0 +1,362 @@
+"""Where a server keeps what it is given: one narrow interface, local disk first.
+
+Both servers (HTTPS and TCP) speak to storage only through ``StripeStore``, so another
+backend (an object store, say) can come later without touching them. The on-disk layout
+and its commit rules are specified in docs/format.md; in short::
+
+    DATA_DIR/FORMAT                              "splitstore-server-data 1"
+    DATA_DIR/tmp/                                uploads in progress (emptied at start)
+    DATA_DIR/objects/<id[:2]>/<id>/record.json   the committed record (current, previous)
+    DATA_DIR/objects/<id[:2]>/<id>/<vid>.stripe  one version's stripe, chunk after chunk
+    DATA_DIR/objects/<id[:2]>/<id>/<vid>.meta    its length and SHA-256, written after it
+
+A stripe is written to tmp/, flushed, fsynced and renamed into place only once it has
+exactly the declared length. A record is committed only if it names a complete stripe
+whose length and hash match what the client declared. Every file is replaced atomically.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol, cast
+
+from ._manifest import MAX_MANIFEST_BYTES
+from ._names import is_object_id, is_version_id
+
+__all__ = [
+    "MAX_STRIPE_BYTES",
+    "LocalDiskStore",
+    "ObjectRecord",
+    "StorageError",
+    "StripeStore",
+    "StripeUpload",
+]
+
+DATA_FORMAT = "splitstore-server-data 1"
+# One stripe of a 2**53-byte file; the per-tenant quotas of later versions sit below this.
+MAX_STRIPE_BYTES = 2**53
+# A record is a few hashes and an encoded manifest.
+MAX_RECORD_BYTES = 2 * MAX_MANIFEST_BYTES
+
+
+class StorageError(Exception):
+    """A storage failure with the wire error code the servers answer with."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectRecord:
+    """What a server knows of one committed version: its stripe, and the opaque manifest."""
+
+    version_id: str
+    stripe_length: int
+    stripe_sha256: str
+    manifest: bytes
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version_id": self.version_id,
+            "stripe_length": self.stripe_length,
+            "stripe_sha256": self.stripe_sha256,
+            "manifest": base64.b64encode(self.manifest).decode("ascii"),
+        }
+
+    @classmethod
+    def from_json(cls, doc: object) -> ObjectRecord:
+        """Build a record from untrusted JSON; raises StorageError("bad_request", ...)."""
+        if not isinstance(doc, dict):
+            raise StorageError("bad_request", "a record must be a JSON object")
+        vid, length, digest, manifest = (
+            doc.get("version_id"),
+            doc.get("stripe_length"),
+            doc.get("stripe_sha256"),
+            doc.get("manifest"),
+        )
+        if not is_version_id(vid):
+            raise StorageError("bad_request", "version_id must be 32 lowercase hex digits")
+        if not _is_length(length):
+            raise StorageError("bad_request", "stripe_length must be a whole number")
+        if not is_sha256_hex(digest):
+            raise StorageError("bad_request", "stripe_sha256 must be 64 lowercase hex digits")
+        if not isinstance(manifest, str) or len(manifest) > MAX_RECORD_BYTES:
+            raise StorageError("bad_request", "manifest must be base64 text of bounded size")
+        try:
+            raw = base64.b64decode(manifest, validate=True)
+        except ValueError as exc:
+            raise StorageError("bad_request", "manifest is not valid base64") from exc
+        return cls(cast(str, vid), cast(int, length), cast(str, digest), raw)
+
+
+class StripeUpload(Protocol):
+    def write(self, data: bytes | memoryview) -> None: ...
+    def finish(self) -> str:
+        """Check the length, make the stripe durable and visible; return its SHA-256."""
+        ...
+
+    def abort(self) -> None: ...
+
+
+class StripeStore(Protocol):
+    """The storage interface both servers use. Methods block; servers call them in threads."""
+
+    def begin_stripe(self, object_id: str, version_id: str, length: int) -> StripeUpload: ...
+    def open_stripe(self, object_id: str, version_id: str) -> tuple[BinaryIO, int]: ...
+    def commit(self, object_id: str, record: ObjectRecord) -> None: ...
+    def get_record(self, object_id: str) -> ObjectRecord: ...
+    def list_records(self) -> Iterator[tuple[str, ObjectRecord]]: ...
+    def delete(self, object_id: str) -> None: ...
+
+
+class LocalDiskStore:
+    """A StripeStore in a local folder (see the module docstring for the layout)."""
+
+    def __init__(self, root: Path, *, reserve_bytes: int = 0) -> None:
+        self.root = root
+        self.reserve_bytes = reserve_bytes
+        self._objects = root / "objects"
+        self._tmp = root / "tmp"
+        # Commits and deletes of one store are short; one lock keeps them from interleaving.
+        self._lock = threading.Lock()
+        self._prepare()
+
+    def _prepare(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        marker = self.root / "FORMAT"
+        if marker.exists():
+            found = marker.read_text(encoding="utf-8", errors="replace").strip()
+            if found != DATA_FORMAT:
+                raise StorageError(
+                    "internal", f"{self.root} holds data of format {found!r}, not {DATA_FORMAT!r}"
+                )
+        else:
+            _atomic_write(marker, (DATA_FORMAT + "\n").encode())
+        self._objects.mkdir(exist_ok=True)
+        # Leftovers of uploads killed mid-way: never visible, so safe to drop.
+        shutil.rmtree(self._tmp, ignore_errors=True)
+        self._tmp.mkdir(exist_ok=True)
+
+    # -- stripes -------------------------------------------------------------------------
+
+    def begin_stripe(self, object_id: str, version_id: str, length: int) -> _DiskUpload:
+        _check_ids(object_id, version_id)
+        if not _is_length(length) or length > MAX_STRIPE_BYTES:
+            raise StorageError("too_large", f"a stripe can be at most {MAX_STRIPE_BYTES} bytes")
+        free = shutil.disk_usage(self.root).free
+        if length + self.reserve_bytes > free:
+            raise StorageError(
+                "insufficient_storage",
+                f"not enough disk space for a {length}-byte stripe ({free} bytes free)",
+            )
+        final = self._object_dir(object_id) / f"{version_id}.stripe"
+        return _DiskUpload(self._tmp, final, length)
+
+    def open_stripe(self, object_id: str, version_id: str) -> tuple[BinaryIO, int]:
+        _check_ids(object_id, version_id)
+        folder = self._object_dir(object_id)
+        if not (folder / f"{version_id}.meta").exists():
+            raise StorageError("not_found", "no such stripe")
+        try:
+            f = (folder / f"{version_id}.stripe").open("rb")
+        except FileNotFoundError as exc:
+            raise StorageError("not_found", "no such stripe") from exc
+        return f, os.fstat(f.fileno()).st_size
+
+    # -- records -------------------------------------------------------------------------
+
+    def commit(self, object_id: str, record: ObjectRecord) -> None:
+        _check_ids(object_id, record.version_id)
+        folder = self._object_dir(object_id)
+        meta = _read_json(folder / f"{record.version_id}.meta")
+        if meta is None:
+            raise StorageError("conflict", "the stripe of that version is not stored here")
+        if meta.get("length") != record.stripe_length or meta.get("sha256") != record.stripe_sha256:
+            raise StorageError(
+                "conflict", "the stored stripe's length or SHA-256 differs from the declared one"
+            )
+        with self._lock:
+            current = self._read_entry(object_id)
+            previous = current.get("current") if current else None
+            if previous and previous.get("version_id") == record.version_id:
+                previous = current.get("previous") if current else None
+            doc = {"current": record.to_json(), "previous": previous}
+            _atomic_write(folder / "record.json", json.dumps(doc).encode())
+            keep = {record.version_id}
+            if previous:
+                keep.add(previous["version_id"])
+            self._drop_versions(folder, keep)
+
+    def get_record(self, object_id: str) -> ObjectRecord:
+        _check_ids(object_id)
+        entry = self._read_entry(object_id)
+        if entry is None:
+            raise StorageError("not_found", "no such object")
+        try:
+            return ObjectRecord.from_json(entry.get("current"))
+        except StorageError as exc:
+            raise StorageError("internal", f"stored record is damaged: {exc.message}") from exc
+
+    def list_records(self) -> Iterator[tuple[str, ObjectRecord]]:
+        for prefix in sorted(self._objects.iterdir()):
+            if not prefix.is_dir():
+                continue
+            for folder in sorted(prefix.iterdir()):
+                if not is_object_id(folder.name):
+                    continue
+                with contextlib.suppress(StorageError):
+                    yield folder.name, self.get_record(folder.name)
+
+    def delete(self, object_id: str) -> None:
+        _check_ids(object_id)
+        folder = self._object_dir(object_id)
+        with self._lock:
+            record = folder / "record.json"
+            try:
+                record.unlink()
+            except FileNotFoundError as exc:
+                raise StorageError("not_found", "no such object") from exc
+            _fsync_dir(folder)
+            shutil.rmtree(folder, ignore_errors=True)
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _object_dir(self, object_id: str) -> Path:
+        return self._objects / object_id[:2] / object_id
+
+    def _read_entry(self, object_id: str) -> dict[str, Any] | None:
+        return _read_json(self._object_dir(object_id) / "record.json")
+
+    def _drop_versions(self, folder: Path, keep: set[str]) -> None:
+        for path in folder.iterdir():
+            stem, dot, suffix = path.name.partition(".")
+            if dot and suffix in ("stripe", "meta") and stem not in keep:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+
+
+class _DiskUpload:
+    """A stripe being received: a temp file that becomes visible only when complete."""
+
+    def __init__(self, tmp_dir: Path, final: Path, length: int) -> None:
+        self._final = final
+        self._length = length
+        self._received = 0
+        self._hash = hashlib.sha256()
+        fd, name = tempfile.mkstemp(dir=tmp_dir, suffix=".part")
+        self._tmp = Path(name)
+        self._file: BinaryIO | None = os.fdopen(fd, "wb", buffering=0)
+
+    def write(self, data: bytes | memoryview) -> None:
+        if self._file is None:
+            raise StorageError("internal", "upload already closed")
+        self._received += len(data)
+        if self._received > self._length:
+            raise StorageError("bad_request", f"more than the declared {self._length} bytes sent")
+        self._hash.update(data)
+        with _translate_os_errors():
+            self._file.write(data)
+
+    def finish(self) -> str:
+        if self._file is None:
+            raise StorageError("internal", "upload already closed")
+        if self._received != self._length:
+            raise StorageError(
+                "bad_request",
+                f"the stripe ended after {self._received} of the declared {self._length} bytes",
+            )
+        digest = self._hash.hexdigest()
+        with _translate_os_errors():
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+            self._final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self._tmp, self._final)
+            meta = {"length": self._length, "sha256": digest}
+            _atomic_write(self._final.with_suffix(".meta"), json.dumps(meta).encode())
+        return digest
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        with contextlib.suppress(FileNotFoundError):
+            self._tmp.unlink()
+
+
+@contextlib.contextmanager
+def _translate_os_errors() -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StorageError("insufficient_storage", "the server's disk is full") from exc
+        raise StorageError("internal", f"storage error: {exc.strerror}") from exc
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old content or the new, never a mix."""
+    with _translate_os_errors():
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_RECORD_BYTES * 3)
+    except FileNotFoundError:
+        return None
+    try:
+        doc = json.loads(raw)
+    except ValueError as exc:
+        raise StorageError("internal", f"{path.name} is damaged") from exc
+    return doc if isinstance(doc, dict) else None
+
+
+def _check_ids(object_id: str, version_id: str | None = None) -> None:
+    if not is_object_id(object_id):
+        raise StorageError("bad_request", "object id must be 64 lowercase hex digits")
+    if version_id is not None and not is_version_id(version_id):
+        raise StorageError("bad_request", "version id must be 32 lowercase hex digits")
+
+
+def _is_length(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def is_sha256_hex(value: object) -> bool:
+    return (
+        isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+    )

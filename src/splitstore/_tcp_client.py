@@ -1,0 +1,338 @@
+"""The client side of the TCP protocol: pooled connections around the sans-IO codec."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import ssl
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from . import _protocol as p
+from ._errors import ProtocolError, ServerUnavailableError, TLSVerificationError
+from ._remote import raise_for_code
+from ._storage import MAX_RECORD_BYTES, ObjectRecord, StorageError
+from ._tls import describe_ssl_error, find_ssl_error
+
+__all__ = ["TcpRemote"]
+
+READ_BYTES = 256 * 1024
+# Idle connections kept for reuse; more would only hold sockets open on the server.
+POOL_SIZE = 4
+
+
+class TcpRemote:
+    kind = "tcp"
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        token: str,
+        ssl_context: ssl.SSLContext | None,
+        *,
+        connect_timeout: float = 10.0,
+        io_timeout: float = 60.0,
+        label: str | None = None,
+    ) -> None:
+        self.host, self.port = host, port
+        self.label = label or f"tcp server at {host}:{port}"
+        self._token = token
+        self._ssl = ssl_context
+        self._connect_timeout = connect_timeout
+        self._io_timeout = io_timeout
+        self._idle: list[_Link] = []
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for link in idle:
+            await link.close()
+
+    # -- connections ---------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _link(self) -> AsyncIterator[_Link]:
+        """A connection for one exchange, back to the pool only if the exchange finished."""
+        link = self._idle.pop() if self._idle else await self._connect()
+        try:
+            yield link
+        except BaseException:
+            await link.close()
+            raise
+        if link.reusable and len(self._idle) < POOL_SIZE:
+            self._idle.append(link)
+        else:
+            await link.close()
+
+    async def _connect(self) -> _Link:
+        with self._translating():
+            async with asyncio.timeout(self._connect_timeout):
+                reader, writer = await asyncio.open_connection(
+                    self.host,
+                    self.port,
+                    ssl=self._ssl,
+                    server_hostname=self.host if self._ssl else None,
+                    limit=READ_BYTES * 4,
+                )
+            link = _Link(reader, writer, self)
+            try:
+                async with asyncio.timeout(self._connect_timeout):
+                    await link.handshake(self._token)
+            except BaseException:
+                await link.close()
+                raise
+            return link
+
+    # -- operations ----------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        await self._simple("ping", {})
+
+    async def put_stripe(
+        self, object_id: str, version_id: str, length: int, body: AsyncIterator[bytes]
+    ) -> str:
+        async with self._link() as link:
+            with self._translating():
+                await link.send(
+                    p.Request(
+                        "put_stripe",
+                        {
+                            "object_id": object_id,
+                            "version_id": version_id,
+                            "length": length,
+                        },
+                    )
+                )
+                try:
+                    async for piece in body:
+                        await link.send_data(piece)
+                    await link.send(p.End({}))
+                except (ConnectionError, OSError):
+                    # The server may have refused mid-upload (disk full, ...) and closed:
+                    # its ERROR frame says why, so read it before blaming the network.
+                    await link.read_reply()
+                    raise
+                reply = await link.read_reply()
+        digest = reply.get("sha256")
+        if reply.get("length") != length or not isinstance(digest, str):
+            raise ProtocolError(
+                f"the {self.label} sent a malformed upload reply", server=self.label
+            )
+        return digest
+
+    @asynccontextmanager
+    async def get_stripe(self, object_id: str, version_id: str) -> AsyncIterator[_TcpStripe]:
+        async with self._link() as link:
+            with self._translating():
+                await link.request("get_stripe", {"object_id": object_id, "version_id": version_id})
+                reply = await link.read_response()
+                length = reply.get("length")
+                if not isinstance(length, int) or length < 0:
+                    raise ProtocolError(
+                        f"the {self.label} sent a bad stripe length", server=self.label
+                    )
+                stripe = _TcpStripe(link, length)
+                yield stripe
+                await stripe.drain()
+
+    async def commit(self, object_id: str, record: ObjectRecord) -> None:
+        await self._simple("commit", {"object_id": object_id, **record.to_json()})
+
+    async def get_record(self, object_id: str) -> ObjectRecord:
+        reply = await self._simple("get_record", {"object_id": object_id})
+        return self._record(reply.get("record"))
+
+    async def list_records(self) -> AsyncIterator[tuple[str, ObjectRecord]]:
+        async with self._link() as link:
+            with self._translating():
+                await link.request("list", {})
+                await link.read_response()
+                pending = b""
+                async for piece in link.body():
+                    pending += piece
+                    *lines, pending = pending.split(b"\n")
+                    if len(pending) > 2 * MAX_RECORD_BYTES:
+                        raise ProtocolError(
+                            f"the {self.label} sent a bad listing", server=self.label
+                        )
+                    for line in lines:
+                        doc = _loads(line, self.label)
+                        yield str(doc.get("object_id")), self._record(doc)
+                if pending:
+                    raise ProtocolError(f"the {self.label} sent a bad listing", server=self.label)
+
+    async def delete(self, object_id: str) -> None:
+        await self._simple("delete", {"object_id": object_id})
+
+    # -- helpers -------------------------------------------------------------------------
+
+    async def _simple(self, op: str, fields: dict[str, Any]) -> dict[str, Any]:
+        async with self._link() as link:
+            with self._translating():
+                await link.request(op, fields)
+                return await link.read_reply()
+
+    def _record(self, doc: Any) -> ObjectRecord:
+        try:
+            return ObjectRecord.from_json(doc)
+        except StorageError as exc:
+            raise ProtocolError(
+                f"the {self.label} sent a malformed record: {exc.message}", server=self.label
+            ) from exc
+
+    @contextlib.contextmanager
+    def _translating(self) -> Iterator[None]:
+        label = self.label
+        try:
+            yield
+        except p.ProtocolViolation as exc:
+            raise ProtocolError(f"the {label} broke the protocol: {exc}", server=label) from exc
+        except TimeoutError as exc:
+            raise ServerUnavailableError(f"the {label} timed out", server=label) from exc
+        except (ssl.SSLError, ConnectionError, OSError, asyncio.IncompleteReadError) as exc:
+            cert = find_ssl_error(exc)
+            if cert is not None:
+                raise TLSVerificationError(
+                    f"cannot trust the {label}: {describe_ssl_error(cert)}", server=label
+                ) from exc
+            if isinstance(exc, ConnectionRefusedError):
+                raise ServerUnavailableError(
+                    f"cannot connect to the {label}: connection refused", server=label
+                ) from exc
+            reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            raise ServerUnavailableError(
+                f"the connection to the {label} failed: {reason}", server=label
+            ) from exc
+
+
+class _Link:
+    """One open connection and its protocol state."""
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, remote: TcpRemote
+    ) -> None:
+        self.reader, self.writer, self.remote = reader, writer, remote
+        self.conn = p.Connection(p.Role.CLIENT)
+        self.reusable = False
+
+    async def handshake(self, token: str) -> None:
+        await self.send(p.Preface(p.PROTOCOL_VERSION, p.PROTOCOL_VERSION))
+        reply = await self.next()
+        if isinstance(reply, p.PrefaceReply) and reply.version == 0:
+            error = await self.next()
+            message = error.message if isinstance(error, p.Error) else "no common version"
+            raise ProtocolError(
+                f"the {self.remote.label} speaks another protocol version: {message}",
+                server=self.remote.label,
+            )
+        if not isinstance(reply, p.PrefaceReply):
+            raise p.ProtocolViolation("expected the preface reply")
+        await self.send(p.Hello(token))
+        ready = await self.next()
+        if isinstance(ready, p.Error):
+            raise_for_code(ready.code, ready.message, self.remote.label)
+        if not isinstance(ready, p.Ready):
+            raise p.ProtocolViolation("expected READY")
+        self.reusable = True
+
+    async def request(self, op: str, fields: dict[str, Any]) -> None:
+        self.reusable = False
+        await self.send(p.Request(op, fields))
+        await self.send(p.End({}))
+
+    async def read_response(self) -> dict[str, Any]:
+        event = await self.next()
+        if isinstance(event, p.Error):
+            self.reusable = True  # an ERROR ends the exchange; the connection stays usable
+            raise_for_code(event.code, event.message, self.remote.label)
+        if not isinstance(event, p.Response):
+            raise p.ProtocolViolation("expected RESPONSE")
+        return event.fields
+
+    async def read_reply(self) -> dict[str, Any]:
+        """A response with an empty body."""
+        fields = await self.read_response()
+        async for _ in self.body():
+            raise p.ProtocolViolation("unexpected body")
+        return fields
+
+    async def body(self) -> AsyncIterator[bytes]:
+        while True:
+            event = await self.next()
+            if isinstance(event, p.Data):
+                yield event.payload
+            elif isinstance(event, p.End):
+                self.reusable = True
+                return
+            elif isinstance(event, p.Error):
+                raise_for_code(event.code, event.message, self.remote.label)
+            else:
+                raise p.ProtocolViolation("expected DATA or END")
+
+    async def send(self, event: Any) -> None:
+        self.writer.write(self.conn.send(event))
+        async with asyncio.timeout(self.remote._io_timeout):
+            await self.writer.drain()
+
+    async def send_data(self, payload: bytes) -> None:
+        self.writer.writelines(self.conn.send_data(payload))
+        async with asyncio.timeout(self.remote._io_timeout):
+            await self.writer.drain()
+
+    async def next(self) -> Any:
+        while True:
+            event = self.conn.next_event()
+            if event is not p.NEED_DATA:
+                if isinstance(event, p.ConnectionClosed):
+                    raise ConnectionResetError("the server closed the connection")
+                return event
+            async with asyncio.timeout(self.remote._io_timeout):
+                data = await self.reader.read(READ_BYTES)
+            if not data and self.reader.at_eof() and self.conn.next_event() is p.NEED_DATA:
+                self.conn.receive_data(b"")
+                continue
+            self.conn.receive_data(data)
+
+    async def close(self) -> None:
+        self.reusable = False
+        self.writer.close()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(1.0):
+                await self.writer.wait_closed()
+
+
+class _TcpStripe:
+    def __init__(self, link: _Link, length: int) -> None:
+        self.length = length
+        self._body = link.body()
+        self._buffer = bytearray()
+        self._done = False
+
+    async def read(self, n: int) -> bytes:
+        while len(self._buffer) < n and not self._done:
+            try:
+                self._buffer += await anext(self._body)
+            except StopAsyncIteration:
+                self._done = True
+        out = bytes(self._buffer[:n])
+        del self._buffer[:n]
+        return out
+
+    async def drain(self) -> None:
+        """Read to the END frame so the connection can be reused."""
+        if self._done:
+            return
+        async for _ in self._body:
+            pass
+
+
+def _loads(raw: bytes, label: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(raw)
+    except ValueError as exc:
+        raise ProtocolError(f"the {label} sent a reply that is not JSON", server=label) from exc
+    if not isinstance(doc, dict):
+        raise ProtocolError(f"the {label} sent a reply that is not a JSON object", server=label)
+    return doc

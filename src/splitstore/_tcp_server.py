@@ -1,0 +1,255 @@
+"""The TCP server: an asyncio adapter around the sans-IO protocol in ``_protocol``.
+
+Each connection does the version handshake and token check, then serves one exchange
+at a time (docs/protocol.md). Every wait has a time-out, so a client that connects and
+says nothing, or stalls mid-body, is dropped without holding up anyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import _protocol as p
+from ._service import ServerLimits, StorageService, TokenChecker
+from ._storage import StorageError
+from ._version import __version__
+
+__all__ = ["TcpServer", "start_tcp_server"]
+
+log = logging.getLogger("splitstore.tcp")
+
+# Bytes asked of the socket per read: about one DATA frame.
+READ_BYTES = 256 * 1024
+
+
+class _Closed(Exception):
+    """The client went away; nothing left to answer."""
+
+
+@dataclass
+class TcpServer:
+    host: str
+    port: int
+    _server: asyncio.Server
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    async def close(self) -> None:
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()
+
+
+async def start_tcp_server(
+    service: StorageService,
+    tokens: TokenChecker,
+    *,
+    host: str,
+    port: int,
+    ssl_context: ssl.SSLContext | None,
+    limits: ServerLimits | None = None,
+) -> TcpServer:
+    limits = limits or ServerLimits()
+    holder: list[TcpServer] = []
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        server = holder[0]
+        task = asyncio.current_task()
+        if task is None or len(server._tasks) >= limits.max_connections:
+            writer.close()
+            return
+        server._tasks.add(task)
+        try:
+            await _Session(reader, writer, service, tokens, limits).run()
+        finally:
+            server._tasks.discard(task)
+
+    server = await asyncio.start_server(
+        on_connect,
+        host,
+        port,
+        ssl=ssl_context,
+        ssl_handshake_timeout=limits.handshake_timeout if ssl_context else None,
+        backlog=128,
+    )
+    bound = server.sockets[0].getsockname()[1]
+    holder.append(TcpServer(host, bound, server))
+    return holder[0]
+
+
+class _Session:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        service: StorageService,
+        tokens: TokenChecker,
+        limits: ServerLimits,
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.service = service
+        self.tokens = tokens
+        self.limits = limits
+        self.conn = p.Connection(p.Role.SERVER)
+        self._eof = False
+
+    async def run(self) -> None:
+        try:
+            if await self._handshake():
+                await self._serve()
+        except _Closed:
+            pass
+        except TimeoutError:
+            await self._send_error("timeout", "the client was idle or too slow")
+        except p.ProtocolViolation as exc:
+            await self._send_error(exc.code, str(exc))
+        except (ConnectionError, ssl.SSLError, OSError):
+            pass
+        except Exception:
+            log.exception("unexpected error on a tcp connection")
+            await self._send_error("internal", "internal server error")
+        finally:
+            self.writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.writer.wait_closed(), 1.0)
+
+    async def _handshake(self) -> bool:
+        async with asyncio.timeout(self.limits.handshake_timeout):
+            preface = await self._next()
+            if not isinstance(preface, p.Preface):
+                raise p.ProtocolViolation("expected the protocol preface")
+            if not preface.min_version <= p.PROTOCOL_VERSION <= preface.max_version:
+                await self._send(p.PrefaceReply(0))
+                await self._send_error("unsupported_version", "this server speaks version 1 only")
+                return False
+            await self._send(p.PrefaceReply(p.PROTOCOL_VERSION))
+            hello = await self._next()
+            if not isinstance(hello, p.Hello):
+                raise p.ProtocolViolation("expected HELLO")
+            if not self.tokens.accepts(hello.token):
+                await self._send_error("unauthorized", "missing or wrong access token")
+                return False
+            info = {"server": f"splitstore/{__version__}", "max_data_frame": p.MAX_DATA_FRAME}
+            await self._send(p.Ready(info))
+            return True
+
+    async def _serve(self) -> None:
+        while True:
+            event = await self._next(self.limits.idle_timeout)
+            if isinstance(event, p.ConnectionClosed):
+                return
+            if not isinstance(event, p.Request):
+                raise p.ProtocolViolation("expected a REQUEST")
+            try:
+                await self._dispatch(event.op, event.fields)
+            except StorageError as exc:
+                await self._send_error(exc.code, exc.message)
+                if exc.code in ("bad_request", "too_large", "insufficient_storage", "timeout"):
+                    return  # the client may still be sending a body we will not read
+
+    async def _dispatch(self, op: str, fields: dict[str, Any]) -> None:
+        svc = self.service
+        if op == "put_stripe":
+            length, digest = await svc.put_stripe(
+                _str(fields, "object_id"),
+                _str(fields, "version_id"),
+                fields.get("length"),
+                self._body(),
+            )
+            await self._reply({"status": "ok", "length": length, "sha256": digest})
+            return
+        await self._expect_end()
+        if op == "get_stripe":
+            length, chunks = await svc.open_stripe(
+                _str(fields, "object_id"), _str(fields, "version_id")
+            )
+            await self._send(p.Response({"status": "ok", "length": length}))
+            async for piece in chunks:
+                self.writer.writelines(self.conn.send_data(piece))
+                await self._drain()
+            await self._send(p.End({}))
+        elif op == "commit":
+            await svc.commit(_str(fields, "object_id"), fields)
+            await self._reply({"status": "ok"})
+        elif op == "get_record":
+            record = await svc.get_record(_str(fields, "object_id"))
+            await self._reply({"status": "ok", "record": record.to_json()})
+        elif op == "list":
+            await self._send(p.Response({"status": "ok"}))
+            async for lines in svc.list_lines():
+                self.writer.writelines(self.conn.send_data(lines))
+                await self._drain()
+            await self._send(p.End({}))
+        elif op == "delete":
+            await svc.delete(_str(fields, "object_id"))
+            await self._reply({"status": "ok"})
+        elif op == "ping":
+            await self._reply({"status": "ok"})
+        else:
+            raise StorageError("bad_request", f"unknown operation {op[:64]!r}")
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    async def _body(self) -> AsyncIterator[bytes]:
+        while True:
+            event = await self._next(self.limits.idle_timeout)
+            if isinstance(event, p.Data):
+                yield event.payload
+            elif isinstance(event, p.End):
+                return
+            elif isinstance(event, p.Error):
+                raise StorageError("bad_request", "the client aborted the upload")
+            elif isinstance(event, p.ConnectionClosed):
+                raise _Closed
+            else:
+                raise p.ProtocolViolation("expected DATA or END")
+
+    async def _expect_end(self) -> None:
+        async for _ in self._body():
+            raise StorageError("bad_request", "this operation takes no body")
+
+    async def _next(self, timeout: float | None = None) -> Any:  # noqa: ASYNC109
+        while True:
+            event = self.conn.next_event()
+            if event is not p.NEED_DATA:
+                return event
+            if self._eof:
+                raise _Closed
+            async with asyncio.timeout(timeout):
+                data = await self.reader.read(READ_BYTES)
+            self._eof = not data
+            self.conn.receive_data(data)
+
+    async def _reply(self, fields: dict[str, Any]) -> None:
+        self.writer.write(self.conn.send(p.Response(fields)))
+        self.writer.write(self.conn.send(p.End({})))
+        await self._drain()
+
+    async def _send(self, event: Any) -> None:
+        self.writer.write(self.conn.send(event))
+        await self._drain()
+
+    async def _drain(self) -> None:
+        async with asyncio.timeout(self.limits.idle_timeout):
+            await self.writer.drain()
+
+    async def _send_error(self, code: str, message: str) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.write(self.conn.send(p.Error(code, message)))
+            async with asyncio.timeout(1.0):
+                await self.writer.drain()
+
+
+def _str(fields: dict[str, Any], key: str) -> str:
+    value = fields.get(key)
+    if not isinstance(value, str):
+        raise StorageError("bad_request", f"'{key}' must be a string")
+    return value

@@ -1,0 +1,116 @@
+"""Fixtures: real servers on loopback ports, in a background event loop of this process."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from splitstore import Client, Config, load_config
+from splitstore._names import object_id_for
+from splitstore._serve import RunningServer, ServerSpec, start_server
+from splitstore._service import ServerLimits
+from splitstore._setup import SetupPaths, init_setup
+
+T = TypeVar("T")
+
+# Short enough that time-out tests finish quickly, long enough for a loaded CI machine.
+TEST_LIMITS = ServerLimits(handshake_timeout=2.0, idle_timeout=3.0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class LoopThread:
+    """An event loop running in a daemon thread, for servers the tests talk to."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+class LiveServers:
+    """Both servers of a fresh setup, each of which a test can stop and start again."""
+
+    def __init__(self, root: Path, loop: LoopThread, limits: ServerLimits = TEST_LIMITS) -> None:
+        self.paths: SetupPaths = init_setup(root, https_port=free_port(), tcp_port=free_port())
+        self.config: Config = load_config(self.paths.config)
+        self.loop = loop
+        self.limits = limits
+        self.running: dict[str, RunningServer] = {}
+
+    @property
+    def config_path(self) -> Path:
+        return self.paths.config
+
+    def spec(self, kind: str) -> ServerSpec:
+        return ServerSpec.from_config(self.config.server(kind))  # type: ignore[arg-type]
+
+    def start(self, kind: str | None = None) -> None:
+        for server in self.config.servers:
+            if kind in (None, server.kind) and server.kind not in self.running:
+                spec = ServerSpec.from_config(server)
+                self.running[server.kind] = self.loop.run(start_server(spec, self.limits))
+
+    def stop(self, kind: str | None = None) -> None:
+        for name in list(self.running):
+            if kind in (None, name):
+                self.loop.run(self.running.pop(name).close())
+
+    def data_dir(self, kind: str) -> Path:
+        data_dir = self.config.server(kind).data_dir  # type: ignore[arg-type]
+        assert data_dir is not None
+        return data_dir
+
+    def object_dir(self, kind: str, name: str) -> Path:
+        oid = object_id_for(name)
+        return self.data_dir(kind) / "objects" / oid[:2] / oid
+
+    def stripe_path(self, kind: str, name: str) -> Path:
+        """The stripe file of the current version of ``name`` on one server."""
+        import json
+
+        record = json.loads((self.object_dir(kind, name) / "record.json").read_text())
+        return self.object_dir(kind, name) / f"{record['current']['version_id']}.stripe"
+
+    def client(self) -> Client:
+        return Client(self.config)
+
+
+@pytest.fixture(scope="session")
+def loop_thread() -> Iterator[LoopThread]:
+    lt = LoopThread()
+    yield lt
+    lt.close()
+
+
+@pytest.fixture
+def servers(tmp_path: Path, loop_thread: LoopThread) -> Iterator[LiveServers]:
+    live = LiveServers(tmp_path / "setup", loop_thread)
+    live.start()
+    yield live
+    live.stop()
+
+
+@pytest.fixture
+def client(servers: LiveServers) -> Iterator[Client]:
+    with servers.client() as c:
+        yield c
