@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import struct
 from collections.abc import Iterable, Sequence
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from splitstore._protocol import (
@@ -549,7 +550,7 @@ def test_violation_is_sticky_and_allows_one_last_error() -> None:
     out = server.send(Error(info.value.code, str(info.value)))
     assert out[:1] == bytes([FrameType.ERROR])
     assert server.our_state is State.CLOSED
-    server.receive_data(b"x" * 1000)  # ignored once broken: the buffer does not grow
+    server.receive_data(b"x" * 1000)  # ignored once broken: nothing is kept
     assert server.buffered_bytes == 0
     del client
 
@@ -861,21 +862,12 @@ def test_no_event_lost_in_big_splits() -> None:
     assert deliver(send_all(client, request), server, [4099, 7, 65536]) == request
 
 
-KINDS = [
-    "preface",
-    "reply",
-    "refuse",
-    "hello",
-    "ready",
-    "request",
-    "response",
-    "data",
-    "end",
-    "error",
-]
+# Kinds that end a session or an exchange are tried rarely, so that sessions get far.
+COMMON_KINDS = ["preface", "reply", "hello", "ready", "request", "response", "data", "end"]
+RARE_KINDS = ["refuse", "error"]
 
 
-def make_event(kind: str, draw: st.DataObject) -> Event:
+def make_event(kind: str, rnd: random.Random) -> Event:
     if kind == "preface":
         return Preface(1, 1)
     if kind == "reply":
@@ -887,41 +879,46 @@ def make_event(kind: str, draw: st.DataObject) -> Event:
     if kind == "ready":
         return Ready({"max_data_frame": MAX_DATA_FRAME})
     if kind == "request":
-        return Request("op", {"n": draw.draw(st.integers(0, 9))})
+        return Request("op", {"n": rnd.randrange(10)})
     if kind == "response":
         return Response({"status": "ok"})
     if kind == "data":
-        return Data(draw.draw(st.binary(min_size=1, max_size=20)))
+        return Data(rnd.randbytes(rnd.randint(1, 20)))
     if kind == "end":
         return End()
-    return Error(draw.draw(error_codes), "m")
+    return Error(rnd.choice(sorted(ERROR_CODES)), "m")
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.data())
-def test_anything_sent_is_accepted_whatever_the_timing(data: st.DataObject) -> None:
+@settings(max_examples=400, deadline=None)
+@given(st.integers(min_value=0, max_value=2**64))
+def test_anything_sent_is_accepted_whatever_the_timing(seed: int) -> None:
     """Each side sends whatever its state allows while bytes are in flight both ways and
     are delivered at arbitrary moments: the receiver must never see a violation."""
+    # A plain seeded generator: hypothesis' own draws favour small values, which would
+    # make sessions end early (an ERROR or a refusal) instead of getting deep.
+    rnd = random.Random(seed)
     conns = {Role.CLIENT: Connection(Role.CLIENT), Role.SERVER: Connection(Role.SERVER)}
     wires = {Role.CLIENT: bytearray(), Role.SERVER: bytearray()}  # bytes in flight *to* role
     received: dict[Role, list[Event]] = {Role.CLIENT: [], Role.SERVER: []}
     sent: dict[Role, list[Event]] = {Role.CLIENT: [], Role.SERVER: []}
-    for _ in range(data.draw(st.integers(0, 40))):
-        role = data.draw(st.sampled_from(Role))
+    for _ in range(rnd.randint(0, 300)):
+        role = rnd.choice(list(Role))
         peer = Role.SERVER if role is Role.CLIENT else Role.CLIENT
-        if data.draw(st.booleans()):
-            for kind in data.draw(st.permutations(KINDS)):
-                event = make_event(kind, data)
+        if rnd.random() < 0.5:
+            kinds = list(RARE_KINDS if rnd.random() < 0.02 else COMMON_KINDS)
+            rnd.shuffle(kinds)
+            for kind in kinds:
+                event = make_event(kind, rnd)
                 try:
                     wires[peer] += conns[role].send(event)
                 except ProtocolViolation:
                     continue
                 sent[role].append(event)
                 break
-        else:
+        elif wires[role]:  # receive_data(b"") would mean the peer closed
             wire = wires[role]
-            count = data.draw(st.integers(1, len(wire))) if wire else 0
-            conns[role].receive_data(bytes(wire[:count]))  # b"" here would mean EOF
+            count = len(wire) if rnd.random() < 0.5 else rnd.randint(1, len(wire))
+            conns[role].receive_data(bytes(wire[:count]))
             del wire[:count]
             received[role] += drain(conns[role])
     for role in Role:

@@ -14,13 +14,14 @@ import logging
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from ._client import AsyncClient, FileInfo
 from ._config import load_config
-from ._errors import SplitStoreError, UsageError
+from ._errors import LocalFileError, SplitStoreError, UsageError
 from ._progress import TransferProgress
 from ._service import ServerLimits
 from ._version import __version__
@@ -40,7 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     try:
-        code: int = args.handler(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            code: int = args.handler(args)
         return code
     except SplitStoreError as exc:
         _fail(str(exc), args.verbose)
@@ -49,7 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("splitstore: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as exc:  # a bug: say so in one line, details with -v
-        _fail(f"internal error: {type(exc).__name__}: {exc} (run with -v for details)", True)
+        hint = "" if args.verbose else " (run with -v for details)"
+        _fail(f"internal error: {type(exc).__name__}: {exc}{hint}", args.verbose)
         return EXIT_FAILURE
 
 
@@ -57,6 +61,18 @@ def _fail(message: str, verbose: bool) -> None:
     if verbose:
         traceback.print_exc()
     print(f"splitstore: error: {message}", file=sys.stderr)
+
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """Warnings as one plain line, like errors (not Python's file:line form)."""
+    print(f"splitstore: warning: {message}", file=file or sys.stderr)
 
 
 # -- client commands ------------------------------------------------------------------
@@ -79,24 +95,37 @@ def _progress(args: argparse.Namespace, description: str) -> TransferProgress:
 
 
 def _cmd_put(args: argparse.Namespace) -> int:
+    source = Path(args.file)
+    # Local mistakes first, before any connection (and "put ." names the real problem).
+    if source.is_dir():
+        raise LocalFileError(f"{source} is a directory, not a file")
+    if not source.exists():
+        raise LocalFileError(f"{source} does not exist")
+
     async def job(client: AsyncClient) -> int:
-        name = args.name if args.name is not None else Path(args.file).name
+        name = args.name if args.name is not None else source.name
         with _progress(args, f"storing {name}") as bar:
             started = time.monotonic()
-            info = await client.store(args.file, args.name, progress=bar.update)
+            info = await client.store(source, args.name, progress=bar.update)
             seconds = time.monotonic() - started
         if args.json:
             _print_json(info.to_json())
         elif not args.quiet:
             print(
-                f"stored {info.name!r}: {_size(info.size)} in {info.chunks} chunks "
+                f"stored {info.name!r}: {_size(info.size)} as {info.chunks} chunks "
                 f"of {info.chunk_size} bytes, in {seconds:.2f} s"
             )
-            for server in client.config.servers:
-                print(
-                    f"  {info.chunks_per_server.get(server.kind, 0):>10} chunks, "
-                    f"{_size(info.bytes_per_server.get(server.kind, 0)):>10} -> {server.label}"
+            rows = [
+                (
+                    f"{info.chunks_per_server.get(s.kind, 0):,}",
+                    _size(info.bytes_per_server.get(s.kind, 0)),
+                    s.label,
                 )
+                for s in client.config.servers
+            ]
+            wc, wb = (max(len(r[i]) for r in rows) for i in (0, 1))
+            for chunks, size, label in rows:
+                print(f"  {chunks:>{wc}} chunks  {size:>{wb}}  -> {label}")
         return EXIT_OK
 
     return _with_client(args, job)
@@ -119,10 +148,15 @@ def _cmd_ls(args: argparse.Namespace) -> int:
         if args.json:
             _print_json([i.to_json() for i in infos])
             return EXIT_OK
-        for info in infos:
+        sizes = [_size(info.size) for info in infos]
+        width = max((len(s) for s in sizes), default=0)
+        kinds = [s.kind for s in client.config.servers]
+        for info, size in zip(infos, sizes, strict=True):
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(info.stored_at))
-            partial = "" if len(info.committed_on) == len(client.config.servers) else "  (partial)"
-            print(f"{_size(info.size):>10}  {when}  {info.name}{partial}")
+            partial = ""
+            if set(info.committed_on) != set(kinds):
+                partial = f"  (incomplete: only on {', '.join(info.committed_on) or 'no server'})"
+            print(f"{size:>{width}}  {when}  {info.name}{partial}")
         return EXIT_OK
 
     return _with_client(args, job)
@@ -132,7 +166,7 @@ def _cmd_rm(args: argparse.Namespace) -> int:
     async def job(client: AsyncClient) -> int:
         await client.delete(args.name)
         if not args.quiet:
-            print(f"deleted {args.name!r}")
+            print(f"deleted {args.name!r} from both servers")
         return EXIT_OK
 
     return _with_client(args, job)
@@ -175,18 +209,20 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 def _print_info(info: FileInfo, client: AsyncClient) -> None:
     stored = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(info.stored_at))
-    print(f"name:        {info.name}")
-    print(f"size:        {info.size} bytes ({_size(info.size)})")
-    print(f"chunks:      {info.chunks} of {info.chunk_size} bytes")
-    for server in client.config.servers:
-        print(
-            f"  {server.kind:<5}      {info.chunks_per_server.get(server.kind, 0)} chunks, "
-            f"{info.bytes_per_server.get(server.kind, 0)} bytes  ({server.label})"
-        )
-    print(f"stored:      {stored}")
-    print(f"sha256:      {info.sha256}")
-    print(f"version:     {info.version_id}")
-    print(f"committed:   {', '.join(info.committed_on)}")
+    servers = client.config.servers
+    chunks = [f"{info.chunks_per_server.get(s.kind, 0):,}" for s in servers]
+    sizes = [f"{info.bytes_per_server.get(s.kind, 0):,}" for s in servers]
+    wc, wb = max(map(len, chunks)), max(map(len, sizes))
+    print(f"name:       {info.name}")
+    print(f"size:       {info.size:,} bytes ({_size(info.size)})")
+    print(f"chunks:     {info.chunks:,} of {info.chunk_size:,} bytes")
+    for server, c, b in zip(servers, chunks, sizes, strict=True):
+        label = f"on {server.kind}:"
+        print(f"  {label:<9} {c:>{wc}} chunks, {b:>{wb}} bytes  ({server.label})")
+    print(f"stored:     {stored}")
+    print(f"sha256:     {info.sha256}")
+    print(f"version:    {info.version_id}")
+    print(f"committed:  {', '.join(info.committed_on) or 'nowhere'}")
 
 
 # -- setup and servers ----------------------------------------------------------------
@@ -215,8 +251,27 @@ def _cmd_init(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from ._serve import ServerSpec, run_until_stopped
 
+    if args.idle_timeout <= 0:
+        raise UsageError("--idle-timeout must be a number of seconds above 0")
     limits = ServerLimits(idle_timeout=args.idle_timeout)
     if args.kind is None:
+        alone = [
+            option
+            for option, value in [
+                ("--port", args.port),
+                ("--data-dir", args.data_dir),
+                ("--cert", args.cert),
+                ("--key", args.key),
+                ("--token-file", args.token_file),
+                ("--no-tls", args.no_tls or None),
+            ]
+            if value is not None
+        ]
+        if alone:
+            raise UsageError(
+                f"{', '.join(alone)} only apply to one server alone: "
+                "say which ('serve tcp ...' or 'serve https ...')"
+            )
         config = load_config(args.config)
         specs = [ServerSpec.from_config(s) for s in config.servers]
     else:
@@ -244,7 +299,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ._demo import run_demo
 
-    return run_demo(Path(args.workdir) if args.workdir else None, size_mb=args.size_mb)
+    if not args.size_mb >= 0:
+        raise UsageError("--size-mb must be 0 or more")
+    workdir = Path(args.workdir).resolve() if args.workdir else None
+    return run_demo(workdir, size_mb=args.size_mb)
 
 
 # -- parser ---------------------------------------------------------------------------
@@ -286,8 +344,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default=".", help="folder to write the setup into (default: .)")
     p.add_argument("--force", action="store_true", help="overwrite an existing setup (keeps data)")
     p.add_argument("--host", default="127.0.0.1", help="address the servers listen on")
-    p.add_argument("--https-port", type=int, default=7443)
-    p.add_argument("--tcp-port", type=int, default=7444)
+    p.add_argument("--https-port", type=int, default=7443, help="(default: 7443)")
+    p.add_argument("--tcp-port", type=int, default=7444, help="(default: 7444)")
 
     p = command(
         "serve",
@@ -297,13 +355,18 @@ def _build_parser() -> argparse.ArgumentParser:
         "  splitstore serve tcp --data-dir server_files/tcp --port 7444 \\\n"
         "      --cert tls/server.pem --key tls/server-key.pem --token-file token",
     )
-    p.add_argument("kind", nargs="?", choices=["https", "tcp"], help="run only this server")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int)
-    p.add_argument("--data-dir")
-    p.add_argument("--cert")
-    p.add_argument("--key")
-    p.add_argument("--token-file")
+    p.add_argument(
+        "kind",
+        nargs="?",
+        choices=["https", "tcp"],
+        help="run only this server, set up by the options below instead of a config",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="one server: address to listen on")
+    p.add_argument("--port", type=int, help="one server: port to listen on")
+    p.add_argument("--data-dir", metavar="DIR", help="one server: folder to store data in")
+    p.add_argument("--cert", metavar="PEM", help="one server: TLS certificate")
+    p.add_argument("--key", metavar="PEM", help="one server: the certificate's private key")
+    p.add_argument("--token-file", metavar="PATH", help="one server: file holding the token")
     p.add_argument("--no-tls", action="store_true", help="tcp only: plain TCP (insecure)")
     p.add_argument(
         "--idle-timeout",
@@ -315,28 +378,28 @@ def _build_parser() -> argparse.ArgumentParser:
     p = command(
         "put", _cmd_put, "store a file", "splitstore put holiday.mp4 --name videos/holiday.mp4"
     )
-    p.add_argument("file")
+    p.add_argument("file", help="the local file to store")
     p.add_argument("--name", help="name to store it under (default: the file's base name)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print what was stored as JSON")
 
     p = command(
         "get", _cmd_get, "fetch a stored file", "splitstore get holiday.mp4 -o restored.mp4"
     )
-    p.add_argument("name")
+    p.add_argument("name", help="the stored name")
     p.add_argument("-o", "--output", help="file or folder to write (default: ./BASENAME)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
 
     p = command("ls", _cmd_ls, "list stored files", "splitstore ls --json")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the list as JSON")
 
     p = command(
         "rm", _cmd_rm, "delete a stored file from both servers", "splitstore rm holiday.mp4"
     )
-    p.add_argument("name")
+    p.add_argument("name", help="the stored name")
 
     p = command("stat", _cmd_stat, "show how a file is stored", "splitstore stat holiday.mp4")
-    p.add_argument("name")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("name", help="the stored name")
+    p.add_argument("--json", action="store_true", help="print the details as JSON")
 
     p = command(
         "verify",
@@ -344,8 +407,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "check both servers still hold intact, complete data",
         "splitstore verify holiday.mp4",
     )
-    p.add_argument("name")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("name", help="the stored name")
+    p.add_argument("--json", action="store_true", help="print the outcome as JSON")
 
     p = command(
         "demo",

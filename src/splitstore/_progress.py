@@ -24,10 +24,19 @@ SHOW_AFTER_SECONDS = 0.5
 
 
 class TransferProgress:
-    """Use as a context manager; pass ``update`` as the client's progress callback."""
+    """Use as a context manager; pass ``update`` as the client's progress callback.
 
-    def __init__(self, description: str, *, enabled: bool | None = None) -> None:
-        self._enabled = sys.stderr.isatty() if enabled is None else enabled
+    ``enabled=None`` draws only when the output is a terminal. ``console`` is where to
+    draw (default: stderr).
+    """
+
+    def __init__(
+        self, description: str, *, enabled: bool | None = None, console: Console | None = None
+    ) -> None:
+        if enabled is None:
+            enabled = console.is_terminal if console is not None else sys.stderr.isatty()
+        self._enabled = enabled
+        self._console = console
         self._description = description
         self._progress: Progress | None = None
         self._task: TaskID | None = None
@@ -58,7 +67,7 @@ class TransferProgress:
                 DownloadColumn(),
                 TransferSpeedColumn(),
                 TimeRemainingColumn(),
-                console=Console(stderr=True),
+                console=self._console or Console(stderr=True),
                 transient=True,
             )
             self._progress.start()

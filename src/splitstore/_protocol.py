@@ -336,7 +336,7 @@ _SETTLE: Final[dict[tuple[State, State], tuple[State, State]]] = {
     (State.AWAIT_READY, State.AWAIT_HELLO): (State.AWAIT_READY, State.SEND_READY),
     (State.AWAIT_READY, State.IDLE): (State.IDLE, State.IDLE),
     (State.SEND_BODY, State.IDLE): (State.SEND_BODY, State.AWAIT_BODY),
-    (State.IDLE, State.AWAIT_BODY): (State.IDLE, State.IDLE),  # the client aborted
+    (State.IDLE, State.AWAIT_BODY): (State.IDLE, State.AWAIT_BODY),  # the client aborted
     (State.AWAIT_RESPONSE, State.AWAIT_BODY): (State.AWAIT_RESPONSE, State.SEND_RESPONSE),
     (State.AWAIT_RESPONSE, State.IDLE): (State.IDLE, State.IDLE),
     # Only seen by a server that gave up with an ERROR while the client, not knowing yet,
@@ -540,6 +540,8 @@ class Connection:
         except ProtocolViolation as exc:
             self._violation = exc
             self._states[self.their_role] = State.ERROR
+            self._buf = bytearray()  # nothing more will be parsed
+            self._pos = 0
             raise
 
     def _next_event(self) -> Event | NeedData:
@@ -550,7 +552,9 @@ class Connection:
         if avail == 0:
             if not self._eof:
                 return NEED_DATA
-            if their_state is State.SEND_BODY:
+            # Mid-message is fine if we had already given up on the exchange (e.g. a client
+            # stopping its upload on the server's ERROR), not otherwise: data was cut off.
+            if their_state is State.SEND_BODY and self.our_state is not State.CLOSED:
                 raise ProtocolViolation(
                     f"the {self.their_role.value} closed the connection in the middle of a message"
                 )

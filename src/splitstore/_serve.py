@@ -100,10 +100,21 @@ async def start_server(spec: ServerSpec, limits: ServerLimits | None = None) -> 
 async def run_until_stopped(
     specs: Sequence[ServerSpec], limits: ServerLimits | None = None, *, announce: bool = True
 ) -> None:
-    """Run servers until SIGINT or SIGTERM, then close them cleanly."""
+    """Run servers until SIGINT or SIGTERM, then close them cleanly.
+
+    A signal that arrives while the servers start stops them as soon as they are up; a
+    second signal while they close interrupts as usual.
+    """
     running: list[RunningServer] = []
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
     try:
         for spec in specs:
+            if stop.is_set():
+                break
             server = await start_server(spec, limits)
             running.append(server)
             if announce:
@@ -113,13 +124,11 @@ async def run_until_stopped(
                     f"storing in {spec.data_dir}",
                     flush=True,
                 )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         if announce:
             print("shutting down", flush=True)
     finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
         for server in running:
             await server.close()

@@ -1,0 +1,253 @@
+"""Servers under hostile or broken clients: they refuse clearly and go on serving others."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import ssl
+import struct
+import time
+from pathlib import Path
+
+import pytest
+
+from splitstore import Client
+
+from .conftest import TEST_LIMITS, LiveServers
+
+HELLO, REQUEST, DATA, END, ERROR = 0x01, 0x10, 0x20, 0x21, 0x30
+
+
+def tls_socket(servers: LiveServers, kind: str) -> ssl.SSLSocket:
+    ctx = ssl.create_default_context(cafile=str(servers.paths.ca_cert))
+    port = servers.config.server(kind).port  # type: ignore[arg-type]
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    return ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+
+
+def recv_all(sock: socket.socket, limit: float = 10.0) -> bytes:
+    """Read until the server closes (or ``limit`` seconds pass)."""
+    sock.settimeout(limit)
+    out = b""
+    try:
+        while chunk := sock.recv(65536):
+            out += chunk
+    except (TimeoutError, ConnectionResetError, ssl.SSLError):
+        pass
+    return out
+
+
+def status(reply: bytes) -> int:
+    """The status code of an HTTP reply (aiohttp answers parse errors as HTTP/1.0)."""
+    return int(reply.split(b" ", 2)[1]) if reply else 0
+
+
+def frame(kind: int, payload: bytes) -> bytes:
+    return struct.pack(">BI", kind, len(payload)) + payload
+
+
+def json_frame(kind: int, doc: dict[str, object]) -> bytes:
+    return frame(kind, json.dumps(doc).encode())
+
+
+def tcp_handshake(servers: LiveServers, token: str | None = None) -> ssl.SSLSocket:
+    sock = tls_socket(servers, "tcp")
+    sock.sendall(b"SPST\x01\x01\x00\x00")
+    assert sock.recv(8) == b"SPST\x01\x00\x00\x00"
+    sock.sendall(json_frame(HELLO, {"token": token or servers.config.token()}))
+    head = sock.recv(5)
+    assert head[0] == 0x02  # READY
+    sock.recv(struct.unpack(">I", head[1:])[0])
+    return sock
+
+
+def error_codes(data: bytes) -> list[str]:
+    """The codes of the ERROR frames in a byte stream from the server."""
+    codes, i = [], 0
+    while i + 5 <= len(data):
+        kind, length = struct.unpack(">BI", data[i : i + 5])
+        payload = data[i + 5 : i + 5 + length]
+        if kind == ERROR:
+            codes.append(json.loads(payload)["code"])
+        i += 5 + length
+    return codes
+
+
+def assert_still_serving(client: Client, tmp_path: Path) -> None:
+    data = os.urandom(50_000)
+    (tmp_path / "probe").write_bytes(data)
+    client.store(tmp_path / "probe", "probe")
+    assert client.fetch("probe", tmp_path / "probe.out", force=True).read_bytes() == data
+
+
+# -- TCP ---------------------------------------------------------------------------------
+
+
+def test_tcp_garbage_bytes(servers: LiveServers, client: Client, tmp_path: Path) -> None:
+    sock = tls_socket(servers, "tcp")
+    sock.sendall(os.urandom(4096))
+    assert recv_all(sock) is not None  # the server answers or closes; it must not hang
+    sock.close()
+    assert_still_serving(client, tmp_path)
+
+
+def test_tcp_wrong_version_is_refused(servers: LiveServers) -> None:
+    sock = tls_socket(servers, "tcp")
+    sock.sendall(b"SPST\x07\x09\x00\x00")
+    reply = recv_all(sock)
+    assert reply[:8] == b"SPST\x00\x00\x00\x00"
+    assert error_codes(reply[8:]) == ["unsupported_version"]
+
+
+def test_tcp_wrong_token_is_refused(servers: LiveServers) -> None:
+    sock = tls_socket(servers, "tcp")
+    sock.sendall(b"SPST\x01\x01\x00\x00" + json_frame(HELLO, {"token": "not-the-token"}))
+    reply = recv_all(sock)
+    assert error_codes(reply[8:]) == ["unauthorized"]
+
+
+def test_tcp_request_before_hello_is_refused(servers: LiveServers) -> None:
+    sock = tls_socket(servers, "tcp")
+    sock.sendall(b"SPST\x01\x01\x00\x00" + json_frame(REQUEST, {"op": "list"}) + frame(END, b""))
+    reply = recv_all(sock)
+    assert error_codes(reply[8:]) == ["bad_request"]
+
+
+def test_tcp_oversized_frame_refused_before_payload(
+    servers: LiveServers, client: Client, tmp_path: Path
+) -> None:
+    sock = tcp_handshake(servers)
+    started = time.monotonic()
+    sock.sendall(struct.pack(">BI", REQUEST, 2**31))  # claims 2 GiB, sends nothing more
+    reply = recv_all(sock)
+    assert error_codes(reply) == ["too_large"]
+    assert time.monotonic() - started < TEST_LIMITS.idle_timeout  # refused at once
+    assert_still_serving(client, tmp_path)
+
+
+def test_tcp_upload_longer_than_declared(servers: LiveServers) -> None:
+    sock = tcp_handshake(servers)
+    oid, vid = "a" * 64, "b" * 32
+    sock.sendall(
+        json_frame(REQUEST, {"op": "put_stripe", "object_id": oid, "version_id": vid, "length": 10})
+        + frame(DATA, b"x" * 20)
+        + frame(END, b"")
+    )
+    assert error_codes(recv_all(sock)) == ["bad_request"]
+    assert not list((servers.data_dir("tcp") / "objects").glob("*/*/*.stripe"))
+    assert not list((servers.data_dir("tcp") / "tmp").iterdir())
+
+
+@pytest.mark.parametrize("bad_id", ["../../../etc/passwd", "A" * 64, "a" * 63, "", 5])
+def test_tcp_bad_ids_are_refused(servers: LiveServers, bad_id: object) -> None:
+    sock = tcp_handshake(servers)
+    sock.sendall(json_frame(REQUEST, {"op": "get_record", "object_id": bad_id}) + frame(END, b""))
+    sock.settimeout(10)
+    head = sock.recv(5)
+    payload = sock.recv(struct.unpack(">I", head[1:])[0])
+    assert head[0] == ERROR
+    assert json.loads(payload)["code"] == "bad_request"
+
+
+def test_tcp_silent_clients_are_dropped(
+    servers: LiveServers, client: Client, tmp_path: Path
+) -> None:
+    silent = [tls_socket(servers, "tcp") for _ in range(5)]
+    raw = socket.create_connection(("127.0.0.1", servers.config.server("tcp").port))
+    assert_still_serving(client, tmp_path)  # others are served meanwhile
+    started = time.monotonic()
+    for sock in [*silent, raw]:
+        recv_all(sock, limit=TEST_LIMITS.handshake_timeout + 10)
+    # every silent connection was closed by the server, not by our read limit
+    assert time.monotonic() - started < TEST_LIMITS.handshake_timeout + 8
+
+
+def test_tcp_stalled_upload_times_out(servers: LiveServers) -> None:
+    sock = tcp_handshake(servers)
+    oid, vid = "c" * 64, "d" * 32
+    sock.sendall(
+        json_frame(REQUEST, {"op": "put_stripe", "object_id": oid, "version_id": vid, "length": 10})
+        + frame(DATA, b"x" * 5)
+    )
+    assert error_codes(recv_all(sock, limit=TEST_LIMITS.idle_timeout + 10)) == ["timeout"]
+    assert not list((servers.data_dir("tcp") / "tmp").iterdir())
+
+
+# -- HTTPS -------------------------------------------------------------------------------
+
+
+def http_exchange(servers: LiveServers, request: bytes) -> bytes:
+    sock = tls_socket(servers, "https")
+    sock.sendall(request)
+    return recv_all(sock, limit=TEST_LIMITS.idle_timeout + 5)
+
+
+def test_https_healthz_needs_no_token(servers: LiveServers) -> None:
+    reply = http_exchange(servers, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status(reply) == 200
+
+
+def test_https_refuses_before_reading_the_body(servers: LiveServers) -> None:
+    # Declares 1 GiB and sends none of it: the refusal must come at once.
+    request = (
+        b"PUT /v1/objects/" + b"a" * 64 + b"/stripes/" + b"b" * 32 + b" HTTP/1.1\r\n"
+        b"Host: x\r\nContent-Length: 1073741824\r\n\r\n"
+    )
+    sock = tls_socket(servers, "https")
+    sock.sendall(request)
+    sock.settimeout(5)
+    assert status(sock.recv(100)) == 401
+
+
+def test_https_garbage_bytes(servers: LiveServers, client: Client, tmp_path: Path) -> None:
+    reply = http_exchange(servers, os.urandom(2000).replace(b"\n", b"") + b"\r\n\r\n")
+    assert reply == b"" or status(reply) == 400
+    assert_still_serving(client, tmp_path)
+
+
+def test_https_oversized_header(servers: LiveServers, client: Client, tmp_path: Path) -> None:
+    token = servers.config.token()
+    request = (
+        f"GET /v1/objects HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+        f"X-Big: {'y' * 100_000}\r\n\r\n"
+    ).encode()
+    reply = http_exchange(servers, request)
+    assert status(reply) in (400, 431)
+    assert_still_serving(client, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1/objects/..%2F..%2Fetc/record", "/v1/objects/" + "Z" * 64 + "/record"]
+)
+def test_https_bad_ids_are_refused(servers: LiveServers, path: str) -> None:
+    token = servers.config.token()
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+    reply = http_exchange(servers, request)
+    assert status(reply) in (400, 404)
+
+
+def test_https_silent_clients_are_dropped(
+    servers: LiveServers, client: Client, tmp_path: Path
+) -> None:
+    silent = [tls_socket(servers, "https") for _ in range(5)]
+    assert_still_serving(client, tmp_path)
+    started = time.monotonic()
+    for sock in silent:
+        assert recv_all(sock, limit=TEST_LIMITS.idle_timeout + 10) == b""
+    assert time.monotonic() - started < TEST_LIMITS.idle_timeout + 8
+
+
+def test_https_stalled_upload_times_out(servers: LiveServers) -> None:
+    token = servers.config.token()
+    request = (
+        b"PUT /v1/objects/" + b"e" * 64 + b"/stripes/" + b"f" * 32 + b" HTTP/1.1\r\n"
+        b"Host: x\r\nAuthorization: Bearer " + token.encode() + b"\r\n"
+        b"Content-Length: 100\r\n\r\n" + b"x" * 10
+    )
+    reply = http_exchange(servers, request)
+    assert status(reply) == 408
+    assert not list((servers.data_dir("https") / "tmp").iterdir())

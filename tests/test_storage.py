@@ -1,0 +1,136 @@
+"""The server-side storage interface, on local disk: atomic stripes and commits."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from splitstore._storage import LocalDiskStore, ObjectRecord, StorageError
+
+OID, OID2 = "1" * 64, "2" * 64
+V1, V2, V3 = "a" * 32, "b" * 32, "c" * 32
+
+
+def put(store: LocalDiskStore, oid: str, vid: str, data: bytes) -> str:
+    upload = store.begin_stripe(oid, vid, len(data))
+    for i in range(0, len(data), 7):
+        upload.write(data[i : i + 7])
+    return upload.finish()
+
+
+def record(vid: str, data: bytes, manifest: bytes = b"m") -> ObjectRecord:
+    return ObjectRecord(vid, len(data), hashlib.sha256(data).hexdigest(), manifest)
+
+
+def test_stripe_then_commit(tmp_path: Path) -> None:
+    store = LocalDiskStore(tmp_path)
+    assert put(store, OID, V1, b"hello") == hashlib.sha256(b"hello").hexdigest()
+    store.commit(OID, record(V1, b"hello"))
+    assert store.get_record(OID) == record(V1, b"hello")
+    f, length = store.open_stripe(OID, V1)
+    with f:
+        assert (f.read(), length) == (b"hello", 5)
+    assert [oid for oid, _ in store.list_records()] == [OID]
+
+
+def test_short_or_long_uploads_leave_nothing(tmp_path: Path) -> None:
+    store = LocalDiskStore(tmp_path)
+    upload = store.begin_stripe(OID, V1, 10)
+    upload.write(b"12345")
+    with pytest.raises(StorageError) as short:
+        upload.finish()
+    assert short.value.code == "bad_request"
+    upload.abort()
+    upload = store.begin_stripe(OID, V1, 3)
+    with pytest.raises(StorageError):
+        upload.write(b"12345")
+    upload.abort()
+    assert not list((tmp_path / "tmp").iterdir())
+    with pytest.raises(StorageError) as missing:
+        store.open_stripe(OID, V1)
+    assert missing.value.code == "not_found"
+
+
+def test_commit_must_match_the_stripe(tmp_path: Path) -> None:
+    store = LocalDiskStore(tmp_path)
+    with pytest.raises(StorageError) as no_stripe:
+        store.commit(OID, record(V1, b"data"))
+    assert no_stripe.value.code == "conflict"
+    put(store, OID, V1, b"data")
+    with pytest.raises(StorageError) as wrong_hash:
+        store.commit(OID, record(V1, b"DATA"))
+    assert wrong_hash.value.code == "conflict"
+    with pytest.raises(StorageError):
+        store.get_record(OID)  # nothing committed
+
+
+def test_keeps_current_and_previous_only(tmp_path: Path) -> None:
+    store = LocalDiskStore(tmp_path)
+    for vid in (V1, V2, V3):
+        put(store, OID, vid, vid.encode())
+        store.commit(OID, record(vid, vid.encode()))
+    folder = tmp_path / "objects" / OID[:2] / OID
+    assert sorted(p.name for p in folder.glob("*.stripe")) == [f"{V2}.stripe", f"{V3}.stripe"]
+    assert store.get_record(OID).version_id == V3
+
+
+def test_delete(tmp_path: Path) -> None:
+    store = LocalDiskStore(tmp_path)
+    put(store, OID, V1, b"x")
+    store.commit(OID, record(V1, b"x"))
+    store.delete(OID)
+    with pytest.raises(StorageError) as gone:
+        store.get_record(OID)
+    assert gone.value.code == "not_found"
+    with pytest.raises(StorageError):
+        store.delete(OID)
+    assert not (tmp_path / "objects" / OID[:2] / OID).exists()
+
+
+@pytest.mark.parametrize("oid", ["../" * 21 + "x", "A" * 64, "1" * 65, ""])
+def test_ids_are_validated(tmp_path: Path, oid: str) -> None:
+    store = LocalDiskStore(tmp_path)
+    with pytest.raises(StorageError) as bad:
+        store.begin_stripe(oid, V1, 1)
+    assert bad.value.code == "bad_request"
+    with pytest.raises(StorageError):
+        store.get_record(oid)
+
+
+def test_leftover_uploads_are_cleared_at_start(tmp_path: Path) -> None:
+    store = LocalDiskStore(tmp_path)
+    upload = store.begin_stripe(OID, V1, 100)
+    upload.write(b"partial")  # the server is killed here
+    assert list((tmp_path / "tmp").iterdir())
+    LocalDiskStore(tmp_path)
+    assert not list((tmp_path / "tmp").iterdir())
+
+
+def test_refuses_foreign_data_format(tmp_path: Path) -> None:
+    LocalDiskStore(tmp_path)
+    (tmp_path / "FORMAT").write_text("something else 9\n")
+    with pytest.raises(StorageError, match="format"):
+        LocalDiskStore(tmp_path)
+
+
+def test_reserve_refuses_early(tmp_path: Path) -> None:
+    store = LocalDiskStore(tmp_path, reserve_bytes=2**62)
+    with pytest.raises(StorageError) as full:
+        store.begin_stripe(OID, V1, 1)
+    assert full.value.code == "insufficient_storage"
+
+
+def test_records_from_json_are_validated() -> None:
+    good = record(V1, b"x").to_json()
+    assert ObjectRecord.from_json(good) == record(V1, b"x")
+    for key, value in [
+        ("version_id", "x"),
+        ("stripe_length", -1),
+        ("stripe_length", True),
+        ("stripe_sha256", "Z" * 64),
+        ("manifest", "not base64!"),
+    ]:
+        with pytest.raises(StorageError):
+            ObjectRecord.from_json({**good, key: value})
