@@ -27,7 +27,7 @@ STAMP = VENV / ".splitstore-installed"
 
 
 def setup() -> None:
-    if sys.version_info < (3, 11):
+    if sys.version_info < (3, 11):  # noqa: UP036 (dev.py may be run by an older python3)
         sys.exit(f"splitstore needs Python 3.11 or newer; this is {sys.version.split()[0]}")
     inputs = b"".join((ROOT / f).read_bytes() for f in ("pyproject.toml", "constraints.txt"))
     wanted = hashlib.sha256(inputs).hexdigest()

@@ -33,4 +33,5 @@ def test_example_reports_errors_in_one_line(tmp_path: Path) -> None:
         timeout=60,
     )
     assert result.returncode == 1
-    assert result.stderr.count("\n") == 1 and "does not exist" in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert "does not exist" in result.stderr

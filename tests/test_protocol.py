@@ -995,7 +995,7 @@ def framed_garbage(draw: st.DrawFn) -> bytes:
     return out
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.sampled_from([Role.SERVER, Role.CLIENT]), framed_garbage(), piece_sizes)
 def test_framed_garbage_only_raises_protocol_violation(
     role: Role, garbage: bytes, sizes: list[int]
@@ -1003,7 +1003,7 @@ def test_framed_garbage_only_raises_protocol_violation(
     feed_garbage(handshaken_for(role), garbage, sizes)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.lists(exchanges(), max_size=3), st.data(), piece_sizes)
 def test_mutated_streams_only_raise_protocol_violation(
     script: list[tuple[list[Event], list[Event]]], data: st.DataObject, sizes: list[int]

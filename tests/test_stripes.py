@@ -73,4 +73,5 @@ def test_join_rejects_pieces_of_the_wrong_shape() -> None:
 def test_block_size_is_whole_rounds() -> None:
     for chunk in (1, 1000, 1024, 3 * 1024 * 1024, 16 * 1024 * 1024):
         size = block_size_for(chunk, 2)
-        assert size % (2 * chunk) == 0 and size > 0
+        assert size % (2 * chunk) == 0
+        assert size > 0

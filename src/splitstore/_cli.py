@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import sys
 import time
 import traceback
@@ -51,6 +53,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("splitstore: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # Whoever read our output stopped early (`splitstore ls | head -1`): no message,
+        # unless asked for details.
+        _silence_stdout()
+        if args.verbose:
+            _fail("the output was closed early (broken pipe)", True)
+        return EXIT_FAILURE
     except Exception as exc:  # a bug: say so in one line, details with -v
         hint = "" if args.verbose else " (run with -v for details)"
         _fail(f"internal error: {type(exc).__name__}: {exc}{hint}", args.verbose)
@@ -61,6 +70,14 @@ def _fail(message: str, verbose: bool) -> None:
     if verbose:
         traceback.print_exc()
     print(f"splitstore: error: {message}", file=sys.stderr)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush does not fail again."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def _show_warning(

@@ -237,8 +237,13 @@ class AsyncClient:
         is replaced only with ``force``. Returns the path written.
         """
         name = validate_name(name)
-        target = _output_path(name, dest)
-        if target.exists() and not force:
+        try:
+            target = _output_path(name, dest)
+            exists = target.exists()
+        except OSError as exc:  # e.g. a name longer than the file system allows
+            where = exc.filename or dest or name
+            raise LocalFileError(f"cannot write {where}: {exc.strerror}") from exc
+        if exists and not force:
             raise LocalFileError(f"{target} already exists (use --force to overwrite it)")
         candidates = await self._candidates(name)
         try:
@@ -273,7 +278,10 @@ class AsyncClient:
                 "manifest (a store was cut off; store the file again)",
                 server=missing[0],
             )
-        await self._read_version(name, newest.manifest, None, progress)
+        try:
+            await self._read_version(name, newest.manifest, None, progress)
+        except _StripeMissing as exc:
+            raise IntegrityError(str(exc), server=exc.server) from None
         return FileInfo.from_manifest(newest.manifest, newest.committed_on)
 
     async def _read_newest(
@@ -325,26 +333,36 @@ class AsyncClient:
             hashes = _FetchHashes(k)
             block_size, done, size = block_size_for(chunk, k), 0, manifest.size
             writing: asyncio.Future[None] | None = None
-            while done < size:
-                block = min(block_size, size - done)
-                wanted = stripe_lengths(block, chunk, k)
-                pieces = await _run_all([r.read(n) for r, n in zip(readers, wanted, strict=True)])
-                for remote, piece, n in zip(remotes, pieces, wanted, strict=True):
-                    if len(piece) != n:
-                        raise IntegrityError(
-                            f"the {remote.label}'s data of {name!r} ended early",
-                            server=remote.label,
-                        )
+            try:
+                while done < size:
+                    block = min(block_size, size - done)
+                    wanted = stripe_lengths(block, chunk, k)
+                    pieces = await _run_all(
+                        [r.read(n) for r, n in zip(readers, wanted, strict=True)]
+                    )
+                    for remote, piece, n in zip(remotes, pieces, wanted, strict=True):
+                        if len(piece) != n:
+                            raise IntegrityError(
+                                f"the {remote.label}'s data of {name!r} ended early",
+                                server=remote.label,
+                            )
+                    if writing is not None:
+                        await writing
+                    writing = asyncio.ensure_future(
+                        asyncio.to_thread(hashes.join_write, pieces, chunk, out)
+                    )
+                    done += block
+                    if progress:
+                        progress(done, size)
                 if writing is not None:
                     await writing
-                writing = asyncio.ensure_future(
-                    asyncio.to_thread(hashes.join_write, pieces, chunk, out)
-                )
-                done += block
-                if progress:
-                    progress(done, size)
-            if writing is not None:
-                await writing
+            finally:
+                if writing is not None:
+                    # On failure, a write may still run in its thread: let it end before
+                    # the caller closes ``out``; the error being raised says more than its own.
+                    await asyncio.wait([writing])
+                    if not writing.cancelled():
+                        writing.exception()
         if progress and size == 0:
             progress(0, 0)
         for remote, info, digest in zip(remotes, expected, hashes.stripes, strict=True):
@@ -600,9 +618,13 @@ async def _collect(it: AsyncIterator[T]) -> list[T]:
     return [item async for item in it]
 
 
+_O_NONBLOCK: int = getattr(os, "O_NONBLOCK", 0)
+
+
 def _open_source(path: Path) -> BinaryIO:
     try:
-        f = path.open("rb")
+        # Non-blocking: opening a FIFO for reading would otherwise wait for a writer forever.
+        fd = os.open(path, os.O_RDONLY | _O_NONBLOCK)
     except FileNotFoundError:
         raise LocalFileError(f"{path} does not exist") from None
     except IsADirectoryError:
@@ -611,10 +633,18 @@ def _open_source(path: Path) -> BinaryIO:
         raise LocalFileError(f"{path} cannot be read (permission denied)") from None
     except OSError as exc:
         raise LocalFileError(f"cannot open {path}: {exc.strerror}") from exc
-    if not stat_mod.S_ISREG(os.fstat(f.fileno()).st_mode):
-        f.close()
-        raise LocalFileError(f"{path} is not a regular file")
-    return f
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat_mod.S_ISDIR(mode):
+            raise LocalFileError(f"{path} is a directory, not a file")
+        if not stat_mod.S_ISREG(mode):
+            raise LocalFileError(f"{path} is not a regular file")
+        if _O_NONBLOCK:
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
 
 
 def _output_path(name: str, dest: str | os.PathLike[str] | None) -> Path:

@@ -99,10 +99,10 @@ def find_config(explicit: str | os.PathLike[str] | None = None) -> Path:
     """Find the config: ``explicit``, else $SPLITSTORE_CONFIG, else ./splitstore.toml,
     else the user's config folder. Raise ConfigError naming every place looked at."""
     if explicit is not None:
-        return Path(explicit)
+        return Path(explicit).expanduser()
     env = os.environ.get(CONFIG_ENV_VAR)
     if env:
-        return Path(env)
+        return Path(env).expanduser()
     candidates = [Path("splitstore.toml"), user_config_path()]
     for candidate in candidates:
         if candidate.is_file():

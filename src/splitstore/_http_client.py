@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import ssl
 from collections.abc import AsyncIterator, Iterator
@@ -182,6 +183,8 @@ class HttpsRemote:
             ) from exc
         except aiohttp.ClientConnectorError as exc:
             reason = exc.strerror or str(exc.os_error)
+            if exc.os_error.errno == errno.ECONNREFUSED:  # not "Connect call failed (...)"
+                reason = "connection refused"
             raise ServerUnavailableError(
                 f"cannot connect to the {label}: {reason}", server=label
             ) from exc

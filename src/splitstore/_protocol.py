@@ -336,7 +336,7 @@ _SETTLE: Final[dict[tuple[State, State], tuple[State, State]]] = {
     (State.AWAIT_READY, State.AWAIT_HELLO): (State.AWAIT_READY, State.SEND_READY),
     (State.AWAIT_READY, State.IDLE): (State.IDLE, State.IDLE),
     (State.SEND_BODY, State.IDLE): (State.SEND_BODY, State.AWAIT_BODY),
-    (State.IDLE, State.AWAIT_BODY): (State.IDLE, State.AWAIT_BODY),  # the client aborted
+    (State.IDLE, State.AWAIT_BODY): (State.IDLE, State.IDLE),  # the client aborted
     (State.AWAIT_RESPONSE, State.AWAIT_BODY): (State.AWAIT_RESPONSE, State.SEND_RESPONSE),
     (State.AWAIT_RESPONSE, State.IDLE): (State.IDLE, State.IDLE),
     # Only seen by a server that gave up with an ERROR while the client, not knowing yet,

@@ -9,7 +9,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from ._config import ServerConfig
 from ._errors import ConfigError
@@ -130,5 +130,15 @@ async def run_until_stopped(
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)
+        loop.set_exception_handler(_ignore_cancelled)
         for server in running:
             await server.close()
+
+
+def _ignore_cancelled(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """Python 3.11's asyncio.start_server reports a connection task cancelled by close()
+    as an "exception in callback" with a traceback (fixed in 3.12); on shutdown that is
+    the servers stopping as asked, not an error."""
+    if isinstance(context.get("exception"), asyncio.CancelledError):
+        return
+    loop.default_exception_handler(context)

@@ -55,7 +55,7 @@ class TcpRemote:
     @asynccontextmanager
     async def _link(self) -> AsyncIterator[_Link]:
         """A connection for one exchange, back to the pool only if the exchange finished."""
-        link = self._idle.pop() if self._idle else await self._connect()
+        link = await self._idle_link() or await self._connect()
         try:
             yield link
         except BaseException:
@@ -65,6 +65,18 @@ class TcpRemote:
             self._idle.append(link)
         else:
             await link.close()
+
+    async def _idle_link(self) -> _Link | None:
+        """A pooled connection the server has not closed meanwhile (it was restarted, or
+        dropped the connection after its idle time-out), or None."""
+        if self._idle:
+            await asyncio.sleep(0)  # let a close that has already arrived be processed
+        while self._idle:
+            link = self._idle.pop()
+            if not (link.writer.is_closing() or link.reader.at_eof()):
+                return link
+            await link.close()
+        return None
 
     async def _connect(self) -> _Link:
         with self._translating():
@@ -216,6 +228,7 @@ class _Link:
         self.reader, self.writer, self.remote = reader, writer, remote
         self.conn = p.Connection(p.Role.CLIENT)
         self.reusable = False
+        self._eof = False
 
     async def handshake(self, token: str) -> None:
         await self.send(p.Preface(p.PROTOCOL_VERSION, p.PROTOCOL_VERSION))
@@ -245,7 +258,8 @@ class _Link:
     async def read_response(self) -> dict[str, Any]:
         event = await self.next()
         if isinstance(event, p.Error):
-            self.reusable = True  # an ERROR ends the exchange; the connection stays usable
+            # An ERROR after our END leaves the connection usable; one mid-upload closes it.
+            self.reusable = self.conn.our_state is p.State.IDLE
             raise_for_code(event.code, event.message, self.remote.label)
         if not isinstance(event, p.Response):
             raise p.ProtocolViolation("expected RESPONSE")
@@ -283,7 +297,14 @@ class _Link:
 
     async def next(self) -> Any:
         while True:
-            event = self.conn.next_event()
+            try:
+                event = self.conn.next_event()
+            except p.ProtocolViolation as exc:
+                if self._eof:  # cut off mid-message: the server went away, it did not misspeak
+                    raise ConnectionResetError(
+                        "the server closed the connection mid-transfer"
+                    ) from exc
+                raise
             if event is not p.NEED_DATA:
                 if isinstance(event, p.ConnectionClosed):
                     raise ConnectionResetError("the server closed the connection")
@@ -292,6 +313,7 @@ class _Link:
                 data = await self.reader.read(READ_BYTES)
             if not data and self.reader.at_eof() and self.conn.next_event() is p.NEED_DATA:
                 self.conn.receive_data(b"")
+                self._eof = True
                 continue
             self.conn.receive_data(data)
 

@@ -32,6 +32,15 @@ class _Closed(Exception):
     """The client went away; nothing left to answer."""
 
 
+class _Aborted(Exception):
+    """The client aborted its request body with ERROR; the spec says no answer follows."""
+
+
+# After a refusal that closes the connection, read and drop what the client is still
+# sending for this long, so its kernel does not reset the connection and lose our ERROR.
+LINGER_SECONDS = 1.0
+
+
 @dataclass
 class TcpServer:
     host: str
@@ -111,6 +120,7 @@ class _Session:
             await self._send_error("timeout", "the client was idle or too slow")
         except p.ProtocolViolation as exc:
             await self._send_error(exc.code, str(exc))
+            await self._linger()
         except (ConnectionError, ssl.SSLError, OSError):
             pass
         except Exception:
@@ -150,10 +160,13 @@ class _Session:
                 raise p.ProtocolViolation("expected a REQUEST")
             try:
                 await self._dispatch(event.op, event.fields)
+            except _Aborted:
+                continue
             except StorageError as exc:
                 await self._send_error(exc.code, exc.message)
-                if exc.code in ("bad_request", "too_large", "insufficient_storage", "timeout"):
-                    return  # the client may still be sending a body we will not read
+                if self.conn.our_state is p.State.CLOSED:
+                    await self._linger()  # the client may still be sending its body
+                    return
 
     async def _dispatch(self, op: str, fields: dict[str, Any]) -> None:
         svc = self.service
@@ -206,7 +219,7 @@ class _Session:
             elif isinstance(event, p.End):
                 return
             elif isinstance(event, p.Error):
-                raise StorageError("bad_request", "the client aborted the upload")
+                raise _Aborted
             elif isinstance(event, p.ConnectionClosed):
                 raise _Closed
             else:
@@ -240,6 +253,12 @@ class _Session:
     async def _drain(self) -> None:
         async with asyncio.timeout(self.limits.idle_timeout):
             await self.writer.drain()
+
+    async def _linger(self) -> None:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(LINGER_SECONDS):
+                while await self.reader.read(READ_BYTES):
+                    pass
 
     async def _send_error(self, code: str, message: str) -> None:
         with contextlib.suppress(Exception):
