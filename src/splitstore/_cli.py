@@ -42,6 +42,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
+    if not args.verbose:
+        # aiohttp logs every malformed request with a traceback; garbage from the network
+        # is expected and answered with 400, so keep it out of the server's output.
+        logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning

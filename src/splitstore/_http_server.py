@@ -11,7 +11,7 @@
 
 aiohttp was chosen because it streams request and response bodies with back-pressure
 and, measured on our kind of machine, moves about twice the bytes per second of
-uvicorn with its default parser (docs/performance.md).
+uvicorn with its default parser (figures in the README).
 """
 
 from __future__ import annotations

@@ -1,0 +1,164 @@
+"""The master key file: created by ``init``, needed for every read, backed up by export.
+
+Two kinds, both JSON (docs/format.md):
+
+- ``raw``: the 32-byte master key itself, base64. The file is the key: keep it private.
+- ``scrypt``: only a salt and scrypt parameters; the key is derived from a passphrase
+  (from $SPLITSTORE_PASSPHRASE, or asked at the terminal). The file alone reveals nothing.
+
+Both record the key id (a public fingerprint) so a wrong key or passphrase is reported as
+such instead of as damaged data.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import getpass
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+from ._crypto import KEY_SIZE, key_id
+from ._errors import ConfigError, UsageError
+
+__all__ = [
+    "PASSPHRASE_ENV_VAR",
+    "KeyFile",
+    "create_key_file",
+    "load_master_key",
+    "read_key_file",
+    "write_key_file",
+]
+
+PASSPHRASE_ENV_VAR = "SPLITSTORE_PASSPHRASE"  # noqa: S105 (a variable name, not a secret)
+KEY_FILE_FORMAT = 1
+# scrypt cost: 2**17 takes ~0.3 s and 128 MiB, the strength age and restic choose.
+DEFAULT_SCRYPT_N = 2**17
+MAX_KEY_FILE_BYTES = 4096
+
+
+@dataclass(frozen=True)
+class KeyFile:
+    kind: str  # "raw" or "scrypt"
+    key_id: str
+    key: bytes | None = None  # raw only
+    salt: bytes | None = None  # scrypt only
+    n: int = DEFAULT_SCRYPT_N
+    r: int = 8
+    p: int = 1
+
+    def to_text(self) -> str:
+        doc: dict[str, object] = {
+            "format": KEY_FILE_FORMAT,
+            "kind": self.kind,
+            "key_id": self.key_id,
+        }
+        if self.kind == "raw" and self.key is not None:
+            doc["key"] = base64.b64encode(self.key).decode()
+        elif self.salt is not None:
+            doc.update(salt=base64.b64encode(self.salt).decode(), n=self.n, r=self.r, p=self.p)
+        return json.dumps(doc, indent=2) + "\n"
+
+
+def create_key_file(
+    path: Path, *, passphrase: str | None = None, scrypt_n: int = DEFAULT_SCRYPT_N
+) -> bytes:
+    """Make a new master key (random, or from ``passphrase``), write its file, return it."""
+    if passphrase is None:
+        master = os.urandom(KEY_SIZE)
+        kf = KeyFile("raw", key_id(master).hex(), key=master)
+    else:
+        if len(passphrase) < 8:
+            raise UsageError("a passphrase needs at least 8 characters")
+        salt = os.urandom(16)
+        master = _scrypt(passphrase, salt, scrypt_n, 8, 1)
+        kf = KeyFile("scrypt", key_id(master).hex(), salt=salt, n=scrypt_n)
+    write_key_file(path, kf)
+    return master
+
+
+def write_key_file(path: Path, kf: KeyFile, *, force: bool = False) -> None:
+    """Write a key file readable only by its owner, atomically; never clobber silently."""
+    if path.exists() and not force:
+        raise UsageError(f"{path} already exists (use --force to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(kf.to_text())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def read_key_file(path: Path) -> KeyFile:
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_KEY_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"the key file {path} does not exist; without it stored files cannot be read "
+            "(restore it with 'splitstore key import')"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the key file {path}: {exc.strerror}") from exc
+    try:
+        doc = json.loads(raw)
+        if doc["format"] != KEY_FILE_FORMAT:
+            raise ConfigError(f"the key file {path} has an unknown format; upgrade splitstore")
+        kind, kid = doc["kind"], doc["key_id"]
+        if kind == "raw":
+            key = base64.b64decode(doc["key"], validate=True)
+            if len(key) != KEY_SIZE or key_id(key).hex() != kid:
+                raise ValueError("key and key id do not match")
+            return KeyFile("raw", kid, key=key)
+        if kind == "scrypt":
+            salt = base64.b64decode(doc["salt"], validate=True)
+            n, r, p = (int(doc[k]) for k in ("n", "r", "p"))
+            if not (2**10 <= n <= 2**22 and n & (n - 1) == 0 and 1 <= r <= 32 and 1 <= p <= 16):
+                raise ValueError("scrypt parameters out of range")
+            return KeyFile("scrypt", str(kid), salt=salt, n=n, r=r, p=p)
+        raise ValueError(f"unknown kind {kind!r}")
+    except ConfigError:
+        raise
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(
+            f"the key file {path} is damaged or not a splitstore key ({exc})"
+        ) from exc
+
+
+def load_master_key(path: Path, *, passphrase: str | None = None) -> bytes:
+    """The master key of a key file; asks for the passphrase if the file needs one."""
+    kf = read_key_file(path)
+    if kf.kind == "raw" and kf.key is not None:
+        return kf.key
+    if passphrase is None:
+        passphrase = os.environ.get(PASSPHRASE_ENV_VAR)
+    if passphrase is None:
+        if not sys.stdin.isatty():
+            raise ConfigError(
+                f"the key file {path} needs a passphrase: set ${PASSPHRASE_ENV_VAR} "
+                "or run at a terminal"
+            )
+        passphrase = getpass.getpass("splitstore passphrase: ")
+    if kf.salt is None:
+        raise ConfigError(f"the key file {path} has no salt")
+    master = _scrypt(passphrase, kf.salt, kf.n, kf.r, kf.p)
+    if key_id(master).hex() != kf.key_id:
+        raise ConfigError("wrong passphrase for the key file " + str(path))
+    return master
+
+
+def _scrypt(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
+    kdf = Scrypt(salt=salt, length=KEY_SIZE, n=n, r=r, p=p)
+    return kdf.derive(passphrase.encode("utf-8"))
