@@ -154,8 +154,8 @@ class AsyncClient:
         source = Path(path)
         name = validate_name(source.name if name is None else name)
         remotes = self.remotes()
-        await _run_all([r.ping() for r in remotes])
         with _open_source(source) as f:
+            await _run_all([r.ping() for r in remotes])
             size = os.fstat(f.fileno()).st_size
             chunk, k = self.config.chunk_size, len(remotes)
             object_id, version_id = object_id_for(name), new_version_id()
@@ -213,12 +213,28 @@ class AsyncClient:
             stripes=tuple(stripes),
         )
         body = manifest.to_bytes()
-        await _run_all(
-            [
+        # Both commits run to their end, even if one fails, so we can say where it landed.
+        outcomes = await asyncio.gather(
+            *(
                 r.commit(object_id, ObjectRecord(version_id, s.length, s.sha256, body))
                 for r, s in zip(remotes, stripes, strict=True)
-            ]
+            ),
+            return_exceptions=True,
         )
+        failed = [o for o in outcomes if o is not None]
+        if failed:
+            error = failed[0]
+            committed = [r.label for r, o in zip(remotes, outcomes, strict=True) if o is None]
+            if committed:
+                note = (
+                    f"; the new version was committed only on the {committed[0]}, so fetch may "
+                    "return it: store the file again"
+                )
+            else:
+                note = "; the previous version, if any, is unchanged"
+            if isinstance(error, SplitStoreError):
+                error.args = (f"{error}{note}",)
+            raise error
         return FileInfo.from_manifest(manifest, [r.kind for r in remotes])
 
     # -- fetch and verify ----------------------------------------------------------------
@@ -392,10 +408,13 @@ class AsyncClient:
                     f"the {remote.label} answered for {name!r} with the manifest of another file",
                     server=remote.label,
                 )
-            try:
-                info = manifest.stripe_for(remote.kind)
-            except KeyError:
-                info = None
+            if [st.server for st in manifest.stripes] != [r.kind for r in remotes]:
+                raise IntegrityError(
+                    f"the {remote.label}'s manifest of {name!r} does not list the servers "
+                    "of this setup in order",
+                    server=remote.label,
+                )
+            info = manifest.stripe_for(remote.kind)
             if (
                 info is None
                 or (record.stripe_length, record.stripe_sha256) != (info.length, info.sha256)
@@ -659,11 +678,20 @@ def _output_path(name: str, dest: str | os.PathLike[str] | None) -> Path:
     return target
 
 
+def _read_umask() -> int:
+    # os.umask can only be read by setting it, which races with other threads: do it once,
+    # at import.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+_UMASK = _read_umask()
+
+
 def _apply_umask(path: Path) -> None:
     """mkstemp makes 0600 files; give the result the mode a new file normally gets."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    os.chmod(path, 0o666 & ~_UMASK)
 
 
 def _move_into_place(tmp: Path, target: Path, force: bool) -> None:

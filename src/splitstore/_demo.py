@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ._client import AsyncClient
 from ._config import load_config
+from ._errors import UsageError
 from ._names import object_id_for
 from ._serve import ServerSpec, start_server
 from ._setup import init_setup
@@ -45,6 +46,10 @@ def make_sample_file(path: Path, size: int, seed: int = 2024) -> None:
 def run_demo(workdir: Path | None = None, *, size_mb: float = 4.0) -> int:
     temporary = workdir is None
     root = Path(tempfile.mkdtemp(prefix="splitstore-demo-")) if workdir is None else workdir
+    root = root.resolve()
+    if not temporary and (root / "splitstore.toml").exists():
+        # Never overwrite a real setup's token, keys and data with the demo's.
+        raise UsageError(f"{root} already holds a splitstore setup; give the demo an empty folder")
     try:
         return asyncio.run(_demo(root, int(size_mb * 1024 * 1024)))
     finally:
@@ -54,7 +59,7 @@ def run_demo(workdir: Path | None = None, *, size_mb: float = 4.0) -> int:
 
 async def _demo(root: Path, size: int) -> int:
     print(f"1. writing a throwaway setup in {root}")
-    paths = init_setup(root, https_port=_free_port(), tcp_port=_free_port(), force=True)
+    paths = init_setup(root, https_port=_free_port(), tcp_port=_free_port())
     config = load_config(paths.config)
     servers = []
     try:

@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import aiohttp
+from aiohttp.http_exceptions import HttpProcessingError
 
 from ._errors import (
     ProtocolError,
@@ -46,6 +47,7 @@ class HttpsRemote:
         self._base = f"https://{netloc}"
         self._token = token
         self._ssl = ssl_context
+        self._io_timeout = io_timeout
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=connect_timeout, sock_connect=connect_timeout, sock_read=io_timeout
         )
@@ -78,22 +80,36 @@ class HttpsRemote:
         self, object_id: str, version_id: str, length: int, body: AsyncIterator[bytes]
     ) -> str:
         url = f"{self._base}/v1/objects/{object_id}/stripes/{version_id}"
+        loop = asyncio.get_running_loop()
         with self._translating():
-            async with self._http().put(
-                url,
-                data=body,
-                headers={
-                    "Content-Length": str(length),
-                    "Content-Type": "application/octet-stream",
-                },
-            ) as resp:
-                reply = await self._json(resp)
+            # aiohttp's read time-out starts only once the body is sent, so a server that
+            # stops reading mid-upload would hang us: a deadline that each piece moves on.
+            async with asyncio.timeout(self._io_timeout) as deadline:
+
+                async def paced() -> AsyncIterator[bytes]:
+                    async for piece in body:
+                        deadline.reschedule(loop.time() + self._io_timeout)
+                        yield piece
+                    deadline.reschedule(loop.time() + self._io_timeout)
+
+                reply = await self._upload(url, paced(), length)
         digest = reply.get("sha256")
         if reply.get("length") != length or not isinstance(digest, str):
             raise ProtocolError(
                 f"the {self.label} sent a malformed upload reply", server=self.label
             )
         return digest
+
+    async def _upload(self, url: str, body: AsyncIterator[bytes], length: int) -> dict[str, Any]:
+        async with self._http().put(
+            url,
+            data=body,
+            headers={
+                "Content-Length": str(length),
+                "Content-Type": "application/octet-stream",
+            },
+        ) as resp:
+            return await self._json(resp)
 
     @asynccontextmanager
     async def get_stripe(self, object_id: str, version_id: str) -> AsyncIterator[_HttpStripe]:
@@ -154,9 +170,12 @@ class HttpsRemote:
 
     async def _json(self, resp: aiohttp.ClientResponse) -> dict[str, Any]:
         """Read a JSON reply; raise the matching error for a non-2xx status."""
-        raw = await resp.content.read(MAX_REPLY_BYTES + 1)
-        if len(raw) > MAX_REPLY_BYTES:
-            raise ProtocolError(f"the {self.label} sent an oversized reply", server=self.label)
+        # read(n) returns what is buffered, not n bytes: gather to the end, bounded.
+        raw = b""
+        while piece := await resp.content.read(MAX_REPLY_BYTES + 1 - len(raw)):
+            raw += piece
+            if len(raw) > MAX_REPLY_BYTES:
+                raise ProtocolError(f"the {self.label} sent an oversized reply", server=self.label)
         if resp.status >= 400:
             try:
                 err = json.loads(raw)["error"]
@@ -198,7 +217,7 @@ class HttpsRemote:
             ) from exc
         except TimeoutError as exc:
             raise ServerUnavailableError(f"the {label} timed out", server=label) from exc
-        except aiohttp.ClientError as exc:
+        except (aiohttp.ClientError, HttpProcessingError) as exc:
             raise ServerUnavailableError(
                 f"talking to the {label} failed: {exc}", server=label
             ) from exc

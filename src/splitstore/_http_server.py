@@ -92,8 +92,11 @@ async def _put_stripe(request: web.Request) -> web.Response:
 
     async def body() -> AsyncIterator[bytes]:
         while True:
-            async with asyncio.timeout(idle):
-                piece = await request.content.readany()
+            try:
+                async with asyncio.timeout(idle):
+                    piece = await request.content.readany()
+            except ConnectionResetError as exc:  # the client went away; nothing to answer
+                raise StorageError("bad_request", "the client closed the connection") from exc
             if not piece:
                 return
             yield piece
@@ -148,10 +151,13 @@ async def _list(request: web.Request) -> web.StreamResponse:
 async def _read_json(request: web.Request) -> dict[str, Any]:
     if request.content_length is not None and request.content_length > MAX_RECORD_BYTES:
         raise StorageError("too_large", f"a record can be at most {MAX_RECORD_BYTES} bytes")
-    async with asyncio.timeout(request.app[_LIMITS].idle_timeout):
-        raw = await request.content.read(MAX_RECORD_BYTES + 1)
-    if len(raw) > MAX_RECORD_BYTES:
-        raise StorageError("too_large", f"a record can be at most {MAX_RECORD_BYTES} bytes")
+    try:
+        async with asyncio.timeout(request.app[_LIMITS].idle_timeout):
+            raw = await request.read()  # bounded by the app's client_max_size
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise StorageError(
+            "too_large", f"a record can be at most {MAX_RECORD_BYTES} bytes"
+        ) from exc
     try:
         doc = json.loads(raw)
     except ValueError as exc:

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from ._config import MAX_CHUNK_SIZE
 from ._errors import IntegrityError
 from ._names import MAX_NAME_BYTES, is_version_id, validate_name
 from ._stripes import stripe_lengths
@@ -22,7 +23,7 @@ MANIFEST_FORMAT = 1
 # A name of MAX_NAME_BYTES escaped as JSON is at most 6x longer; the rest is a few hundred bytes.
 MAX_MANIFEST_BYTES = 8 * MAX_NAME_BYTES
 # Sizes beyond 2**53 would not survive JSON readers in other languages.
-MAX_FILE_SIZE = 2**53
+MAX_FILE_SIZE = 2**53 - 1
 _HEX64 = frozenset("0123456789abcdef")
 
 
@@ -51,8 +52,10 @@ class Manifest:
         validate_name(self.name)
         if not _is_uint(self.size) or self.size > MAX_FILE_SIZE:
             raise ValueError("size out of range")
-        if not _is_uint(self.chunk_size) or self.chunk_size == 0:
-            raise ValueError("chunk_size must be positive")
+        if not _is_uint(self.chunk_size) or not 0 < self.chunk_size <= MAX_CHUNK_SIZE:
+            # Bounded: the client buffers a few chunks per server, so a huge chunk size
+            # from a damaged or hostile manifest must not make it buffer whole stripes.
+            raise ValueError("chunk_size out of range")
         if not _is_sha256(self.sha256) or not is_version_id(self.version_id):
             raise ValueError("bad hash or version id")
         if not _is_uint(self.created_ns):

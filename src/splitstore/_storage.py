@@ -45,7 +45,7 @@ __all__ = [
 
 DATA_FORMAT = "splitstore-server-data 1"
 # One stripe of a 2**53-byte file; the per-tenant quotas of later versions sit below this.
-MAX_STRIPE_BYTES = 2**53
+MAX_STRIPE_BYTES = 2**53 - 1
 # A record is a few hashes and an encoded manifest.
 MAX_RECORD_BYTES = 2 * MAX_MANIFEST_BYTES
 
@@ -181,14 +181,18 @@ class LocalDiskStore:
     def commit(self, object_id: str, record: ObjectRecord) -> None:
         _check_ids(object_id, record.version_id)
         folder = self._object_dir(object_id)
-        meta = _read_json(folder / f"{record.version_id}.meta")
-        if meta is None:
-            raise StorageError("conflict", "the stripe of that version is not stored here")
-        if meta.get("length") != record.stripe_length or meta.get("sha256") != record.stripe_sha256:
-            raise StorageError(
-                "conflict", "the stored stripe's length or SHA-256 differs from the declared one"
-            )
-        with self._lock:
+        with self._lock:  # the check and the write as one step: a commit may drop stripes
+            meta = _read_json(folder / f"{record.version_id}.meta")
+            if meta is None:
+                raise StorageError("conflict", "the stripe of that version is not stored here")
+            if (meta.get("length"), meta.get("sha256")) != (
+                record.stripe_length,
+                record.stripe_sha256,
+            ):
+                raise StorageError(
+                    "conflict",
+                    "the stored stripe's length or SHA-256 differs from the declared one",
+                )
             current = self._read_entry(object_id)
             previous = current.get("current") if current else None
             if previous and previous.get("version_id") == record.version_id:
