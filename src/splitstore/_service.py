@@ -90,7 +90,10 @@ class StorageService:
         async def chunks() -> AsyncIterator[bytes]:
             try:
                 while True:
-                    data = await asyncio.to_thread(f.read, IO_BATCH_BYTES)
+                    try:
+                        data = await asyncio.to_thread(f.read, IO_BATCH_BYTES)
+                    except OSError as exc:  # a failing disk: say so rather than just hang up
+                        raise StorageError("internal", f"cannot read the stripe: {exc}") from exc
                     if not data:
                         return
                     yield data
