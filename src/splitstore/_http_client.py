@@ -18,8 +18,8 @@ from ._errors import (
     ServerUnavailableError,
     TLSVerificationError,
 )
-from ._remote import raise_for_code
-from ._storage import MAX_RECORD_BYTES, ObjectRecord, StorageError
+from ._remote import parse_record, parse_reply, raise_for_code
+from ._storage import MAX_RECORD_BYTES, ObjectRecord
 from ._tls import describe_ssl_error
 
 __all__ = ["HttpsRemote"]
@@ -135,7 +135,7 @@ class HttpsRemote:
         with self._translating():
             async with self._http().get(url) as resp:
                 reply = await self._json(resp)
-        return self._record(reply.get("record"))
+        return parse_record(reply.get("record"), self.label)
 
     async def list_records(self) -> AsyncIterator[tuple[str, ObjectRecord]]:
         with self._translating():
@@ -150,8 +150,8 @@ class HttpsRemote:
                         raise ProtocolError(
                             f"the {self.label} sent a bad listing", server=self.label
                         )
-                    doc = _loads(line, self.label)
-                    yield str(doc.get("object_id")), self._record(doc)
+                    doc = parse_reply(line, self.label)
+                    yield str(doc.get("object_id")), parse_record(doc, self.label)
 
     async def delete(self, object_id: str) -> None:
         with self._translating():
@@ -159,14 +159,6 @@ class HttpsRemote:
                 await self._json(resp)
 
     # -- helpers -------------------------------------------------------------------------
-
-    def _record(self, doc: Any) -> ObjectRecord:
-        try:
-            return ObjectRecord.from_json(doc)
-        except StorageError as exc:
-            raise ProtocolError(
-                f"the {self.label} sent a malformed record: {exc.message}", server=self.label
-            ) from exc
 
     async def _json(self, resp: aiohttp.ClientResponse) -> dict[str, Any]:
         """Read a JSON reply; raise the matching error for a non-2xx status."""
@@ -183,7 +175,7 @@ class HttpsRemote:
             except (ValueError, KeyError, TypeError):
                 code, message = "internal", f"HTTP {resp.status}"
             raise_for_code(code, message, self.label)
-        return _loads(raw, self.label)
+        return parse_reply(raw, self.label)
 
     @contextmanager
     def _translating(self) -> Iterator[None]:
@@ -236,13 +228,3 @@ class _HttpStripe:
             except asyncio.IncompleteReadError as exc:
                 # The stream ended early: hand back what did arrive, the caller judges it.
                 return exc.partial
-
-
-def _loads(raw: bytes, label: str) -> dict[str, Any]:
-    try:
-        doc = json.loads(raw)
-    except ValueError as exc:
-        raise ProtocolError(f"the {label} sent a reply that is not JSON", server=label) from exc
-    if not isinstance(doc, dict):
-        raise ProtocolError(f"the {label} sent a reply that is not a JSON object", server=label)
-    return doc

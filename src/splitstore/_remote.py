@@ -7,20 +7,22 @@ refusal reads the same whichever server sent it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
-from typing import NoReturn, Protocol
+from typing import Any, NoReturn, Protocol
 
 from ._errors import (
     AuthenticationError,
     ConflictError,
     NotFoundError,
+    ProtocolError,
     ServerError,
     StorageFullError,
 )
-from ._storage import ObjectRecord
+from ._storage import ObjectRecord, StorageError
 
-__all__ = ["Remote", "StripeReader", "raise_for_code"]
+__all__ = ["Remote", "StripeReader", "parse_record", "parse_reply", "raise_for_code"]
 
 
 class StripeReader(Protocol):
@@ -31,7 +33,6 @@ class StripeReader(Protocol):
 
     async def read(self, n: int) -> bytes:
         """Return exactly ``n`` bytes, or fewer only where the stream ended."""
-        ...
 
 
 class Remote(Protocol):
@@ -45,7 +46,6 @@ class Remote(Protocol):
         self, object_id: str, version_id: str, length: int, body: AsyncIterator[bytes]
     ) -> str:
         """Upload a stripe; return the SHA-256 the server computed."""
-        ...
 
     def get_stripe(
         self, object_id: str, version_id: str
@@ -68,3 +68,24 @@ def raise_for_code(code: str, message: str, label: str) -> NoReturn:
     if code == "insufficient_storage":
         raise StorageFullError(f"the {label} is out of space: {message}", server=label)
     raise ServerError(f"the {label} failed: {message} ({code})", server=label)
+
+
+def parse_reply(raw: bytes, label: str) -> dict[str, Any]:
+    """A server's JSON reply, which must be an object."""
+    try:
+        doc = json.loads(raw)
+    except ValueError as exc:
+        raise ProtocolError(f"the {label} sent a reply that is not JSON", server=label) from exc
+    if not isinstance(doc, dict):
+        raise ProtocolError(f"the {label} sent a reply that is not a JSON object", server=label)
+    return doc
+
+
+def parse_record(doc: Any, label: str) -> ObjectRecord:
+    """A record from a server's reply, validated as strictly as the servers validate it."""
+    try:
+        return ObjectRecord.from_json(doc)
+    except StorageError as exc:
+        raise ProtocolError(
+            f"the {label} sent a malformed record: {exc.message}", server=label
+        ) from exc

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import ssl
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -12,8 +11,8 @@ from typing import Any
 
 from . import _protocol as p
 from ._errors import ProtocolError, ServerUnavailableError, TLSVerificationError
-from ._remote import raise_for_code
-from ._storage import MAX_RECORD_BYTES, ObjectRecord, StorageError
+from ._remote import parse_record, parse_reply, raise_for_code
+from ._storage import MAX_RECORD_BYTES, ObjectRecord
 from ._tls import describe_ssl_error, find_ssl_error
 
 __all__ = ["TcpRemote"]
@@ -154,7 +153,7 @@ class TcpRemote:
 
     async def get_record(self, object_id: str) -> ObjectRecord:
         reply = await self._simple("get_record", {"object_id": object_id})
-        return self._record(reply.get("record"))
+        return parse_record(reply.get("record"), self.label)
 
     async def list_records(self) -> AsyncIterator[tuple[str, ObjectRecord]]:
         async with self._link() as link:
@@ -170,8 +169,8 @@ class TcpRemote:
                             f"the {self.label} sent a bad listing", server=self.label
                         )
                     for line in lines:
-                        doc = _loads(line, self.label)
-                        yield str(doc.get("object_id")), self._record(doc)
+                        doc = parse_reply(line, self.label)
+                        yield str(doc.get("object_id")), parse_record(doc, self.label)
                 if pending:
                     raise ProtocolError(f"the {self.label} sent a bad listing", server=self.label)
 
@@ -185,14 +184,6 @@ class TcpRemote:
             with self._translating():
                 await link.request(op, fields)
                 return await link.read_reply()
-
-    def _record(self, doc: Any) -> ObjectRecord:
-        try:
-            return ObjectRecord.from_json(doc)
-        except StorageError as exc:
-            raise ProtocolError(
-                f"the {self.label} sent a malformed record: {exc.message}", server=self.label
-            ) from exc
 
     @contextlib.contextmanager
     def _translating(self) -> Iterator[None]:
@@ -348,13 +339,3 @@ class _TcpStripe:
             return
         async for _ in self._body:
             pass
-
-
-def _loads(raw: bytes, label: str) -> dict[str, Any]:
-    try:
-        doc = json.loads(raw)
-    except ValueError as exc:
-        raise ProtocolError(f"the {label} sent a reply that is not JSON", server=label) from exc
-    if not isinstance(doc, dict):
-        raise ProtocolError(f"the {label} sent a reply that is not a JSON object", server=label)
-    return doc
