@@ -136,7 +136,7 @@ def test_tcp_upload_longer_than_declared(servers: LiveServers) -> None:
     )
     # Refused once the whole request is in, the connection stays usable (until idle).
     assert error_codes(recv_all(sock))[0] == "bad_request"
-    assert not list((servers.data_dir("tcp") / "objects").glob("*/*/*.stripe"))
+    assert not list((servers.data_dir("tcp") / "tenants").glob("*/objects/*/*/*.stripe"))
     assert not list((servers.data_dir("tcp") / "tmp").iterdir())
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from splitstore._storage import LocalDiskStore, ObjectRecord, StorageError
+from splitstore._storage import DataFolder, LocalDiskStore, ObjectRecord, StorageError
 
 OID, OID2 = "1" * 64, "2" * 64
 V1, V2, V3 = "a" * 32, "b" * 32, "c" * 32
@@ -109,10 +109,10 @@ def test_leftover_uploads_are_cleared_at_start(tmp_path: Path) -> None:
 
 
 def test_refuses_foreign_data_format(tmp_path: Path) -> None:
-    LocalDiskStore(tmp_path)
+    DataFolder(tmp_path)
     (tmp_path / "FORMAT").write_text("something else 9\n")
     with pytest.raises(StorageError, match="format"):
-        LocalDiskStore(tmp_path)
+        DataFolder(tmp_path)
 
 
 def test_reserve_refuses_early(tmp_path: Path) -> None:

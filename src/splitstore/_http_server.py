@@ -17,6 +17,7 @@ uvicorn with its default parser (figures in the README).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,14 +25,29 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
-from ._service import ServerLimits, StorageService, TokenChecker
+from ._limits import ConnectionGate, check_stripe_length, gated_connection
+from ._service import ServerLimits, StorageService
 from ._storage import MAX_RECORD_BYTES, StorageError
+from ._tenants import Tenant, TenantRegistry
 from ._version import __version__
 
 __all__ = ["HttpsServer", "start_https_server"]
 
 log = logging.getLogger("splitstore.https")
+
+
+class _AiohttpLog(logging.LoggerAdapter[logging.Logger]):
+    """aiohttp's log, with malformed requests at DEBUG: aiohttp logs each one at ERROR with
+    a traceback, so that any client could fill a server's logs with its own mistakes."""
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True, **kwargs: Any) -> None:
+        if isinstance(exc_info, HttpProcessingError) and 400 <= exc_info.code < 500:
+            self.debug(msg, *args, exc_info=exc_info, **kwargs)
+        else:
+            super().exception(msg, *args, exc_info=exc_info, **kwargs)
+
 
 _STATUS = {
     "bad_request": 400,
@@ -42,6 +58,8 @@ _STATUS = {
     "length_required": 411,
     "too_large": 413,
     "insufficient_storage": 507,
+    # 507 as WebDAV answers an exceeded quota (RFC 4918, section 9.7.4 and 11.5).
+    "quota_exceeded": 507,
     "internal": 500,
 }
 # Response bodies are streamed from disk in pieces of this size.
@@ -50,7 +68,10 @@ READ_BUFFER_BYTES = 1024 * 1024
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _SERVICE = web.AppKey("service", StorageService)
-_TOKENS = web.AppKey("tokens", TokenChecker)
+_TENANTS = web.AppKey("tenants", TenantRegistry)
+# The tenant the request being handled was authenticated as; set by _guard for each
+# request (the middleware and the handler run in the same task).
+_TENANT: contextvars.ContextVar[Tenant] = contextvars.ContextVar("splitstore_tenant")
 _LIMITS = web.AppKey("limits", ServerLimits)
 
 
@@ -60,12 +81,39 @@ def _error(code: str, message: str) -> web.Response:
 
 
 @web.middleware
+async def _request_clock(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Stop the connection's header time-out while its request is served (see _limits)."""
+    connection = gated_connection(request.transport)
+    if connection is None:
+        return await handler(request)
+    connection.request_started()
+    try:
+        return await handler(request)
+    finally:
+        connection.request_finished()
+
+
+@web.middleware
 async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Check the token before any body is read, and turn failures into JSON errors."""
-    if request.path != "/healthz":
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not request.app[_TOKENS].accepts(token.strip()):
-            return _error("unauthorized", "missing or wrong access token")
+    """Authenticate every request (but /healthz) to a tenant before any body is read, and
+    turn failures into JSON errors. The tenants file is re-checked each time, so a revoked
+    token is refused from its next request on, even on a kept-alive connection."""
+    if request.path == "/healthz":
+        return await _handle(request, handler)
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    tenant = (
+        request.app[_TENANTS].authenticate(token.strip()) if scheme.lower() == "bearer" else None
+    )
+    if tenant is None:
+        return _error("unauthorized", "missing or wrong access token")
+    reset = _TENANT.set(tenant)
+    try:
+        return await _handle(request, handler)
+    finally:
+        _TENANT.reset(reset)
+
+
+async def _handle(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except StorageError as exc:
@@ -88,6 +136,7 @@ async def _healthz(request: web.Request) -> web.Response:
 async def _put_stripe(request: web.Request) -> web.Response:
     if request.content_length is None:
         return _error("length_required", "a stripe upload needs a Content-Length header")
+    check_stripe_length(request.content_length, request.app[_LIMITS])
     idle = request.app[_LIMITS].idle_timeout
 
     async def body() -> AsyncIterator[bytes]:
@@ -102,6 +151,7 @@ async def _put_stripe(request: web.Request) -> web.Response:
             yield piece
 
     length, digest = await request.app[_SERVICE].put_stripe(
+        _TENANT.get(),
         request.match_info["object_id"],
         request.match_info["version_id"],
         request.content_length,
@@ -112,7 +162,7 @@ async def _put_stripe(request: web.Request) -> web.Response:
 
 async def _get_stripe(request: web.Request) -> web.StreamResponse:
     length, chunks = await request.app[_SERVICE].open_stripe(
-        request.match_info["object_id"], request.match_info["version_id"]
+        _TENANT.get(), request.match_info["object_id"], request.match_info["version_id"]
     )
     response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
     response.content_length = length
@@ -125,24 +175,24 @@ async def _get_stripe(request: web.Request) -> web.StreamResponse:
 
 async def _put_record(request: web.Request) -> web.Response:
     fields = await _read_json(request)
-    await request.app[_SERVICE].commit(request.match_info["object_id"], fields)
+    await request.app[_SERVICE].commit(_TENANT.get(), request.match_info["object_id"], fields)
     return web.json_response({"status": "ok"})
 
 
 async def _get_record(request: web.Request) -> web.Response:
-    record = await request.app[_SERVICE].get_record(request.match_info["object_id"])
+    record = await request.app[_SERVICE].get_record(_TENANT.get(), request.match_info["object_id"])
     return web.json_response({"status": "ok", "record": record.to_json()})
 
 
 async def _delete(request: web.Request) -> web.Response:
-    await request.app[_SERVICE].delete(request.match_info["object_id"])
+    await request.app[_SERVICE].delete(_TENANT.get(), request.match_info["object_id"])
     return web.json_response({"status": "ok"})
 
 
 async def _list(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await response.prepare(request)
-    async for lines in request.app[_SERVICE].list_lines():
+    async for lines in request.app[_SERVICE].list_lines(_TENANT.get()):
         await response.write(lines)
     await response.write_eof()
     return response
@@ -168,11 +218,11 @@ async def _read_json(request: web.Request) -> dict[str, Any]:
 
 
 def make_app(
-    service: StorageService, tokens: TokenChecker, limits: ServerLimits
+    service: StorageService, tenants: TenantRegistry, limits: ServerLimits
 ) -> web.Application:
-    app = web.Application(middlewares=[_guard], client_max_size=MAX_RECORD_BYTES)
+    app = web.Application(middlewares=[_request_clock, _guard], client_max_size=MAX_RECORD_BYTES)
     app[_SERVICE] = service
-    app[_TOKENS] = tokens
+    app[_TENANTS] = tenants
     app[_LIMITS] = limits
     oid = "{object_id}"
     app.router.add_get("/healthz", _healthz)
@@ -194,15 +244,17 @@ class HttpsServer:
     port: int
     _runner: web.AppRunner
     _server: asyncio.Server
+    _gate: ConnectionGate
 
     async def close(self) -> None:
         self._server.close()
+        self._gate.close()
         await self._runner.cleanup()
 
 
 async def start_https_server(
     service: StorageService,
-    tokens: TokenChecker,
+    tenants: TenantRegistry,
     *,
     host: str,
     port: int,
@@ -211,10 +263,11 @@ async def start_https_server(
 ) -> HttpsServer:
     """Start serving on host:port (port 0 picks a free one) and return the running server."""
     limits = limits or ServerLimits()
-    app = make_app(service, tokens, limits)
+    app = make_app(service, tenants, limits)
     runner = web.AppRunner(
         app,
         access_log=None,
+        logger=_AiohttpLog(logging.getLogger("aiohttp.server")),
         handle_signals=False,
         keepalive_timeout=limits.idle_timeout,
         shutdown_timeout=1.0,
@@ -225,15 +278,14 @@ async def start_https_server(
     await runner.setup()
     if runner.server is None:  # set by setup(); checked for the type checker
         raise RuntimeError("aiohttp runner did not create a server")
-    loop = asyncio.get_running_loop()
-    # loop.create_server rather than web.TCPSite, for the TLS handshake time-out.
-    server = await loop.create_server(
+    # The gate counts connections before TLS and does the handshake itself (see _limits),
+    # so the server listens without TLS; loop.create_server rather than web.TCPSite for it.
+    gate = ConnectionGate(
         runner.server,
-        host,
-        port,
-        ssl=ssl_context,
-        ssl_handshake_timeout=limits.handshake_timeout,
-        backlog=128,
+        limits=limits,
+        ssl_context=ssl_context,
+        header_timeout=limits.header_timeout,
     )
+    server = await asyncio.get_running_loop().create_server(gate, host, port, backlog=128)
     bound_port = server.sockets[0].getsockname()[1]
-    return HttpsServer(host, bound_port, runner, server)
+    return HttpsServer(host, bound_port, runner, server, gate)

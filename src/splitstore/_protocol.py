@@ -78,6 +78,7 @@ ERROR_CODES: Final = frozenset(
         "conflict",
         "too_large",
         "insufficient_storage",
+        "quota_exceeded",
         "unsupported_version",
         "timeout",
         "internal",

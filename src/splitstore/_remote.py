@@ -17,6 +17,7 @@ from ._errors import (
     ConflictError,
     NotFoundError,
     ProtocolError,
+    QuotaExceededError,
     ServerError,
     StorageFullError,
 )
@@ -67,6 +68,8 @@ def raise_for_code(code: str, message: str, label: str) -> NoReturn:
         raise ConflictError(f"the {label} refused: {message}", server=label)
     if code == "insufficient_storage":
         raise StorageFullError(f"the {label} is out of space: {message}", server=label)
+    if code == "quota_exceeded":
+        raise QuotaExceededError(f"the {label}: {message}", server=label)
     raise ServerError(f"the {label} failed: {message} ({code})", server=label)
 
 

@@ -14,9 +14,10 @@ from typing import Any, Protocol
 from ._config import ServerConfig
 from ._errors import ConfigError
 from ._http_server import start_https_server
-from ._service import ServerLimits, StorageService, TokenChecker
-from ._storage import LocalDiskStore, StorageError
+from ._service import ServerLimits, StorageService
+from ._storage import DataFolder, StorageError
 from ._tcp_server import start_tcp_server
+from ._tenants import TenantRegistry
 from ._tls import server_ssl_context
 
 __all__ = ["RunningServer", "ServerSpec", "run_until_stopped", "start_server"]
@@ -39,18 +40,22 @@ class ServerSpec:
     host: str
     port: int
     data_dir: Path
-    token_file: Path
+    #: The single token of a server with one user (tenant "default"); ignored when a
+    #: tenants file is given.
+    token_file: Path | None
     tls: bool = True
     cert_file: Path | None = None
     key_file: Path | None = None
+    #: Who may use the server: tenants, their token hashes and quotas (re-read on change).
+    tenants_file: Path | None = None
 
     @classmethod
     def from_config(cls, server: ServerConfig) -> ServerSpec:
         where = f"the {server.kind} server's config"
         if server.data_dir is None:
             raise ConfigError(f"{where} needs 'data_dir' to serve")
-        if server.token_file is None:
-            raise ConfigError(f"{where} needs a token file to serve")
+        if server.token_file is None and server.tenants_file is None:
+            raise ConfigError(f"{where} needs a tenants file or a token file to serve")
         return cls(
             kind=server.kind,
             host=server.host,
@@ -60,7 +65,16 @@ class ServerSpec:
             tls=server.tls,
             cert_file=server.cert_file,
             key_file=server.key_file,
+            tenants_file=server.tenants_file,
         )
+
+    def registry(self) -> TenantRegistry:
+        """Who may use this server: its tenants file, or else its one token."""
+        if self.tenants_file is not None:
+            return TenantRegistry(tenants_file=self.tenants_file)
+        if self.token_file is None:
+            raise ConfigError(f"the {self.kind} server needs a tenants file or a token file")
+        return TenantRegistry(token_file=self.token_file)
 
 
 async def start_server(spec: ServerSpec, limits: ServerLimits | None = None) -> RunningServer:
@@ -78,18 +92,21 @@ async def start_server(spec: ServerSpec, limits: ServerLimits | None = None) -> 
             "the tcp server runs without TLS: the token and data cross the network in the clear",
             stacklevel=2,
         )
+    tenants = spec.registry()
     try:
-        store = LocalDiskStore(spec.data_dir, reserve_bytes=limits.reserve_bytes)
+        # Opening upgrades an old layout and counts every tenant's bytes: not on the loop.
+        data = await asyncio.to_thread(
+            DataFolder, spec.data_dir, reserve_bytes=limits.reserve_bytes
+        )
     except (OSError, StorageError) as exc:
         raise ConfigError(
             f"cannot use {spec.data_dir} as the {spec.kind} data folder: {exc}"
         ) from exc
-    service = StorageService(store)
-    tokens = TokenChecker(spec.token_file)
+    service = StorageService(data)
     start = start_https_server if spec.kind == "https" else start_tcp_server
     try:
         return await start(
-            service, tokens, host=spec.host, port=spec.port, ssl_context=ssl_context, limits=limits
+            service, tenants, host=spec.host, port=spec.port, ssl_context=ssl_context, limits=limits
         )
     except OSError as exc:
         raise ConfigError(

@@ -1,25 +1,29 @@
 """What both servers do, independent of the wire: the HTTPS and TCP servers are adapters.
 
-Requests arrive here already parsed; this module checks tokens, validates arguments,
-streams bodies to and from storage (whose blocking calls run in worker threads), and
-raises StorageError with a wire error code on every failure.
+Requests arrive here already parsed and authenticated to a tenant (``TenantRegistry``,
+asked by the servers on every request). This module picks that tenant's store, enforces
+its quota, validates arguments, streams bodies to and from storage (whose blocking calls
+run in worker threads), and raises StorageError with a wire error code on every failure.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from ._config import read_token
-from ._storage import ObjectRecord, StorageError, StripeStore
+from ._storage import (
+    MAX_STRIPE_BYTES,
+    STRIPE_OVERHEAD_BYTES,
+    ObjectRecord,
+    StorageError,
+    StripeStore,
+)
+from ._tenants import Tenant
 
-__all__ = ["ServerLimits", "StorageService", "TokenChecker"]
+__all__ = ["ServerLimits", "StorageService", "TenantStores"]
 
 # Bytes handed to a worker thread at once: large enough that thread hand-offs cost
 # nothing next to the disk write, small enough to keep memory flat.
@@ -34,36 +38,97 @@ class ServerLimits:
     handshake_timeout: float = 10.0
     #: Seconds a connection may sit idle between requests, or stall inside one.
     idle_timeout: float = 60.0
-    #: Open connections per server; more are refused at once.
+    #: Open connections per server, counted from the TCP accept (before TLS); more are
+    #: closed at once.
     max_connections: int = 256
+    #: Open connections per client address (an IPv6 client per /64); more are closed at once.
+    max_connections_per_client: int = 32
+    #: Seconds an HTTPS client has to send a request's line and headers: from the end of
+    #: the TLS handshake for the first request, from its first byte for later ones.
+    header_timeout: float = 10.0
+    #: Largest stripe a client may declare; a larger one is refused before any byte of it.
+    max_stripe_bytes: int = MAX_STRIPE_BYTES
     #: Free disk bytes a server keeps back (a stripe that would eat into them is refused).
     reserve_bytes: int = 0
 
 
-class TokenChecker:
-    """Accepts the bearer token in a token file, comparing hashes in constant time."""
+class TenantStores(Protocol):
+    """Each tenant's own store (``DataFolder`` on local disk)."""
 
-    def __init__(self, token_file: Path) -> None:
-        self._digest = hashlib.sha256(read_token(token_file).encode()).digest()
+    def tenant(self, name: str) -> StripeStore:
+        """The store of ``name``, opened (blocking) if it is not yet."""
 
-    def accepts(self, token: str | None) -> bool:
-        if not token:
-            return False
-        offered = hashlib.sha256(token.encode("utf-8", "replace")).digest()
-        return hmac.compare_digest(offered, self._digest)
+    def opened(self, name: str) -> StripeStore | None:
+        """The store of ``name`` if it is open already, without blocking."""
 
 
 class StorageService:
-    def __init__(self, store: StripeStore) -> None:
-        self.store = store
+    """The operations of both servers, each on behalf of one authenticated tenant.
+
+    Quotas: a tenant's bytes on this server (``StripeStore.used_bytes``) plus the declared
+    lengths of its uploads in flight may not go over its ``quota_bytes``. An upload is
+    admitted or refused before any of its body is read, and counted as in flight until it
+    ends, so parallel uploads cannot together squeeze past the quota.
+    """
+
+    def __init__(self, stores: TenantStores) -> None:
+        self.stores = stores
+        # Declared bytes of uploads in progress, per tenant. Only touched on the event
+        # loop, so the check and the reservation in put_stripe are one step.
+        self._in_flight: dict[str, int] = {}
+
+    async def _store(self, tenant: Tenant) -> StripeStore:
+        store = self.stores.opened(tenant.name)
+        if store is None:  # first use since start: opening counts its bytes on disk
+            store = await asyncio.to_thread(self.stores.tenant, tenant.name)
+        return store
+
+    def _admit(self, tenant: Tenant, store: StripeStore, more: int, what: str) -> None:
+        """Refuse ``more`` bytes with ``quota_exceeded`` if they do not fit the quota."""
+        quota = tenant.quota_bytes
+        if not quota:
+            return
+        used = store.used_bytes() + self._in_flight.get(tenant.name, 0)
+        if used + more > quota:
+            raise StorageError(
+                "quota_exceeded",
+                f"tenant {tenant.name!r} would go over its quota: {what} needs {more:,} "
+                f"bytes, and {used:,} of {quota:,} are used",
+            )
 
     async def put_stripe(
-        self, object_id: str, version_id: str, length: object, body: AsyncIterator[bytes]
+        self,
+        tenant: Tenant,
+        object_id: str,
+        version_id: str,
+        length: object,
+        body: AsyncIterator[bytes],
     ) -> tuple[int, str]:
         """Receive a stripe of exactly ``length`` bytes; return (length, sha256)."""
         if not isinstance(length, int) or isinstance(length, bool) or length < 0:
             raise StorageError("bad_request", "length must be a whole number of bytes")
-        upload = await asyncio.to_thread(self.store.begin_stripe, object_id, version_id, length)
+        store = await self._store(tenant)
+        claim = length + STRIPE_OVERHEAD_BYTES
+        self._admit(tenant, store, claim, "this stripe")
+        self._in_flight[tenant.name] = self._in_flight.get(tenant.name, 0) + claim
+        try:
+            return await self._receive(store, object_id, version_id, length, body)
+        finally:
+            left = self._in_flight[tenant.name] - claim
+            if left:
+                self._in_flight[tenant.name] = left
+            else:
+                del self._in_flight[tenant.name]
+
+    async def _receive(
+        self,
+        store: StripeStore,
+        object_id: str,
+        version_id: str,
+        length: int,
+        body: AsyncIterator[bytes],
+    ) -> tuple[int, str]:
+        upload = await asyncio.to_thread(store.begin_stripe, object_id, version_id, length)
         try:
             batch: list[bytes] = []
             batched = 0
@@ -82,10 +147,11 @@ class StorageService:
         return length, digest
 
     async def open_stripe(
-        self, object_id: str, version_id: str
+        self, tenant: Tenant, object_id: str, version_id: str
     ) -> tuple[int, AsyncIterator[bytes]]:
         """Open a stripe for reading; return its length and an iterator over its bytes."""
-        f, length = await asyncio.to_thread(self.store.open_stripe, object_id, version_id)
+        store = await self._store(tenant)
+        f, length = await asyncio.to_thread(store.open_stripe, object_id, version_id)
 
         async def chunks() -> AsyncIterator[bytes]:
             try:
@@ -102,19 +168,25 @@ class StorageService:
 
         return length, chunks()
 
-    async def commit(self, object_id: str, fields: dict[str, Any]) -> None:
+    async def commit(self, tenant: Tenant, object_id: str, fields: dict[str, Any]) -> None:
         record = ObjectRecord.from_json(fields)
-        await asyncio.to_thread(self.store.commit, object_id, record)
+        store = await self._store(tenant)
+        # What the new record adds (what the commit frees is not subtracted beforehand).
+        self._admit(tenant, store, len(json.dumps(record.to_json())), "this record")
+        await asyncio.to_thread(store.commit, object_id, record)
 
-    async def get_record(self, object_id: str) -> ObjectRecord:
-        return await asyncio.to_thread(self.store.get_record, object_id)
+    async def get_record(self, tenant: Tenant, object_id: str) -> ObjectRecord:
+        store = await self._store(tenant)
+        return await asyncio.to_thread(store.get_record, object_id)
 
-    async def delete(self, object_id: str) -> None:
-        await asyncio.to_thread(self.store.delete, object_id)
+    async def delete(self, tenant: Tenant, object_id: str) -> None:
+        store = await self._store(tenant)
+        await asyncio.to_thread(store.delete, object_id)
 
-    async def list_lines(self) -> AsyncIterator[bytes]:
-        """The committed records as NDJSON, a batch of lines at a time."""
-        records = self.store.list_records()
+    async def list_lines(self, tenant: Tenant) -> AsyncIterator[bytes]:
+        """The tenant's committed records as NDJSON, a batch of lines at a time."""
+        store = await self._store(tenant)
+        records = store.list_records()
         while True:
             batch = await asyncio.to_thread(_next_lines, records, 256)
             if not batch:

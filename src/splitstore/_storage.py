@@ -1,18 +1,21 @@
 """Where a server keeps what it is given: one narrow interface, local disk first.
 
 Both servers (HTTPS and TCP) speak to storage only through ``StripeStore``, so another
-backend (an object store, say) can come later without touching them. The on-disk layout
-and its commit rules are specified in docs/format.md; in short::
+backend (an object store, say) can come later without touching them. Each tenant has a
+store of its own; ``DataFolder`` hands them out. The on-disk layout and its commit rules
+are specified in docs/format.md; in short::
 
-    DATA_DIR/FORMAT                              "splitstore-server-data 1"
-    DATA_DIR/tmp/                                uploads in progress (emptied at start)
-    DATA_DIR/objects/<id[:2]>/<id>/record.json   the committed record (current, previous)
-    DATA_DIR/objects/<id[:2]>/<id>/<vid>.stripe  one version's stripe, chunk after chunk
-    DATA_DIR/objects/<id[:2]>/<id>/<vid>.meta    its length and SHA-256, written after it
+    DATA_DIR/FORMAT                           "splitstore-server-data 2"
+    DATA_DIR/tmp/                             uploads in progress (emptied at start)
+    DATA_DIR/tenants/<tenant>/objects/<id[:2]>/<id>/record.json   the committed record
+    DATA_DIR/tenants/<tenant>/objects/<id[:2]>/<id>/<vid>.stripe  one version's stripe
+    DATA_DIR/tenants/<tenant>/objects/<id[:2]>/<id>/<vid>.meta    its length and SHA-256
 
 A stripe is written to tmp/, flushed, fsynced and renamed into place only once it has
 exactly the declared length. A record is committed only if it names a complete stripe
 whose length and hash match what the client declared. Every file is replaced atomically.
+A folder of format 1 (``objects/`` at the top, one user) is moved into the tenant
+``default`` when a server starts on it.
 """
 
 from __future__ import annotations
@@ -33,21 +36,32 @@ from typing import Any, BinaryIO, Protocol, cast
 
 from ._manifest import MAX_MANIFEST_BYTES
 from ._names import is_object_id, is_version_id
+from ._tenants import SINGLE_TENANT, is_tenant_name
 
 __all__ = [
+    "DATA_FORMAT",
     "MAX_STRIPE_BYTES",
+    "STRIPE_OVERHEAD_BYTES",
+    "DataFolder",
     "LocalDiskStore",
     "ObjectRecord",
     "StorageError",
     "StripeStore",
     "StripeUpload",
+    "tenant_folder",
+    "tenant_stored_bytes",
 ]
 
-DATA_FORMAT = "splitstore-server-data 1"
+DATA_FORMAT = "splitstore-server-data 2"
+# One user's objects at the top of the folder; moved into tenants/default on start.
+DATA_FORMAT_1 = "splitstore-server-data 1"
 # One stripe of a 2**53-byte file; the per-tenant quotas of later versions sit below this.
 MAX_STRIPE_BYTES = 2**53 - 1
 # A record is a few hashes and an encoded manifest.
 MAX_RECORD_BYTES = 2 * MAX_MANIFEST_BYTES
+# The .meta file beside each stripe ({"length": N, "sha256": HEX} is under 100 bytes):
+# quotas count it with the stripe.
+STRIPE_OVERHEAD_BYTES = 128
 
 
 class StorageError(Exception):
@@ -119,35 +133,136 @@ class StripeStore(Protocol):
     def get_record(self, object_id: str) -> ObjectRecord: ...
     def list_records(self) -> Iterator[tuple[str, ObjectRecord]]: ...
     def delete(self, object_id: str) -> None: ...
+    def used_bytes(self) -> int:
+        """Bytes the stored files take: stripes (committed or not), their metas, records."""
 
 
-class LocalDiskStore:
-    """A StripeStore in a local folder (see the module docstring for the layout)."""
+class DataFolder:
+    """A server's data folder: one ``LocalDiskStore`` per tenant, and one shared tmp/.
+
+    Opening it checks the format marker, moves a format-1 folder's objects into the
+    tenant ``default``, empties tmp/ and counts what each tenant already stores.
+    Blocking; thread-safe.
+    """
 
     def __init__(self, root: Path, *, reserve_bytes: int = 0) -> None:
         self.root = root
         self.reserve_bytes = reserve_bytes
-        self._objects = root / "objects"
+        self._tenants = root / "tenants"
         self._tmp = root / "tmp"
-        # Commits and deletes of one store are short; one lock keeps them from interleaving.
         self._lock = threading.Lock()
+        self._stores: dict[str, LocalDiskStore] = {}
         self._prepare()
+        for folder in sorted(self._tenants.iterdir()):
+            if folder.is_dir() and is_tenant_name(folder.name):
+                self.tenant(folder.name)
 
     def _prepare(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         marker = self.root / "FORMAT"
+        found = DATA_FORMAT
         if marker.exists():
             found = marker.read_text(encoding="utf-8", errors="replace").strip()
-            if found != DATA_FORMAT:
-                raise StorageError(
-                    "internal", f"{self.root} holds data of format {found!r}, not {DATA_FORMAT!r}"
-                )
-        else:
-            _atomic_write(marker, (DATA_FORMAT + "\n").encode())
-        self._objects.mkdir(exist_ok=True)
+        if found == DATA_FORMAT_1:
+            self._upgrade_from_1()
+        elif found != DATA_FORMAT:
+            raise StorageError(
+                "internal", f"{self.root} holds data of format {found!r}, not {DATA_FORMAT!r}"
+            )
+        self._tenants.mkdir(exist_ok=True)
         # Leftovers of uploads killed mid-way: never visible, so safe to drop.
         shutil.rmtree(self._tmp, ignore_errors=True)
         self._tmp.mkdir(exist_ok=True)
+        if not marker.exists() or found != DATA_FORMAT:
+            _atomic_write(marker, (DATA_FORMAT + "\n").encode())
+
+    def _upgrade_from_1(self) -> None:
+        """Move objects/ to tenants/default/objects: one rename, so a crash leaves either
+        layout whole; the marker changes only after it (a rerun finishes the job)."""
+        old = self.root / "objects"
+        home = self._tenants / SINGLE_TENANT
+        if not old.exists():
+            return  # moved already; only the marker was left to write
+        if (home / "objects").exists():
+            raise StorageError(
+                "internal",
+                f"cannot upgrade {self.root}: both objects/ and {home / 'objects'} exist",
+            )
+        with _translate_os_errors():
+            home.mkdir(parents=True, exist_ok=True)
+            os.rename(old, home / "objects")
+            _fsync_dir(home)
+            _fsync_dir(self.root)
+
+    def tenant(self, name: str) -> LocalDiskStore:
+        """The store of tenant ``name``, created (empty) on first use."""
+        if not is_tenant_name(name):  # a name never escapes tenants/
+            raise StorageError("internal", f"{name!r} is not a tenant name")
+        with self._lock:
+            store = self._stores.get(name)
+            if store is None:
+                store = LocalDiskStore(
+                    tenant_folder(self.root, name),
+                    tmp_dir=self._tmp,
+                    reserve_bytes=self.reserve_bytes,
+                )
+                self._stores[name] = store
+            return store
+
+    def opened(self, name: str) -> LocalDiskStore | None:
+        """The store of ``name`` if it is open already (cheap; never touches the disk)."""
+        return self._stores.get(name)
+
+    def usage(self) -> dict[str, int]:
+        """Bytes stored per tenant."""
+        with self._lock:
+            return {name: store.used_bytes() for name, store in sorted(self._stores.items())}
+
+
+def tenant_folder(data_dir: Path, name: str) -> Path:
+    """Where a server keeps tenant ``name``'s objects (format 2)."""
+    if not is_tenant_name(name):
+        raise ValueError(f"{name!r} is not a tenant name")
+    return data_dir / "tenants" / name
+
+
+def tenant_stored_bytes(data_dir: Path, name: str) -> int:
+    """Bytes tenant ``name`` stores in a data folder, read without changing anything (for
+    tools run beside the servers); a folder not yet upgraded counts as format 1."""
+    objects = tenant_folder(data_dir, name) / "objects"
+    if not objects.is_dir() and name == SINGLE_TENANT:
+        objects = data_dir / "objects"
+    try:
+        return _tree_bytes(objects)
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+
+
+class LocalDiskStore:
+    """A StripeStore in a local folder: ``root/objects/...`` (see the module docstring).
+
+    Uploads are staged in ``tmp_dir`` (default ``root/tmp``, emptied here); a
+    ``DataFolder`` passes its own shared one, which it empties itself.
+    """
+
+    def __init__(self, root: Path, *, tmp_dir: Path | None = None, reserve_bytes: int = 0) -> None:
+        self.root = root
+        self.reserve_bytes = reserve_bytes
+        self._objects = root / "objects"
+        self._tmp = tmp_dir if tmp_dir is not None else root / "tmp"
+        # Commits, deletes and the last step of uploads are short; one lock keeps them (and
+        # the count of used bytes) from interleaving.
+        self._lock = threading.Lock()
+        with _translate_os_errors():
+            self.root.mkdir(parents=True, exist_ok=True)
+            if tmp_dir is None:
+                shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp.mkdir(exist_ok=True)
+            self._objects.mkdir(exist_ok=True)
+            self._used = _tree_bytes(self._objects)
+
+    def used_bytes(self) -> int:
+        return self._used
 
     # -- stripes -------------------------------------------------------------------------
 
@@ -162,7 +277,7 @@ class LocalDiskStore:
                 f"not enough disk space for a {length}-byte stripe ({free} bytes free)",
             )
         final = self._object_dir(object_id) / f"{version_id}.stripe"
-        return _DiskUpload(self._tmp, final, length)
+        return _DiskUpload(self, final, length)
 
     def open_stripe(self, object_id: str, version_id: str) -> tuple[BinaryIO, int]:
         _check_ids(object_id, version_id)
@@ -197,7 +312,9 @@ class LocalDiskStore:
             if previous and previous.get("version_id") == record.version_id:
                 previous = current.get("previous") if current else None
             doc = {"current": record.to_json(), "previous": previous}
+            before = _file_bytes(folder / "record.json")
             _atomic_write(folder / "record.json", json.dumps(doc).encode())
+            self._used += _file_bytes(folder / "record.json") - before
             keep = {record.version_id}
             if previous:
                 keep.add(previous["version_id"])
@@ -227,13 +344,20 @@ class LocalDiskStore:
         _check_ids(object_id)
         folder = self._object_dir(object_id)
         with self._lock:
-            record = folder / "record.json"
+            held = _dir_bytes(folder)
             try:
-                record.unlink()
-            except FileNotFoundError as exc:
-                raise StorageError("not_found", "no such object") from exc
-            _fsync_dir(folder)
+                (folder / "record.json").unlink()
+            except FileNotFoundError:
+                found = False
+            else:
+                found = True
+                _fsync_dir(folder)
+            # Without a record there may still be stripes of failed stores: they go too,
+            # so that they stop counting against the tenant's quota.
             shutil.rmtree(folder, ignore_errors=True)
+            self._used -= held - _dir_bytes(folder)
+        if not found:
+            raise StorageError("not_found", "no such object")
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -247,19 +371,32 @@ class LocalDiskStore:
         for path in folder.iterdir():
             stem, dot, suffix = path.name.partition(".")
             if dot and suffix in ("stripe", "meta") and stem not in keep:
+                size = _file_bytes(path)
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
+                    self._used -= size
+
+    def _install(self, tmp: Path, final: Path, length: int, digest: str) -> None:
+        """Make a complete, fsynced stripe visible and count it (the upload's last step)."""
+        meta = final.with_suffix(".meta")
+        with self._lock:
+            before = _file_bytes(final) + _file_bytes(meta)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, final)
+            _atomic_write(meta, json.dumps({"length": length, "sha256": digest}).encode())
+            self._used += length + _file_bytes(meta) - before
 
 
 class _DiskUpload:
     """A stripe being received: a temp file that becomes visible only when complete."""
 
-    def __init__(self, tmp_dir: Path, final: Path, length: int) -> None:
+    def __init__(self, store: LocalDiskStore, final: Path, length: int) -> None:
+        self._store = store
         self._final = final
         self._length = length
         self._received = 0
         self._hash = hashlib.sha256()
-        fd, name = tempfile.mkstemp(dir=tmp_dir, suffix=".part")
+        fd, name = tempfile.mkstemp(dir=store._tmp, suffix=".part")
         self._tmp = Path(name)
         self._file: BinaryIO | None = os.fdopen(fd, "wb", buffering=0)
 
@@ -286,10 +423,7 @@ class _DiskUpload:
             os.fsync(self._file.fileno())
             self._file.close()
             self._file = None
-            self._final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(self._tmp, self._final)
-            meta = {"length": self._length, "sha256": digest}
-            _atomic_write(self._final.with_suffix(".meta"), json.dumps(meta).encode())
+            self._store._install(self._tmp, self._final, self._length, digest)
         return digest
 
     def abort(self) -> None:
@@ -333,6 +467,38 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _file_bytes(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _dir_bytes(folder: Path) -> int:
+    """Bytes of the files directly in ``folder`` (0 if it is gone)."""
+    total = 0
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError), os.scandir(folder) as it:
+        for entry in it:
+            with contextlib.suppress(FileNotFoundError):
+                if entry.is_file(follow_symlinks=False):
+                    total += entry.stat(follow_symlinks=False).st_size
+    return total
+
+
+def _tree_bytes(objects: Path) -> int:
+    """Bytes under ``objects/<id[:2]>/<id>/``: what a store holds when it opens."""
+    total = 0
+    with os.scandir(objects) as prefixes:
+        for prefix in prefixes:
+            if not prefix.is_dir(follow_symlinks=False):
+                continue
+            with os.scandir(prefix.path) as folders:
+                for folder in folders:
+                    if folder.is_dir(follow_symlinks=False):
+                        total += _dir_bytes(Path(folder.path))
+    return total
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -1,8 +1,11 @@
 """The TCP server: an asyncio adapter around the sans-IO protocol in ``_protocol``.
 
 Each connection does the version handshake and token check, then serves one exchange
-at a time (docs/protocol.md). Every wait has a time-out, so a client that connects and
-says nothing, or stalls mid-body, is dropped without holding up anyone else.
+at a time (docs/protocol.md). The token of the HELLO is authenticated again at every
+request, so a revoked tenant is refused (``unauthorized``, closing) from its next request
+on, even on a connection that was open before the revocation. Every wait has a time-out,
+so a client that connects and says nothing, or stalls mid-body, is dropped without
+holding up anyone else.
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import _protocol as p
-from ._service import ServerLimits, StorageService, TokenChecker
+from ._limits import ConnectionGate, check_stripe_length
+from ._service import ServerLimits, StorageService
 from ._storage import StorageError
+from ._tenants import Tenant, TenantRegistry
 from ._version import __version__
 
 __all__ = ["TcpServer", "start_tcp_server"]
@@ -46,10 +51,12 @@ class TcpServer:
     host: str
     port: int
     _server: asyncio.Server
+    _gate: ConnectionGate
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def close(self) -> None:
         self._server.close()
+        self._gate.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -58,7 +65,7 @@ class TcpServer:
 
 async def start_tcp_server(
     service: StorageService,
-    tokens: TokenChecker,
+    tenants: TenantRegistry,
     *,
     host: str,
     port: int,
@@ -71,25 +78,24 @@ async def start_tcp_server(
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         server = holder[0]
         task = asyncio.current_task()
-        if task is None or len(server._tasks) >= limits.max_connections:
+        if task is None:  # never so in a task; the connection limits are the gate's
             writer.close()
             return
         server._tasks.add(task)
         try:
-            await _Session(reader, writer, service, tokens, limits).run()
+            await _Session(reader, writer, service, tenants, limits).run()
         finally:
             server._tasks.discard(task)
 
-    server = await asyncio.start_server(
-        on_connect,
-        host,
-        port,
-        ssl=ssl_context,
-        ssl_handshake_timeout=limits.handshake_timeout if ssl_context else None,
-        backlog=128,
-    )
+    def streams() -> asyncio.StreamReaderProtocol:
+        # What asyncio.start_server makes of each connection; here behind the gate, which
+        # counts connections before TLS and does the handshake itself (see _limits).
+        return asyncio.StreamReaderProtocol(asyncio.StreamReader(), on_connect)
+
+    gate = ConnectionGate(streams, limits=limits, ssl_context=ssl_context)
+    server = await asyncio.get_running_loop().create_server(gate, host, port, backlog=128)
     bound = server.sockets[0].getsockname()[1]
-    holder.append(TcpServer(host, bound, server))
+    holder.append(TcpServer(host, bound, server, gate))
     return holder[0]
 
 
@@ -99,14 +105,15 @@ class _Session:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         service: StorageService,
-        tokens: TokenChecker,
+        tenants: TenantRegistry,
         limits: ServerLimits,
     ) -> None:
         self.reader = reader
         self.writer = writer
         self.service = service
-        self.tokens = tokens
+        self.tenants = tenants
         self.limits = limits
+        self.token = ""  # the HELLO's, once accepted
         self.conn = p.Connection(p.Role.SERVER)
         self._eof = False
 
@@ -144,9 +151,10 @@ class _Session:
             hello = await self._next()
             if not isinstance(hello, p.Hello):
                 raise p.ProtocolViolation("expected HELLO")
-            if not self.tokens.accepts(hello.token):
+            if self.tenants.authenticate(hello.token) is None:
                 await self._send_error("unauthorized", "missing or wrong access token")
                 return False
+            self.token = hello.token
             info = {"server": f"splitstore/{__version__}", "max_data_frame": p.MAX_DATA_FRAME}
             await self._send(p.Ready(info))
             return True
@@ -159,7 +167,10 @@ class _Session:
             if not isinstance(event, p.Request):
                 raise p.ProtocolViolation("expected a REQUEST")
             try:
-                await self._dispatch(event.op, event.fields)
+                tenant = self.tenants.authenticate(self.token)
+                if tenant is None:  # revoked since the HELLO: refused before any body
+                    raise StorageError("unauthorized", "the access token is no longer valid")
+                await self._dispatch(tenant, event.op, event.fields)
             except _Aborted:
                 continue
             except StorageError as exc:
@@ -168,10 +179,12 @@ class _Session:
                     await self._linger()  # the client may still be sending its body
                     return
 
-    async def _dispatch(self, op: str, fields: dict[str, Any]) -> None:
+    async def _dispatch(self, tenant: Tenant, op: str, fields: dict[str, Any]) -> None:
         svc = self.service
         if op == "put_stripe":
+            check_stripe_length(fields.get("length"), self.limits)
             length, digest = await svc.put_stripe(
+                tenant,
                 _str(fields, "object_id"),
                 _str(fields, "version_id"),
                 fields.get("length"),
@@ -182,7 +195,7 @@ class _Session:
         await self._expect_end()
         if op == "get_stripe":
             length, chunks = await svc.open_stripe(
-                _str(fields, "object_id"), _str(fields, "version_id")
+                tenant, _str(fields, "object_id"), _str(fields, "version_id")
             )
             await self._send(p.Response({"status": "ok", "length": length}))
             async for piece in chunks:
@@ -190,19 +203,19 @@ class _Session:
                 await self._drain()
             await self._send(p.End({}))
         elif op == "commit":
-            await svc.commit(_str(fields, "object_id"), fields)
+            await svc.commit(tenant, _str(fields, "object_id"), fields)
             await self._reply({"status": "ok"})
         elif op == "get_record":
-            record = await svc.get_record(_str(fields, "object_id"))
+            record = await svc.get_record(tenant, _str(fields, "object_id"))
             await self._reply({"status": "ok", "record": record.to_json()})
         elif op == "list":
             await self._send(p.Response({"status": "ok"}))
-            async for lines in svc.list_lines():
+            async for lines in svc.list_lines(tenant):
                 self.writer.writelines(self.conn.send_data(lines))
                 await self._drain()
             await self._send(p.End({}))
         elif op == "delete":
-            await svc.delete(_str(fields, "object_id"))
+            await svc.delete(tenant, _str(fields, "object_id"))
             await self._reply({"status": "ok"})
         elif op == "ping":
             await self._reply({"status": "ok"})

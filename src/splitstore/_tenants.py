@@ -29,6 +29,9 @@ __all__ = [
     "Tenant",
     "TenantRegistry",
     "add_tenant",
+    "is_tenant_name",
+    "put_tenant",
+    "read_tenants",
     "revoke_tenant",
     "token_digest",
     "validate_tenant_name",
@@ -49,8 +52,13 @@ def token_digest(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8", "replace")).digest()
 
 
+def is_tenant_name(value: object) -> bool:
+    """A tenant name is also a folder name on the servers, so it is kept this plain."""
+    return isinstance(value, str) and _NAME.fullmatch(value) is not None
+
+
 def validate_tenant_name(name: str) -> str:
-    if not _NAME.fullmatch(name):
+    if not is_tenant_name(name):
         raise UsageError(
             "a tenant name is 1 to 63 of a-z, 0-9, '-' and '_', starting with a letter or digit"
         )
@@ -166,6 +174,13 @@ def _write_atomic(path: Path, text: str) -> None:
             tmp.unlink()
 
 
+def read_tenants(path: Path) -> list[Tenant]:
+    """The tenants of a tenants file, by name (none if the file does not exist)."""
+    if not path.exists():
+        return []
+    return sorted(_parse(path).values(), key=lambda t: t.name)
+
+
 def add_tenant(path: Path, name: str, token: str, *, quota_bytes: int = 0) -> None:
     """Add a tenant to a tenants file (created if missing)."""
     validate_tenant_name(name)
@@ -173,6 +188,17 @@ def add_tenant(path: Path, name: str, token: str, *, quota_bytes: int = 0) -> No
     if name in entries:
         raise UsageError(f"tenant {name!r} already exists in {path}")
     entries[name] = {"token_sha256": token_digest(token).hex(), "quota_bytes": quota_bytes}
+    _write_atomic(path, _render(entries))
+
+
+def put_tenant(path: Path, name: str, token: str, *, quota_bytes: int | None = None) -> None:
+    """Add a tenant or give an existing one a new token, keeping every other tenant (and,
+    unless ``quota_bytes`` is given, the tenant's quota)."""
+    validate_tenant_name(name)
+    entries = _load_entries(path)
+    old = entries.get(name, {})
+    quota = old.get("quota_bytes", 0) if quota_bytes is None else quota_bytes
+    entries[name] = {"token_sha256": token_digest(token).hex(), "quota_bytes": quota}
     _write_atomic(path, _render(entries))
 
 
