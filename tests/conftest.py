@@ -12,7 +12,8 @@ from typing import Any, TypeVar
 import pytest
 
 from splitstore import Client, Config, load_config
-from splitstore._names import object_id_for
+from splitstore._keyring import Keyring
+from splitstore._keys import load_master_key
 from splitstore._serve import RunningServer, ServerSpec, start_server
 from splitstore._service import ServerLimits
 from splitstore._setup import SetupPaths, init_setup
@@ -58,9 +59,19 @@ class LoopThread:
 class LiveServers:
     """Both servers of a fresh setup, each of which a test can stop and start again."""
 
-    def __init__(self, root: Path, loop: LoopThread, limits: ServerLimits = TEST_LIMITS) -> None:
-        self.paths: SetupPaths = init_setup(root, https_port=free_port(), tcp_port=free_port())
+    def __init__(
+        self,
+        root: Path,
+        loop: LoopThread,
+        limits: ServerLimits = TEST_LIMITS,
+        encryption: str = "aes-256-gcm",
+    ) -> None:
+        self.paths: SetupPaths = init_setup(
+            root, https_port=free_port(), tcp_port=free_port(), encryption=encryption
+        )
         self.config: Config = load_config(self.paths.config)
+        key = self.config.key_file
+        self.keyring = Keyring(load_master_key(key) if key is not None else None)
         self.loop = loop
         self.limits = limits
         self.running: dict[str, RunningServer] = {}
@@ -89,8 +100,8 @@ class LiveServers:
         return data_dir
 
     def object_dir(self, kind: str, name: str) -> Path:
-        oid = object_id_for(name)
-        return self.data_dir(kind) / "objects" / oid[:2] / oid
+        oid = self.keyring.object_id(name)
+        return self.data_dir(kind) / "tenants" / "default" / "objects" / oid[:2] / oid
 
     def stripe_path(self, kind: str, name: str) -> Path:
         """The stripe file of the current version of ``name`` on one server."""
@@ -121,4 +132,19 @@ def servers(tmp_path: Path, loop_thread: LoopThread) -> Iterator[LiveServers]:
 @pytest.fixture
 def client(servers: LiveServers) -> Iterator[Client]:
     with servers.client() as c:
+        yield c
+
+
+@pytest.fixture
+def plain_servers(tmp_path: Path, loop_thread: LoopThread) -> Iterator[LiveServers]:
+    """A setup with encryption off: the stripes hold the file's own bytes."""
+    live = LiveServers(tmp_path / "plain-setup", loop_thread, encryption="none")
+    live.start()
+    yield live
+    live.stop()
+
+
+@pytest.fixture
+def plain_client(plain_servers: LiveServers) -> Iterator[Client]:
+    with plain_servers.client() as c:
         yield c

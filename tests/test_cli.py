@@ -30,7 +30,7 @@ from splitstore._version import __version__
 
 from .conftest import LiveServers, free_port
 
-COMMANDS = ["init", "serve", "put", "get", "ls", "rm", "stat", "verify", "demo"]
+COMMANDS = ["init", "serve", "put", "get", "ls", "rm", "stat", "verify", "demo", "tenant"]
 
 
 @pytest.fixture(autouse=True)
@@ -75,7 +75,8 @@ def client_config(
     dest.write_text(
         f"token_file = {json.dumps(str(token or servers.paths.token))}\n"
         f"ca_file = {json.dumps(str(ca or servers.paths.ca_cert))}\n"
-        f'[[servers]]\nkind = "https"\nhost = "127.0.0.1"\nport = {https.port}\n'
+        + (f"key_file = {json.dumps(str(servers.paths.key))}\n" if servers.config.encrypted else "")
+        + f'[[servers]]\nkind = "https"\nhost = "127.0.0.1"\nport = {https.port}\n'
         f'[[servers]]\nkind = "tcp"\nhost = "127.0.0.1"\nport = {tcp.port}\n'
     )
     return dest
@@ -144,7 +145,7 @@ def test_put_json_and_name(
     assert doc["chunk_size"] == 1024
     assert doc["chunks"] == 3
     assert doc["chunks_per_server"] == {"https": 2, "tcp": 1}
-    assert doc["bytes_per_server"] == {"https": 1024 + 952, "tcp": 1024}
+    assert doc["bytes_per_server"] == {"https": 1024 + 952 + 16, "tcp": 1024}  # + GCM tag
     assert doc["sha256"] == hashlib.sha256(data).hexdigest()
     assert doc["committed_on"] == ["https", "tcp"]
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", doc["stored_at"])
@@ -223,7 +224,7 @@ def test_stat(
     per_server = [line for line in out.splitlines() if line.startswith(" ")]
     assert len(per_server) == 2
     assert re.fullmatch(
-        r"  on https: +2 chunks, 1,976 bytes  \(https server at 127\.0\.0\.1:\d+\)", per_server[0]
+        r"  on https: +2 chunks, 1,992 bytes  \(https server at 127\.0\.0\.1:\d+\)", per_server[0]
     )
     assert re.fullmatch(
         r"  on tcp: +1 chunks, 1,024 bytes  \(tcp server at 127\.0\.0\.1:\d+\)", per_server[1]
@@ -235,7 +236,7 @@ def test_stat(
     doc = json.loads(out)
     assert (doc["name"], doc["size"], doc["chunks"], doc["sha256"]) == ("doc", 3000, 3, digest)
     assert doc["chunks_per_server"] == {"https": 2, "tcp": 1}
-    assert doc["bytes_per_server"] == {"https": 1976, "tcp": 1024}
+    assert doc["bytes_per_server"] == {"https": 1992, "tcp": 1024}
     assert "stored_at" in doc
 
 
@@ -767,12 +768,25 @@ def test_demo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert (code, err) == (0, "")
     counts = re.findall(r"the (https|tcp) server: ([\d,]+) chunks", out)
     assert [kind for kind, _ in counts] == ["https", "tcp"]
-    assert sum(int(n.replace(",", "")) for _, n in counts) == 512
+    # 512 KiB encrypt to 8 sealed segments, 128 bytes more: 513 chunks
+    assert sum(int(n.replace(",", "")) for _, n in counts) == 513
+    assert "neither holds a 32-byte run of the file, nor its name" in out
     assert "identical" in out
     workdir = tmp_path / "cwd" / "demo"
     assert (workdir / "splitstore.toml").is_file()
     assert (workdir / "token").is_file()
     assert (workdir / "sample.bin").stat().st_size == 512 * 1024
+
+
+def test_demo_without_encryption_shows_raw_chunks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run(capsys, "demo", "--size-mb", "0.5", "--encryption", "none")
+    assert (code, err) == (0, "")
+    assert "encryption OFF" in out
+    counts = re.findall(r"the (https|tcp) server: ([\d,]+) chunks", out)
+    assert sum(int(n.replace(",", "")) for _, n in counts) == 512
+    assert "the https stripe is chunks 1, 3, 5" in out
 
 
 # -- progress bar -----------------------------------------------------------------------

@@ -21,7 +21,8 @@ def test_store_and_fetch_example(servers: LiveServers, tmp_path: Path) -> None:
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
-    assert "stored examples/photo.jpg: 256000 bytes in 250 chunks" in result.stdout
+    # 256,000 bytes encrypt to 256,064 (a 16-byte tag per 64 KiB segment): 251 chunks
+    assert "stored examples/photo.jpg: 256000 bytes in 251 chunks" in result.stdout
     assert "identical" in result.stdout
 
 

@@ -224,7 +224,8 @@ def test_store_device_is_refused(client: Client) -> None:
 def test_empty_file_stores_and_fetches(client: Client, tmp_path: Path) -> None:
     (tmp_path / "empty").write_bytes(b"")
     info = client.store(tmp_path / "empty")
-    assert (info.size, info.chunks, info.bytes_per_server) == (0, 0, {"https": 0, "tcp": 0})
+    # Encrypted, even nothing is one sealed (empty) segment: its 16-byte tag.
+    assert (info.size, info.chunks, info.bytes_per_server) == (0, 1, {"https": 16, "tcp": 0})
     out = client.fetch("empty", tmp_path / "out")
     assert out.read_bytes() == b""
     assert client.stat("empty").size == 0
@@ -279,9 +280,10 @@ def test_unusual_names_work(
     for kind in KINDS:
         assert sorted(p.name for p in servers.data_dir(kind).iterdir()) == [
             "FORMAT",
-            "objects",
+            "tenants",
             "tmp",
         ]
+        assert [p.name for p in (servers.data_dir(kind) / "tenants").iterdir()] == ["default"]
 
 
 INVALID_NAMES = {
@@ -586,7 +588,8 @@ def test_server_refuses_token(
     data = write_random(tmp_path / "in", 3000)
     client.store(tmp_path / "in", "doc")
     (tmp_path / "server-token").write_text("a-token-the-client-does-not-have\n")
-    reconfigure(servers, kind, token_file=tmp_path / "server-token")
+    # A server without a tenants file accepts its one token file's token (tenant "default").
+    reconfigure(servers, kind, token_file=tmp_path / "server-token", tenants_file=None)
     with servers.client() as fresh:
         for call in (
             fresh.list,

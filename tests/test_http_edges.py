@@ -87,8 +87,10 @@ def test_commit_body_in_several_writes_is_accepted(servers: LiveServers, tmp_pat
 
 
 def test_manifest_listing_other_servers_is_an_integrity_error(
-    servers: LiveServers, client: Client, tmp_path: Path
+    plain_servers: LiveServers, plain_client: Client, tmp_path: Path
 ) -> None:
+    """With encryption off a server can rewrite a manifest: the client still checks it."""
+    servers, client = plain_servers, plain_client
     (tmp_path / "f").write_bytes(b"x" * 3000)
     client.store(tmp_path / "f", "f")
     record_file = servers.object_dir("https", "f") / "record.json"

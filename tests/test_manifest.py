@@ -71,7 +71,7 @@ def test_malformed_manifests_are_integrity_errors(mutate: object) -> None:
 
 def test_unknown_format_asks_for_an_upgrade() -> None:
     doc = json.loads(sample().to_bytes())
-    doc["format"] = 2
+    doc["format"] = 3
     with pytest.raises(IntegrityError, match="upgrade"):
         Manifest.from_bytes(json.dumps(doc).encode())
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from splitstore import Client, NotFoundError, split_fetch, split_store
+from splitstore._crypto import ciphertext_size
 from splitstore._stripes import stripe_lengths
 
 from .conftest import LiveServers
@@ -28,7 +29,9 @@ def test_roundtrip_sizes(servers: LiveServers, client: Client, tmp_path: Path, s
     info = client.store(tmp_path / "in.bin")
     assert info.name == "in.bin"
     assert info.size == size
-    assert info.chunks == -(-size // 1024)
+    assert info.encrypted
+    # What is cut into chunks is the ciphertext: 16 bytes more per 64 KiB segment.
+    assert info.chunks == -(-ciphertext_size(size) // 1024)
     assert sum(info.chunks_per_server.values()) == info.chunks
     out = client.fetch("in.bin", tmp_path / "out.bin")
     assert out == tmp_path / "out.bin"
@@ -36,9 +39,20 @@ def test_roundtrip_sizes(servers: LiveServers, client: Client, tmp_path: Path, s
 
 
 @pytest.mark.parametrize("size", EDGE_SIZES)
+def test_plain_roundtrip_sizes(plain_client: Client, tmp_path: Path, size: int) -> None:
+    data = write_random(tmp_path / "in.bin", size)
+    info = plain_client.store(tmp_path / "in.bin")
+    assert (info.size, info.encrypted) == (size, False)
+    assert info.chunks == -(-size // 1024)
+    assert plain_client.fetch("in.bin", tmp_path / "out.bin").read_bytes() == data
+
+
+@pytest.mark.parametrize("size", EDGE_SIZES)
 def test_stripes_hold_alternate_chunks(
-    servers: LiveServers, client: Client, tmp_path: Path, size: int
+    plain_servers: LiveServers, plain_client: Client, tmp_path: Path, size: int
 ) -> None:
+    """With encryption off, each stripe is exactly its chunks of the file."""
+    servers, client = plain_servers, plain_client
     data = write_random(tmp_path / "in.bin", size)
     client.store(tmp_path / "in.bin", "alt")
     https = servers.stripe_path("https", "alt").read_bytes()
@@ -47,6 +61,18 @@ def test_stripes_hold_alternate_chunks(
     assert https == b"".join(chunks[0::2])  # chunks 1, 3, 5, ... counting from 1
     assert tcp == b"".join(chunks[1::2])  # chunks 2, 4, 6, ...
     assert [len(https), len(tcp)] == stripe_lengths(size, 1024, 2)
+
+
+@pytest.mark.parametrize("size", EDGE_SIZES)
+def test_encrypted_stripes_alternate_ciphertext_chunks(
+    servers: LiveServers, client: Client, tmp_path: Path, size: int
+) -> None:
+    """Encrypted, the stripes are the alternate chunks of the sealed stream."""
+    write_random(tmp_path / "in.bin", size)
+    client.store(tmp_path / "in.bin", "alt")
+    https = servers.stripe_path("https", "alt").read_bytes()
+    tcp = servers.stripe_path("tcp", "alt").read_bytes()
+    assert [len(https), len(tcp)] == stripe_lengths(ciphertext_size(size), 1024, 2)
 
 
 def test_module_functions_use_the_config(servers: LiveServers, tmp_path: Path) -> None:
@@ -93,7 +119,7 @@ def test_list_stat_delete(servers: LiveServers, client: Client, tmp_path: Path) 
     assert info.size == 3000
     assert info.sha256 == hashlib.sha256(data).hexdigest()
     assert info.chunks_per_server == {"https": 2, "tcp": 1}
-    assert info.bytes_per_server == {"https": 1024 + 952, "tcp": 1024}
+    assert info.bytes_per_server == {"https": 1024 + 952 + 16, "tcp": 1024}  # + the GCM tag
     assert info.committed_on == ("https", "tcp")
     client.delete("b/x.bin")
     with pytest.raises(NotFoundError):

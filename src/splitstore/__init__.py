@@ -24,12 +24,15 @@ from ._errors import (
     LocalFileError,
     NotFoundError,
     ProtocolError,
+    QuotaExceededError,
+    RollbackError,
     ServerError,
     ServerUnavailableError,
     SplitStoreError,
     StorageFullError,
     TLSVerificationError,
     UsageError,
+    WrongKeyError,
 )
 from ._version import __version__
 
@@ -47,6 +50,8 @@ __all__ = [
     "NotFoundError",
     "ProgressCallback",
     "ProtocolError",
+    "QuotaExceededError",
+    "RollbackError",
     "ServerConfig",
     "ServerError",
     "ServerUnavailableError",
@@ -54,6 +59,7 @@ __all__ = [
     "StorageFullError",
     "TLSVerificationError",
     "UsageError",
+    "WrongKeyError",
     "__version__",
     "find_config",
     "load_config",

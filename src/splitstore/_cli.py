@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ._client import AsyncClient, FileInfo
-from ._config import load_config
+from ._config import ENCRYPTION_MODES, ENCRYPTION_OFF, ENCRYPTION_ON, load_config
 from ._errors import LocalFileError, SplitStoreError, UsageError
 from ._progress import TransferProgress
 from ._service import ServerLimits
@@ -244,25 +244,40 @@ def _print_info(info: FileInfo, client: AsyncClient) -> None:
     print(f"sha256:     {info.sha256}")
     print(f"version:    {info.version_id}")
     print(f"committed:  {', '.join(info.committed_on) or 'nowhere'}")
+    sealed = "AES-256-GCM, sealed manifest" if info.encrypted else "none (servers can read it)"
+    print(f"encryption: {sealed}")
 
 
 # -- setup and servers ----------------------------------------------------------------
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
+    from ._keys import ask_new_passphrase
     from ._setup import init_setup
 
+    if args.passphrase and args.encryption == ENCRYPTION_OFF:
+        raise UsageError("--passphrase makes a master key; it cannot go with --encryption none")
     paths = init_setup(
         Path(args.dir),
         https_port=args.https_port,
         tcp_port=args.tcp_port,
         host=args.host,
         force=args.force,
+        encryption=args.encryption,
+        passphrase=ask_new_passphrase() if args.passphrase else None,
     )
     if not args.quiet:
         print(f"wrote a splitstore setup in {paths.root}:")
         print(f"  config       {paths.config}")
         print(f"  token        {paths.token}  (keep it private)")
+        if args.encryption == ENCRYPTION_OFF:
+            print("  encryption   OFF: the servers can read what is stored (for inspection only)")
+        else:
+            print(
+                f"  key          {paths.key}  (back it up: 'splitstore key export'; "
+                "without it nothing stored can be read)"
+            )
+        print(f"  tenants      {paths.tenants}  (tenant 'default' holds this token)")
         print(f"  CA           {paths.ca_cert}")
         print(f"  data         {paths.https_data}, {paths.tcp_data}")
         print(f"next: splitstore serve --config {paths.config}   (in another terminal)")
@@ -284,6 +299,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 ("--cert", args.cert),
                 ("--key", args.key),
                 ("--token-file", args.token_file),
+                ("--tenants-file", args.tenants_file),
                 ("--no-tls", args.no_tls or None),
             ]
             if value is not None
@@ -296,8 +312,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         config = load_config(args.config)
         specs = [ServerSpec.from_config(s) for s in config.servers]
     else:
-        if args.data_dir is None or args.token_file is None or args.port is None:
-            raise UsageError(f"'serve {args.kind}' needs --data-dir, --port and --token-file")
+        if args.data_dir is None or args.port is None:
+            raise UsageError(f"'serve {args.kind}' needs --data-dir and --port")
+        if args.token_file is None and args.tenants_file is None:
+            raise UsageError(f"'serve {args.kind}' needs --tenants-file or --token-file")
         tls = not args.no_tls
         if tls and (args.cert is None or args.key is None):
             raise UsageError(f"'serve {args.kind}' needs --cert and --key (or --no-tls for tcp)")
@@ -307,10 +325,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 host=args.host,
                 port=args.port,
                 data_dir=Path(args.data_dir),
-                token_file=Path(args.token_file),
+                token_file=Path(args.token_file) if args.token_file else None,
                 tls=tls,
                 cert_file=Path(args.cert) if args.cert else None,
                 key_file=Path(args.key) if args.key else None,
+                tenants_file=Path(args.tenants_file) if args.tenants_file else None,
             )
         ]
     asyncio.run(run_until_stopped(specs, limits, announce=not args.quiet))
@@ -323,7 +342,83 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if not args.size_mb >= 0:
         raise UsageError("--size-mb must be 0 or more")
     workdir = Path(args.workdir).resolve() if args.workdir else None
-    return run_demo(workdir, size_mb=args.size_mb)
+    return run_demo(workdir, size_mb=args.size_mb, encryption=args.encryption)
+
+
+def _cmd_key(args: argparse.Namespace) -> int:
+    from . import _keys
+
+    config = load_config(args.config)
+    if config.key_file is None:
+        raise UsageError(f"{config.path or 'the config'} has encryption off: there is no key")
+    if args.action == "export":
+        text = _keys.export_key(config.key_file)
+        if args.output in (None, "-"):
+            sys.stdout.write(text)
+        else:
+            _keys.write_secret_file(Path(args.output), text, force=args.force)
+            if not args.quiet:
+                print(f"exported the master key to {args.output} (keep it private and safe)")
+    elif args.action == "import":
+        raw = sys.stdin.read(_keys.MAX_KEY_FILE_BYTES + 1) if args.file == "-" else None
+        kid = _keys.import_key(
+            config.key_file, Path(args.file) if raw is None else None, raw, force=args.force
+        )
+        if not args.quiet:
+            print(f"imported master key {kid} into {config.key_file}")
+    else:
+        kf = _keys.read_key_file(config.key_file)
+        kind = "passphrase (scrypt)" if kf.kind == "scrypt" else "random key"
+        print(f"key file:  {config.key_file}")
+        print(f"key id:    {kf.key_id}")
+        print(f"kind:      {kind}")
+    return EXIT_OK
+
+
+def _cmd_tenant(args: argparse.Namespace) -> int:
+    from . import _tenant_admin as admin
+
+    config = load_config(args.config)
+    if args.action == "add":
+        quota = admin.parse_size(args.quota) if args.quota is not None else 0
+        added = admin.add_setup_tenant(config, args.name, quota_bytes=quota, force=args.force)
+        if not args.quiet:
+            limit = f"a quota of {_size(quota)} per server" if quota else "no quota"
+            print(f"added tenant {added.name!r} ({limit}); the running servers accept it now:")
+            print(f"  config       {added.config}")
+            print(f"  token        {added.token}  (keep it private)")
+            if added.key is not None:
+                kept = "kept the existing key; " if added.key_kept else ""
+                print(
+                    f"  key          {added.key}  ({kept}back it up: without it nothing "
+                    "this tenant stores can be read)"
+                )
+            for inherited in added.inherited:
+                print(f"  note: it sees the files left in {inherited}")
+            print(f"next: splitstore --config {added.config} put FILE")
+    elif args.action == "revoke":
+        holding = admin.revoke_setup_tenant(config, args.name)
+        if not args.quiet:
+            print(f"revoked tenant {args.name!r}: the servers refuse its token from now on")
+            if holding:
+                print("its stored files are kept; to remove them, delete on each server:")
+                for folder in holding:
+                    print(f"  {folder}")
+    else:
+        rows = admin.list_setup_tenants(config)
+        kinds = [s.kind for s in config.servers]
+        table = [("tenant", "quota", *kinds)] + [
+            (
+                r.name,
+                _size(r.quota_bytes) if r.quota_bytes else "none",
+                *(_size(r.stored[k]) if k in r.stored else "?" for k in kinds),
+            )
+            for r in rows
+        ]
+        widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+        for row in table:
+            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return EXIT_OK
 
 
 # -- parser ---------------------------------------------------------------------------
@@ -367,6 +462,19 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address the servers listen on")
     p.add_argument("--https-port", type=int, default=7443, help="(default: 7443)")
     p.add_argument("--tcp-port", type=int, default=7444, help="(default: 7444)")
+    p.add_argument(
+        "--encryption",
+        choices=ENCRYPTION_MODES,
+        default=ENCRYPTION_ON,
+        help="end-to-end encryption of stored files (default: on); 'none' stores the raw "
+        "chunks, readable by the servers, for inspection and teaching",
+    )
+    p.add_argument(
+        "--passphrase",
+        action="store_true",
+        help="derive the master key from a passphrase (scrypt) instead of a random key: "
+        "asked at the terminal, or read from $SPLITSTORE_PASSPHRASE",
+    )
 
     p = command(
         "serve",
@@ -388,6 +496,11 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cert", metavar="PEM", help="one server: TLS certificate")
     p.add_argument("--key", metavar="PEM", help="one server: the certificate's private key")
     p.add_argument("--token-file", metavar="PATH", help="one server: file holding the token")
+    p.add_argument(
+        "--tenants-file",
+        metavar="PATH",
+        help="one server: the tenants file (instead of --token-file)",
+    )
     p.add_argument("--no-tls", action="store_true", help="tcp only: plain TCP (insecure)")
     p.add_argument(
         "--idle-timeout",
@@ -440,6 +553,104 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", help="keep the demo's setup here (default: a temporary folder)")
     p.add_argument(
         "--size-mb", type=float, default=4.0, help="size of the sample file (default: 4)"
+    )
+    p.add_argument(
+        "--encryption",
+        choices=ENCRYPTION_MODES,
+        default=ENCRYPTION_ON,
+        help="'none' shows the raw chunks on the servers instead of ciphertext",
+    )
+
+    p = command(
+        "key",
+        _cmd_key,
+        "back up, restore or show the master key that encrypts stored files",
+        "splitstore key export -o splitstore-key.backup\n"
+        "  splitstore key import splitstore-key.backup   (on another machine)",
+    )
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    a = actions.add_parser(
+        "export",
+        parents=[sub_common],
+        help="write the master key to stdout or a file, to back it up or move it",
+        description="Write the master key (the raw key, even for a passphrase key file) "
+        "to stdout or a file made readable only by you. Anyone with it can read every file "
+        "this setup stores: keep the copy offline.",
+        epilog="example:\n  splitstore key export -o /media/usb/splitstore-key.backup",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    a.add_argument("-o", "--output", metavar="FILE", help="write here (default: stdout)")
+    a.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
+    a = actions.add_parser(
+        "import",
+        parents=[sub_common],
+        help="install an exported key as this config's key_file",
+        description="Install a key written by 'key export' (or a key file) as this "
+        "config's key_file. Refuses to replace a different key without --force.",
+        epilog="example:\n  splitstore key import splitstore-key.backup",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    a.add_argument("file", help="the exported key ('-' for stdin)")
+    a.add_argument(
+        "--force", action="store_true", help="replace a different key (files it sealed are lost)"
+    )
+    actions.add_parser(
+        "show",
+        parents=[sub_common],
+        help="show the key file, its key id and kind (never the key)",
+        description="Show where the master key is, its public key id and kind.",
+        epilog="example:\n  splitstore key show",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+    p = command(
+        "tenant",
+        _cmd_tenant,
+        "add, revoke or list the users (tenants) of a setup's servers",
+        "splitstore tenant add alice --quota 10G\n"
+        "  splitstore --config alice.toml put report.pdf\n"
+        "  splitstore tenant revoke alice",
+    )
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    a = actions.add_parser(
+        "add",
+        parents=[sub_common],
+        help="issue a token, key and client config (NAME.toml) for a new tenant",
+        description="Issue a token, master key and client config for a new tenant, beside "
+        "the setup's config. Running servers accept it at once.",
+        epilog="example:\n  splitstore tenant add alice --quota 10G",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    a.add_argument("name", help="1 to 63 of a-z, 0-9, '-', '_'")
+    a.add_argument(
+        "--quota",
+        metavar="SIZE",
+        help="most bytes it may store on each server, e.g. 500M or 10G (K, M, G, T are "
+        "powers of 1024; default: no limit)",
+    )
+    a.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the token and files of an existing tenant (its key is kept)",
+    )
+    a = actions.add_parser(
+        "revoke",
+        parents=[sub_common],
+        help="take a tenant's token back (its stored files stay on the servers)",
+        description="Remove a tenant: the servers refuse its token from its next request on. "
+        "Its stored files stay on disk until you delete them.",
+        epilog="example:\n  splitstore tenant revoke alice",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    a.add_argument("name", help="the tenant's name")
+    actions.add_parser(
+        "list",
+        parents=[sub_common],
+        help="show each tenant's quota and what it stores",
+        description="Show each tenant's quota and the bytes it stores on each server "
+        "(where the data folders are on this machine).",
+        epilog="example:\n  splitstore tenant list",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     return parser
 

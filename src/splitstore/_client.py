@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import hashlib
 import os
 import stat as stat_mod
 import tempfile
@@ -24,18 +23,33 @@ from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 from ._config import Config, load_config
+from ._crypto import PayloadCipher, ciphertext_size, new_file_key, padme
 from ._errors import (
+    ConfigError,
     IntegrityError,
     LocalFileError,
     NotFoundError,
+    RollbackError,
     SplitStoreError,
+    WrongKeyError,
 )
 from ._http_client import HttpsRemote
-from ._manifest import Manifest, StripeInfo
-from ._names import new_version_id, object_id_for, validate_name
+from ._keyring import Keyring
+from ._keys import load_master_key
+from ._manifest import (
+    ENCRYPTED_FORMAT,
+    MANIFEST_FORMAT,
+    PAYLOAD_ENCRYPTION,
+    Manifest,
+    StripeInfo,
+)
+from ._names import new_version_id, validate_name
+from ._payload import SegmentFailed, StreamOpener, StreamSealer
+from ._pipeline import PieceSink, PieceSource
 from ._remote import Remote, StripeReader
+from ._state import Seen, SeenVersions
 from ._storage import ObjectRecord
-from ._stripes import block_size_for, join_block, split_block, stripe_chunk_counts, stripe_lengths
+from ._stripes import block_size_for, stripe_chunk_counts, stripe_lengths
 from ._tcp_client import TcpRemote
 from ._tls import client_ssl_context
 
@@ -66,11 +80,13 @@ class FileInfo:
     stored_at: float
     #: Servers holding the committed manifest of this version (both, unless a store was cut off).
     committed_on: tuple[str, ...] = field(default=())
+    #: Stored encrypted (the servers hold ciphertext chunks and a sealed manifest).
+    encrypted: bool = False
 
     @classmethod
     def from_manifest(cls, m: Manifest, committed_on: Sequence[str] = ()) -> FileInfo:
         servers = [s.server for s in m.stripes]
-        counts = stripe_chunk_counts(m.size, m.chunk_size, len(servers))
+        counts = stripe_chunk_counts(m.stored_size, m.chunk_size, len(servers))
         return cls(
             name=m.name,
             size=m.size,
@@ -82,6 +98,7 @@ class FileInfo:
             version_id=m.version_id,
             stored_at=m.created_ns / 1e9,
             committed_on=tuple(committed_on),
+            encrypted=m.encrypted,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -101,12 +118,16 @@ class AsyncClient:
     """A session with both servers; connections stay open across operations.
 
     ``config`` is a Config, a path to a config file, or None to find one as the CLI does.
-    Use it as an async context manager, or call ``close()``.
+    Use it as an async context manager, or call ``close()``. With encryption on (the
+    default), the master key is loaded on first use; a passphrase key file reads
+    ``$SPLITSTORE_PASSPHRASE`` or asks at the terminal.
     """
 
     def __init__(self, config: Config | str | os.PathLike[str] | None = None) -> None:
         self.config = config if isinstance(config, Config) else load_config(config)
         self._remotes: list[Remote] | None = None
+        self._keyring: Keyring | None = None
+        self._seen: SeenVersions | None = None
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -118,6 +139,9 @@ class AsyncClient:
         remotes, self._remotes = self._remotes, None
         for remote in remotes or ():
             await remote.close()
+        seen, self._seen = self._seen, None
+        if seen is not None:
+            seen.close()
 
     def remotes(self) -> list[Remote]:
         if self._remotes is None:
@@ -141,6 +165,26 @@ class AsyncClient:
             self._remotes = remotes
         return self._remotes
 
+    def keyring(self) -> Keyring:
+        """The keys this config uses (loading the master key the first time)."""
+        if self._keyring is None:
+            cfg = self.config
+            master = None
+            if cfg.encrypted:
+                assert cfg.key_file is not None  # parse_config guarantees it
+                master = load_master_key(cfg.key_file)
+            self._keyring = Keyring(master)
+        return self._keyring
+
+    def object_id(self, name: str) -> str:
+        """The opaque id the servers keep ``name`` under."""
+        return self.keyring().object_id(validate_name(name))
+
+    def _seen_versions(self) -> SeenVersions:
+        if self._seen is None:
+            self._seen = SeenVersions(self.config.state_path())
+        return self._seen
+
     # -- store ---------------------------------------------------------------------------
 
     async def store(
@@ -151,33 +195,41 @@ class AsyncClient:
         progress: ProgressCallback | None = None,
     ) -> FileInfo:
         """Store a local file under ``name`` (default: its base name); return what was stored."""
-        source = Path(path)
-        name = validate_name(source.name if name is None else name)
+        source_path = Path(path)
+        name = validate_name(source_path.name if name is None else name)
+        keyring = self.keyring()
         remotes = self.remotes()
-        with _open_source(source) as f:
+        oid = keyring.object_id(name)
+        with _open_source(source_path) as f:
+            seen = self._seen_versions()
             await _run_all([r.ping() for r in remotes])
             size = os.fstat(f.fileno()).st_size
             chunk, k = self.config.chunk_size, len(remotes)
-            object_id, version_id = object_id_for(name), new_version_id()
-            lengths = stripe_lengths(size, chunk, k)
+            version_id = new_version_id()
+            # Versions are ordered by creation time; never go back behind one this client
+            # has seen, whatever its clock does.
+            before = seen.get(oid)
+            created_ns = max(time.time_ns(), before.created_ns + 1 if before else 0)
+            file_key: bytes | None = None
+            if keyring.encrypted:
+                padded = padme(size) if self.config.padding == "padme" else size
+                file_key = new_file_key()
+                sealer = StreamSealer(PayloadCipher(file_key, oid, version_id), padded)
+                pieces = PieceSource(f, size, chunk, k, sealer, padded)
+                stored_size = ciphertext_size(padded)
+            else:
+                padded, pieces, stored_size = size, PieceSource(f, size, chunk, k), size
+            lengths = stripe_lengths(stored_size, chunk, k)
             queues: list[asyncio.Queue[bytes | None]] = [
                 asyncio.Queue(maxsize=QUEUE_DEPTH) for _ in remotes
             ]
-            hashes = _StoreHashes(k)
 
             async def produce() -> None:
-                block_size, done = block_size_for(chunk, k), 0
-                while True:
-                    pieces = await asyncio.to_thread(hashes.read_split, f, block_size, chunk)
-                    if pieces is None:
-                        break
-                    for queue, piece in zip(queues, pieces, strict=True):
+                while (block := await asyncio.to_thread(pieces.next_pieces)) is not None:
+                    for queue, piece in zip(queues, block, strict=True):
                         await queue.put(piece)
-                    done += sum(len(p) for p in pieces)
                     if progress:
-                        progress(min(done, size), size)
-                if done != size:
-                    raise LocalFileError(f"{source} changed size while it was being stored")
+                        progress(min(pieces.done, size), size)
                 for queue in queues:
                     await queue.put(None)
 
@@ -187,7 +239,7 @@ class AsyncClient:
                         yield piece
 
             uploads = [
-                r.put_stripe(object_id, version_id, n, drain(q))
+                r.put_stripe(oid, version_id, n, drain(q))
                 for r, n, q in zip(remotes, lengths, queues, strict=True)
             ]
             results = await _run_all([produce(), *uploads])
@@ -195,7 +247,7 @@ class AsyncClient:
             progress(0, 0)
         stripes = []
         for remote, length, local, remote_digest in zip(
-            remotes, lengths, hashes.stripes, results[1:], strict=True
+            remotes, lengths, pieces.stripes, results[1:], strict=True
         ):
             if remote_digest != local.hexdigest():
                 raise IntegrityError(
@@ -207,24 +259,32 @@ class AsyncClient:
             name=name,
             size=size,
             chunk_size=chunk,
-            sha256=hashes.whole.hexdigest(),
+            sha256=pieces.whole.hexdigest(),
             version_id=version_id,
-            created_ns=time.time_ns(),
+            created_ns=created_ns,
             stripes=tuple(stripes),
+            format=MANIFEST_FORMAT if file_key is None else ENCRYPTED_FORMAT,
+            encryption="none" if file_key is None else PAYLOAD_ENCRYPTION,
+            padded_size=None if file_key is None else padded,
+            file_key=None if file_key is None else file_key.hex(),
         )
-        body = manifest.to_bytes()
+        body = keyring.seal(oid, manifest)
         # Both commits run to their end, even if one fails, so we can say where it landed.
         outcomes = await asyncio.gather(
             *(
-                r.commit(object_id, ObjectRecord(version_id, s.length, s.sha256, body))
+                r.commit(oid, ObjectRecord(version_id, s.length, s.sha256, body))
                 for r, s in zip(remotes, stripes, strict=True)
             ),
             return_exceptions=True,
         )
+        committed = [r.label for r, o in zip(remotes, outcomes, strict=True) if o is None]
+        if committed:
+            # Even half-committed, this version may be served now: remember it, so that the
+            # older one is never taken for current again.
+            seen.note(oid, Seen(created_ns, version_id))
         failed = [o for o in outcomes if o is not None]
         if failed:
             error = failed[0]
-            committed = [r.label for r, o in zip(remotes, outcomes, strict=True) if o is None]
             if committed:
                 note = (
                     f"; the new version was committed only on the {committed[0]}, so fetch may "
@@ -291,7 +351,8 @@ class AsyncClient:
         if missing:
             raise IntegrityError(
                 f"{name!r}: the {', '.join(missing)} does not hold the current version's "
-                "manifest (a store was cut off; store the file again)",
+                "manifest (a store was cut off, or it serves an older one; store the file "
+                "again)",
                 server=missing[0],
             )
         try:
@@ -325,14 +386,18 @@ class AsyncClient:
         progress: ProgressCallback | None,
     ) -> None:
         remotes = self.remotes()
-        object_id, chunk, k = object_id_for(name), manifest.chunk_size, len(remotes)
+        oid = self.object_id(name)
+        chunk, k, stored = manifest.chunk_size, len(remotes), manifest.stored_size
         expected = [manifest.stripe_for(r.kind) for r in remotes]
+        cipher = self.keyring().payload_cipher(oid, manifest)
+        opener = StreamOpener(cipher, stored) if cipher is not None else None
+        sink = PieceSink(manifest.size, chunk, k, out, opener)
         async with contextlib.AsyncExitStack() as stack:
             readers: list[StripeReader] = []
             for remote in remotes:
                 try:
                     reader = await stack.enter_async_context(
-                        remote.get_stripe(object_id, manifest.version_id)
+                        remote.get_stripe(oid, manifest.version_id)
                     )
                 except NotFoundError:
                     raise _StripeMissing(
@@ -346,12 +411,11 @@ class AsyncClient:
                         f"{info.length} were stored: its data was cut short or extended",
                         server=remote.label,
                     )
-            hashes = _FetchHashes(k)
-            block_size, done, size = block_size_for(chunk, k), 0, manifest.size
+            block_size, done = block_size_for(chunk, k), 0
             writing: asyncio.Future[None] | None = None
             try:
-                while done < size:
-                    block = min(block_size, size - done)
+                while done < stored:
+                    block = min(block_size, stored - done)
                     wanted = stripe_lengths(block, chunk, k)
                     pieces = await _run_all(
                         [r.read(n) for r, n in zip(readers, wanted, strict=True)]
@@ -364,14 +428,16 @@ class AsyncClient:
                             )
                     if writing is not None:
                         await writing
-                    writing = asyncio.ensure_future(
-                        asyncio.to_thread(hashes.join_write, pieces, chunk, out)
-                    )
+                    writing = asyncio.ensure_future(asyncio.to_thread(sink.take, pieces))
                     done += block
                     if progress:
-                        progress(done, size)
+                        progress(
+                            min(done * manifest.size // max(stored, 1), manifest.size),
+                            manifest.size,
+                        )
                 if writing is not None:
                     await writing
+                await asyncio.to_thread(sink.finish)
             finally:
                 if writing is not None:
                     # On failure, a write may still run in its thread: let it end before
@@ -379,30 +445,41 @@ class AsyncClient:
                     await asyncio.wait([writing])
                     if not writing.cancelled():
                         writing.exception()
-        if progress and size == 0:
+        if progress and stored == 0:
             progress(0, 0)
-        for remote, info, digest in zip(remotes, expected, hashes.stripes, strict=True):
+        where = _damaged_range(sink.failed, chunk)
+        for remote, info, digest in zip(remotes, expected, sink.stripes, strict=True):
             if digest.hexdigest() != info.sha256:
                 raise IntegrityError(
-                    f"the {remote.label}'s data of {name!r} is damaged "
-                    "(its SHA-256 does not match the manifest); nothing was written",
+                    f"the {remote.label}'s data of {name!r} is damaged (its SHA-256 does not "
+                    f"match the manifest{where}); nothing was written",
                     server=remote.label,
                 )
-        if hashes.whole.hexdigest() != manifest.sha256:
+        if sink.failed is not None:
+            raise IntegrityError(
+                f"{name!r} does not decrypt{where}, though each server's data matches its "
+                "manifest; nothing was written"
+            )
+        if sink.whole.hexdigest() != manifest.sha256:
             raise IntegrityError(
                 f"{name!r} reassembled to different bytes than were stored; nothing was written"
             )
 
     async def _candidates(self, name: str) -> list[_Candidate]:
-        """The versions of ``name`` the servers hold, newest first."""
+        """The versions of ``name`` the servers hold, newest first.
+
+        Raises RollbackError if the newest is older than a version this client has seen
+        (stored, fetched or deleted): a server is serving an outdated manifest.
+        """
         remotes = self.remotes()
-        object_id = object_id_for(name)
-        outcomes = await _run_all([_none_if_missing(r.get_record(object_id)) for r in remotes])
+        keyring = self.keyring()
+        oid = keyring.object_id(name)
+        outcomes = await _run_all([_none_if_missing(r.get_record(oid)) for r in remotes])
         found: dict[str, tuple[Manifest, bytes, list[str]]] = {}
         for remote, record in zip(remotes, outcomes, strict=True):
             if record is None:
                 continue
-            manifest = Manifest.from_bytes(record.manifest, server=remote.label)
+            manifest = keyring.open(oid, record.manifest, remote.label, name)
             if manifest.name != name:
                 raise IntegrityError(
                     f"the {remote.label} answered for {name!r} with the manifest of another file",
@@ -424,20 +501,40 @@ class AsyncClient:
                     f"the {remote.label}'s record of {name!r} does not match its manifest",
                     server=remote.label,
                 )
-            seen = found.get(manifest.version_id)
-            if seen is None:
+            entry = found.get(manifest.version_id)
+            if entry is None:
                 found[manifest.version_id] = (manifest, record.manifest, [remote.kind])
-            elif seen[1] != record.manifest:
+            elif entry[1] != record.manifest:
                 raise IntegrityError(
                     f"the servers hold different manifests for the same version of {name!r}",
                     server=remote.label,
                 )
             else:
-                seen[2].append(remote.kind)
+                entry[2].append(remote.kind)
+        seen = self._seen_versions()
+        before = seen.get(oid)
         if not found:
+            if before is not None and not before.deleted:
+                labels = " and the ".join(r.label for r in remotes)
+                raise RollbackError(
+                    f"{name!r} was stored from this client, but neither the {labels} holds it "
+                    "now: it was deleted behind this client's back"
+                )
             raise NotFoundError(f"no file named {name!r} is stored")
         ordered = sorted(found.values(), key=lambda v: (v[0].created_ns, v[0].version_id))
-        return [_Candidate(m, tuple(kinds)) for m, _, kinds in reversed(ordered)]
+        candidates = [_Candidate(m, tuple(kinds)) for m, _, kinds in reversed(ordered)]
+        newest = candidates[0].manifest
+        if before is not None and (newest.created_ns, newest.version_id) < before.order():
+            stale = [r.label for r in remotes if r.kind in candidates[0].committed_on]
+            what = "was deleted" if before.deleted else "has a newer version"
+            raise RollbackError(
+                f"the {' and the '.join(stale)} served an older version of {name!r} than this "
+                f"client has seen (stored {_when(newest.created_ns)}; the file {what} since "
+                f"{_when(before.created_ns)}): its data was rolled back or replayed",
+                server=stale[0],
+            )
+        seen.note(oid, Seen(newest.created_ns, newest.version_id))
+        return candidates
 
     # -- the rest ------------------------------------------------------------------------
 
@@ -447,23 +544,38 @@ class AsyncClient:
         return FileInfo.from_manifest(newest.manifest, newest.committed_on)
 
     async def list(self) -> list[FileInfo]:
-        """Every stored file, sorted by name."""
+        """Every stored file, sorted by name.
+
+        Entries this client cannot open (damaged, forged, or sealed with another key) are
+        left out; ``stat`` or ``verify`` of a name says what is wrong with it. If there are
+        entries and none opens because all were sealed with another key, WrongKeyError.
+        """
         remotes = self.remotes()
+        keyring = self.keyring()
         listings = await _run_all([_collect(r.list_records()) for r in remotes])
         newest: dict[str, tuple[Manifest, set[str]]] = {}
+        wrong_key: WrongKeyError | None = None
         for remote, listing in zip(remotes, listings, strict=True):
-            for object_id, record in listing:
+            for oid, record in listing:
                 try:
-                    manifest = Manifest.from_bytes(record.manifest, server=remote.label)
-                except IntegrityError:
-                    continue  # a damaged entry shows up in stat/verify of its name
-                if object_id_for(manifest.name) != object_id:
+                    manifest = keyring.open(oid, record.manifest, remote.label)
+                except WrongKeyError as exc:
+                    wrong_key = exc
                     continue
-                seen = newest.get(object_id)
-                if seen is None or manifest.created_ns > seen[0].created_ns:
-                    newest[object_id] = (manifest, {remote.kind})
-                elif seen[0].version_id == manifest.version_id:
-                    seen[1].add(remote.kind)
+                except (IntegrityError, ConfigError):
+                    continue
+                if keyring.object_id(manifest.name) != oid:
+                    continue
+                entry = newest.get(oid)
+                if entry is None or (manifest.created_ns, manifest.version_id) > (
+                    entry[0].created_ns,
+                    entry[0].version_id,
+                ):
+                    newest[oid] = (manifest, {remote.kind})
+                elif entry[0].version_id == manifest.version_id:
+                    entry[1].add(remote.kind)
+        if not newest and wrong_key is not None:
+            raise wrong_key
         infos = [
             FileInfo.from_manifest(m, [r.kind for r in remotes if r.kind in kinds])
             for m, kinds in newest.values()
@@ -472,11 +584,17 @@ class AsyncClient:
 
     async def delete(self, name: str) -> None:
         """Delete ``name`` from both servers."""
-        object_id = object_id_for(validate_name(name))
+        oid = self.object_id(name)
         outcomes = await asyncio.gather(
-            *(r.delete(object_id) for r in self.remotes()), return_exceptions=True
+            *(r.delete(oid) for r in self.remotes()), return_exceptions=True
         )
         errors = [o for o in outcomes if isinstance(o, BaseException)]
+        if len(errors) < len(outcomes):
+            # Deleted somewhere: from now on, a copy served again is a replay.
+            seen = self._seen_versions()
+            before = seen.get(oid)
+            stamp = max(time.time_ns(), before.created_ns + 1 if before else 0)
+            seen.note(oid, Seen(stamp, "", deleted=True))
         if len(errors) == len(outcomes) and all(isinstance(e, NotFoundError) for e in errors):
             raise NotFoundError(f"no file named {name!r} is stored")
         for error in errors:
@@ -567,44 +685,6 @@ class _StripeMissing(SplitStoreError):
         self.server = server
 
 
-class _StoreHashes:
-    """Hashes kept while storing; used from one worker thread at a time."""
-
-    def __init__(self, servers: int) -> None:
-        self.whole = hashlib.sha256()
-        self.stripes = [hashlib.sha256() for _ in range(servers)]
-
-    def read_split(self, f: BinaryIO, block_size: int, chunk: int) -> list[bytes] | None:
-        try:
-            block = f.read(block_size)
-        except OSError as exc:
-            raise LocalFileError(f"cannot read the file: {exc.strerror}") from exc
-        if not block:
-            return None
-        self.whole.update(block)
-        pieces = split_block(block, chunk, len(self.stripes))
-        for digest, piece in zip(self.stripes, pieces, strict=True):
-            digest.update(piece)
-        return pieces
-
-
-class _FetchHashes:
-    def __init__(self, servers: int) -> None:
-        self.whole = hashlib.sha256()
-        self.stripes = [hashlib.sha256() for _ in range(servers)]
-
-    def join_write(self, pieces: Sequence[bytes], chunk: int, out: BinaryIO | None) -> None:
-        for digest, piece in zip(self.stripes, pieces, strict=True):
-            digest.update(piece)
-        block = join_block(pieces, chunk)
-        self.whole.update(block)
-        if out is not None:
-            try:
-                out.write(block)
-            except OSError as exc:
-                raise LocalFileError(f"cannot write the output: {exc.strerror}") from exc
-
-
 async def _run_all(aws: Sequence[Awaitable[T]]) -> list[T]:
     """Run concurrently; on the first failure cancel the rest and raise that failure."""
     tasks = [asyncio.ensure_future(a) for a in aws]
@@ -635,6 +715,21 @@ async def _none_if_missing(aw: Awaitable[ObjectRecord]) -> ObjectRecord | None:
 
 async def _collect(it: AsyncIterator[T]) -> list[T]:
     return [item async for item in it]
+
+
+def _damaged_range(failed: SegmentFailed | None, chunk: int) -> str:
+    """Where the first segment that failed to authenticate lies, for an error message."""
+    if failed is None:
+        return ""
+    first, last = failed.start // chunk + 1, max(failed.start, failed.end - 1) // chunk + 1
+    return (
+        f"; the first bad segment is #{failed.index}, stored bytes {failed.start}-"
+        f"{failed.end - 1}, chunks {first}-{last} counting from 1"
+    )
+
+
+def _when(ns: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ns / 1e9))
 
 
 _O_NONBLOCK: int = getattr(os, "O_NONBLOCK", 0)

@@ -36,6 +36,12 @@ MAX_TOKEN_BYTES = 4096
 
 ServerKind = Literal["https", "tcp"]
 SERVER_ORDER: tuple[ServerKind, ...] = ("https", "tcp")
+#: End-to-end encryption of stored files: on (the default) or off.
+ENCRYPTION_ON = "aes-256-gcm"
+ENCRYPTION_OFF = "none"
+ENCRYPTION_MODES = (ENCRYPTION_ON, ENCRYPTION_OFF)
+#: Size padding before encryption: none, or Padmé (at most ~12% larger, see docs/security.md).
+PADDING_MODES = ("none", "padme")
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,9 @@ class ServerConfig:
     cert_file: Path | None = None
     key_file: Path | None = None
     token_file: Path | None = None
+    #: For ``serve``: the tenants who may use the server (when absent, ``token_file``'s
+    #: token alone, as tenant "default").
+    tenants_file: Path | None = None
 
     @property
     def label(self) -> str:
@@ -66,6 +75,24 @@ class Config:
     connect_timeout: float = 10.0
     io_timeout: float = 60.0
     path: Path | None = field(default=None, compare=False)
+    encryption: str = ENCRYPTION_ON
+    #: The master key file (needed when encryption is on).
+    key_file: Path | None = None
+    padding: str = "none"
+    #: Where the client remembers the newest version it has seen of each file, to notice a
+    #: server serving an older one. Default: beside the config (``NAME.state``).
+    state_file: Path | None = None
+
+    @property
+    def encrypted(self) -> bool:
+        return self.encryption == ENCRYPTION_ON
+
+    def state_path(self) -> Path | None:
+        if self.state_file is not None:
+            return self.state_file
+        if self.path is not None:
+            return self.path.resolve().with_suffix(".state")
+        return None
 
     def server(self, kind: ServerKind) -> ServerConfig:
         for server in self.servers:
@@ -154,6 +181,14 @@ def parse_config(data: Mapping[str, Any], *, base: Path, path: Path | None = Non
         _parse_server(s, base, f"{where}, server {i + 1}", token_file)
         for i, s in enumerate(servers_raw)
     )
+    encryption = _choice(data, "encryption", ENCRYPTION_ON, ENCRYPTION_MODES, where)
+    padding = _choice(data, "padding", "none", PADDING_MODES, where)
+    key_file = _path(data, "key_file", base, where)
+    if encryption == ENCRYPTION_ON and key_file is None:
+        raise ConfigError(
+            f"{where}: encryption is on but no 'key_file' is given "
+            f'(name the master key file, or set encryption = "{ENCRYPTION_OFF}")'
+        )
     kinds = tuple(s.kind for s in servers)
     if kinds != SERVER_ORDER:
         raise ConfigError(
@@ -167,6 +202,10 @@ def parse_config(data: Mapping[str, Any], *, base: Path, path: Path | None = Non
         connect_timeout=_float(data, "connect_timeout", 10.0, where),
         io_timeout=_float(data, "io_timeout", 60.0, where),
         path=path,
+        encryption=encryption,
+        key_file=key_file,
+        padding=padding,
+        state_file=_path(data, "state_file", base, where),
     )
 
 
@@ -193,6 +232,7 @@ def _parse_server(raw: Any, base: Path, where: str, default_token: Path) -> Serv
         cert_file=_path(raw, "cert_file", base, where),
         key_file=_path(raw, "key_file", base, where),
         token_file=_path(raw, "token_file", base, where) or default_token,
+        tenants_file=_path(raw, "tenants_file", base, where),
     )
 
 
@@ -203,6 +243,16 @@ def _int(d: Mapping[str, Any], key: str, default: int | None, where: str, lo: in
     if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
         raise ConfigError(f"{where}: '{key}' must be a whole number from {lo} to {hi}")
     return value
+
+
+def _choice(
+    d: Mapping[str, Any], key: str, default: str, allowed: tuple[str, ...], where: str
+) -> str:
+    value = d.get(key, default)
+    if value not in allowed:
+        choices = ", ".join(f'"{a}"' for a in allowed)
+        raise ConfigError(f"{where}: '{key}' must be one of {choices}")
+    return str(value)
 
 
 def _float(d: Mapping[str, Any], key: str, default: float, where: str) -> float:

@@ -38,6 +38,7 @@ __all__ = [
     "new_file_key",
     "object_id",
     "open_manifest",
+    "padme",
     "plaintext_size",
     "seal_manifest",
     "segment_count",
@@ -102,6 +103,17 @@ def plaintext_size(cipher_size: int) -> int:
     if rest < TAG_SIZE or (rest == TAG_SIZE and full > 0):
         raise ValueError("not a valid ciphertext size")
     return full * SEGMENT_SIZE + rest - TAG_SIZE
+
+
+def padme(size: int) -> int:
+    """``size`` rounded up by Padme (PURBs, Nikitin et al. 2019): at most ~12% larger, and
+    a padded size reveals only O(log log size) bits of the real one."""
+    if size < 2:
+        return size
+    exponent = size.bit_length() - 1  # floor(log2(size))
+    mantissa_bits = exponent.bit_length()  # floor(log2(exponent)) + 1
+    mask = (1 << (exponent - mantissa_bits)) - 1
+    return (size + mask) & ~mask
 
 
 class PayloadCipher:

@@ -1,8 +1,9 @@
 """``splitstore demo``: the whole path on a throwaway setup, with nothing to prepare.
 
 It writes a setup into a folder, starts both servers on free loopback ports in this
-process, stores a sample file of a few MB, shows where its chunks went, fetches it back,
-checks it is identical, and stops the servers.
+process, stores a sample file of a few MB, shows where its chunks went (and, with
+encryption on, that neither server holds a readable byte of it or its name), fetches it
+back, checks it is identical, and stops the servers.
 """
 
 from __future__ import annotations
@@ -17,9 +18,8 @@ import tempfile
 from pathlib import Path
 
 from ._client import AsyncClient
-from ._config import load_config
+from ._config import ENCRYPTION_ON, load_config
 from ._errors import UsageError
-from ._names import object_id_for
 from ._serve import ServerSpec, start_server
 from ._setup import init_setup
 from ._stripes import stripe_lengths
@@ -43,7 +43,9 @@ def make_sample_file(path: Path, size: int, seed: int = 2024) -> None:
             written += len(piece)
 
 
-def run_demo(workdir: Path | None = None, *, size_mb: float = 4.0) -> int:
+def run_demo(
+    workdir: Path | None = None, *, size_mb: float = 4.0, encryption: str = ENCRYPTION_ON
+) -> int:
     temporary = workdir is None
     root = Path(tempfile.mkdtemp(prefix="splitstore-demo-")) if workdir is None else workdir
     root = root.resolve()
@@ -51,15 +53,16 @@ def run_demo(workdir: Path | None = None, *, size_mb: float = 4.0) -> int:
         # Never overwrite a real setup's token, keys and data with the demo's.
         raise UsageError(f"{root} already holds a splitstore setup; give the demo an empty folder")
     try:
-        return asyncio.run(_demo(root, int(size_mb * 1024 * 1024)))
+        return asyncio.run(_demo(root, int(size_mb * 1024 * 1024), encryption))
     finally:
         if temporary:
             shutil.rmtree(root, ignore_errors=True)
 
 
-async def _demo(root: Path, size: int) -> int:
-    print(f"1. writing a throwaway setup in {root}")
-    paths = init_setup(root, https_port=_free_port(), tcp_port=_free_port())
+async def _demo(root: Path, size: int, encryption: str) -> int:
+    mode = "encryption on" if encryption == ENCRYPTION_ON else "encryption OFF"
+    print(f"1. writing a throwaway setup ({mode}) in {root}")
+    paths = init_setup(root, https_port=_free_port(), tcp_port=_free_port(), encryption=encryption)
     config = load_config(paths.config)
     servers = []
     try:
@@ -75,17 +78,27 @@ async def _demo(root: Path, size: int) -> int:
         name = "demo/sample.bin"
         async with AsyncClient(config) as client:
             info = await client.store(sample, name)
-            print(f"   {info.chunks:,} chunks of {info.chunk_size} bytes went to:")
+            what = "encrypted " if info.encrypted else ""
+            print(f"   {info.chunks:,} {what}chunks of {info.chunk_size} bytes went to:")
+            object_id = client.object_id(name)
             stripes = []
             for s in config.servers:
-                stripe = _stripe_path(s.data_dir or root, name, info.version_id)
+                stripe = _stripe_path(s.data_dir or root, object_id, info.version_id)
                 stripes.append(stripe)
                 print(
                     f"   - the {s.kind} server: {info.chunks_per_server[s.kind]:,} chunks, "
                     f"{info.bytes_per_server[s.kind]:,} bytes in {stripe.relative_to(root)}"
                 )
-            _check_alternation(sample, config.chunk_size, stripes)
-            print("   the https stripe is chunks 1, 3, 5, ... and the tcp stripe 2, 4, 6, ...")
+            if info.encrypted:
+                _check_ciphertext(sample, name, stripes, [paths.https_data, paths.tcp_data])
+                print(
+                    "   the https stripe is ciphertext chunks 1, 3, 5, ... and the tcp stripe "
+                    "2, 4, 6, ...;\n   neither holds a 32-byte run of the file, nor its name "
+                    f"(the servers know it as {object_id[:16]}...)"
+                )
+            else:
+                _check_alternation(sample, config.chunk_size, stripes)
+                print("   the https stripe is chunks 1, 3, 5, ... and the tcp stripe 2, 4, 6, ...")
 
             restored = root / "restored.bin"
             await client.fetch(name, restored, force=True)
@@ -108,9 +121,9 @@ def _free_port() -> int:
         return port
 
 
-def _stripe_path(data_dir: Path, name: str, version_id: str) -> Path:
-    object_id = object_id_for(name)
-    return data_dir / "objects" / object_id[:2] / object_id / f"{version_id}.stripe"
+def _stripe_path(data_dir: Path, object_id: str, version_id: str) -> Path:
+    objects = data_dir / "tenants" / "default" / "objects"  # the setup's own tenant
+    return objects / object_id[:2] / object_id / f"{version_id}.stripe"
 
 
 def _sha256(path: Path) -> str:
@@ -127,3 +140,20 @@ def _check_alternation(sample: Path, chunk: int, stripes: list[Path]) -> None:
         held = stripe.read_bytes()
         if held != expected or len(held) != stripe_lengths(len(data), chunk, k)[i]:
             raise RuntimeError(f"stripe {stripe} does not hold the expected chunks")
+
+
+def _check_ciphertext(sample: Path, name: str, stripes: list[Path], data_dirs: list[Path]) -> None:
+    """Show that no server holds plaintext: sampled 32-byte runs of the file, or its name."""
+    data = sample.read_bytes()
+    step = max(1, len(data) // 64)
+    runs = [data[i : i + 32] for i in range(0, max(0, len(data) - 32), step)]
+    held = [stripe.read_bytes() for stripe in stripes]
+    for stored in held:
+        if any(run in stored for run in runs):
+            raise RuntimeError("a stripe holds plaintext of the file")
+    for folder in data_dirs:
+        for path in folder.rglob("*"):
+            if name.encode() in path.name.encode() or (
+                path.is_file() and name.encode() in path.read_bytes()
+            ):
+                raise RuntimeError(f"{path} reveals the file's name")

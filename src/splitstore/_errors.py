@@ -6,16 +6,19 @@ and show its message to a person::
     SplitStoreError
     ├── UsageError                  the caller asked for something that cannot be done
     │   ├── ConfigError             config missing, unreadable or invalid
+    │   │   └── WrongKeyError       the files were stored with another master key
     │   ├── InvalidNameError        a stored name that is empty, too long or has control chars
     │   └── LocalFileError          a local file is missing, a directory, unreadable, or exists
     ├── NotFoundError               no file is stored under that name
     ├── IntegrityError              stored data does not match its manifest (names the server)
+    │   └── RollbackError           a server served an older version than this client has seen
     └── ServerError                 a server failed or refused (names the server)
         ├── ServerUnavailableError  cannot connect, timed out, or the connection dropped
         ├── AuthenticationError     the server refused the token
         ├── TLSVerificationError    the server's certificate is not trusted or does not match
         ├── ProtocolError           the server sent something that breaks the protocol
         ├── StorageFullError        the server has no room left for the data
+        │   └── QuotaExceededError  the data would take the tenant over its quota there
         └── ConflictError           the server's state changed under us (e.g. a concurrent store)
 
 Lower-layer errors (OSError, ssl.SSLError, aiohttp errors) are translated at the
@@ -33,12 +36,15 @@ __all__ = [
     "LocalFileError",
     "NotFoundError",
     "ProtocolError",
+    "QuotaExceededError",
+    "RollbackError",
     "ServerError",
     "ServerUnavailableError",
     "SplitStoreError",
     "StorageFullError",
     "TLSVerificationError",
     "UsageError",
+    "WrongKeyError",
 ]
 
 
@@ -55,6 +61,10 @@ class UsageError(SplitStoreError):
 
 class ConfigError(UsageError):
     pass
+
+
+class WrongKeyError(ConfigError):
+    """The stored files were sealed with another master key than the config's."""
 
 
 class InvalidNameError(UsageError):
@@ -81,6 +91,10 @@ class IntegrityError(_ServerAttributed):
     exit_code = 4
 
 
+class RollbackError(IntegrityError):
+    """A server served an older version of a file than this client has already seen."""
+
+
 class ServerError(_ServerAttributed):
     exit_code = 5
 
@@ -103,6 +117,10 @@ class ProtocolError(ServerError):
 
 class StorageFullError(ServerError):
     pass
+
+
+class QuotaExceededError(StorageFullError):
+    """The tenant's quota on that server has no room for the data (the disk may)."""
 
 
 class ConflictError(ServerError):

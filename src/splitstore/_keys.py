@@ -27,12 +27,17 @@ from ._crypto import KEY_SIZE, key_id
 from ._errors import ConfigError, UsageError
 
 __all__ = [
+    "MAX_KEY_FILE_BYTES",
     "PASSPHRASE_ENV_VAR",
     "KeyFile",
+    "ask_new_passphrase",
     "create_key_file",
+    "export_key",
+    "import_key",
     "load_master_key",
     "read_key_file",
     "write_key_file",
+    "write_secret_file",
 ]
 
 PASSPHRASE_ENV_VAR = "SPLITSTORE_PASSPHRASE"  # noqa: S105 (a variable name, not a secret)
@@ -84,14 +89,22 @@ def create_key_file(
 
 def write_key_file(path: Path, kf: KeyFile, *, force: bool = False) -> None:
     """Write a key file readable only by its owner, atomically; never clobber silently."""
+    write_secret_file(path, kf.to_text(), force=force)
+
+
+def write_secret_file(path: Path, text: str, *, force: bool = False) -> None:
+    """Write ``text`` to ``path`` with mode 0600: temp file, fsync, rename."""
     if path.exists() and not force:
         raise UsageError(f"{path} already exists (use --force to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror}") from exc
     try:
         with os.fdopen(fd, "w") as f:
-            f.write(kf.to_text())
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -112,6 +125,13 @@ def read_key_file(path: Path) -> KeyFile:
         ) from None
     except OSError as exc:
         raise ConfigError(f"cannot read the key file {path}: {exc.strerror}") from exc
+    return parse_key_text(raw, str(path))
+
+
+def parse_key_text(raw: bytes | str, path: str) -> KeyFile:
+    """A key file's contents, checked; ConfigError naming ``path`` if they are not one."""
+    if len(raw) > MAX_KEY_FILE_BYTES:
+        raise ConfigError(f"the key file {path} is too large to be a splitstore key")
     try:
         doc = json.loads(raw)
         if doc["format"] != KEY_FILE_FORMAT:
@@ -162,3 +182,56 @@ def load_master_key(path: Path, *, passphrase: str | None = None) -> bytes:
 def _scrypt(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
     kdf = Scrypt(salt=salt, length=KEY_SIZE, n=n, r=r, p=p)
     return kdf.derive(passphrase.encode("utf-8"))
+
+
+def ask_new_passphrase() -> str:
+    """A new passphrase: $SPLITSTORE_PASSPHRASE, or asked twice at the terminal."""
+    passphrase = os.environ.get(PASSPHRASE_ENV_VAR)
+    if passphrase is not None:
+        return passphrase
+    if not sys.stdin.isatty():
+        raise UsageError(f"set ${PASSPHRASE_ENV_VAR}, or run at a terminal to type a passphrase")
+    first = getpass.getpass("new splitstore passphrase: ")
+    if getpass.getpass("the same passphrase again: ") != first:
+        raise UsageError("the two passphrases differ")
+    return first
+
+
+def export_key(path: Path) -> str:
+    """The master key of ``path`` as a raw key file's text (asks for a passphrase if needed).
+
+    The export is a complete key file: ``key import`` installs it, and a config can name
+    it as its ``key_file`` directly.
+    """
+    master = load_master_key(path)
+    return KeyFile("raw", key_id(master).hex(), key=master).to_text()
+
+
+def import_key(
+    dest: Path, source: Path | None, text: str | None = None, *, force: bool = False
+) -> str:
+    """Install an exported key (or key file) at ``dest``; return its key id.
+
+    Importing the key that is already there changes nothing; a different key is only
+    replaced with ``force``, since files it sealed could then no longer be read.
+    """
+    where = "standard input" if source is None else str(source)
+    if source is not None:
+        try:
+            raw: bytes | str = source.read_bytes()[: MAX_KEY_FILE_BYTES + 1]
+        except OSError as exc:
+            raise UsageError(f"cannot read {where}: {exc.strerror}") from exc
+    else:
+        raw = text or ""
+    kf = parse_key_text(raw, where)
+    if dest.exists():
+        current = read_key_file(dest)
+        if current.key_id == kf.key_id:
+            return kf.key_id
+        if not force:
+            raise UsageError(
+                f"{dest} holds another key (key id {current.key_id}); files sealed with it "
+                "could no longer be read. Export it first, then use --force to replace it"
+            )
+    write_key_file(dest, kf, force=True)
+    return kf.key_id

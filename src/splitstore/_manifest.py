@@ -4,6 +4,10 @@ A manifest says everything needed to rebuild and check a file: its name, size, c
 size, the servers in order with the length and SHA-256 of each one's stripe, and the
 whole file's SHA-256. Writing it to both servers is the commit point of a store. Its
 byte layout (canonical JSON) is specified in docs/format.md.
+
+Format 1 describes a file stored as it is (encryption off). Format 2 describes a file
+stored encrypted: it adds the version's random file key and the padded size, and is only
+ever stored sealed (``_crypto.seal_manifest``), so servers never see it.
 """
 
 from __future__ import annotations
@@ -13,13 +17,24 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._config import MAX_CHUNK_SIZE
+from ._crypto import KEY_SIZE, ciphertext_size
 from ._errors import IntegrityError
 from ._names import MAX_NAME_BYTES, is_version_id, validate_name
 from ._stripes import stripe_lengths
 
-__all__ = ["MANIFEST_FORMAT", "MAX_MANIFEST_BYTES", "Manifest", "StripeInfo"]
+__all__ = [
+    "ENCRYPTED_FORMAT",
+    "MANIFEST_FORMAT",
+    "MAX_MANIFEST_BYTES",
+    "PAYLOAD_ENCRYPTION",
+    "Manifest",
+    "StripeInfo",
+]
 
 MANIFEST_FORMAT = 1
+ENCRYPTED_FORMAT = 2
+#: The payload construction of format 2 (docs/format.md, "Encrypted stream").
+PAYLOAD_ENCRYPTION = "aes-256-gcm-stream-64k"
 # A name of MAX_NAME_BYTES escaped as JSON is at most 6x longer; the rest is a few hundred bytes.
 MAX_MANIFEST_BYTES = 8 * MAX_NAME_BYTES
 # Sizes beyond 2**53 would not survive JSON readers in other languages.
@@ -47,6 +62,20 @@ class Manifest:
     stripes: tuple[StripeInfo, ...]
     encryption: str = "none"
     format: int = MANIFEST_FORMAT
+    #: Format 2 only: the plaintext size after padding, and the version's file key (hex).
+    padded_size: int | None = None
+    file_key: str | None = None
+
+    @property
+    def encrypted(self) -> bool:
+        return self.format == ENCRYPTED_FORMAT
+
+    @property
+    def stored_size(self) -> int:
+        """Bytes of the stream cut into chunks: the file, or its ciphertext."""
+        if self.padded_size is None:
+            return self.size
+        return ciphertext_size(self.padded_size)
 
     def __post_init__(self) -> None:
         validate_name(self.name)
@@ -60,9 +89,22 @@ class Manifest:
             raise ValueError("bad hash or version id")
         if not _is_uint(self.created_ns):
             raise ValueError("bad creation time")
-        if self.encryption != "none" or self.format != MANIFEST_FORMAT:
-            raise ValueError("unsupported manifest format or encryption")
-        expected = stripe_lengths(self.size, self.chunk_size, len(self.stripes))
+        if self.format == MANIFEST_FORMAT:
+            if self.encryption != "none" or (self.padded_size, self.file_key) != (None, None):
+                raise ValueError("format 1 stores files unencrypted")
+        elif self.format == ENCRYPTED_FORMAT:
+            if self.encryption != PAYLOAD_ENCRYPTION:
+                raise ValueError("unsupported encryption")
+            padded = self.padded_size
+            if not isinstance(padded, int) or not _is_uint(padded):
+                raise ValueError("padded_size out of range")
+            if not self.size <= padded <= MAX_FILE_SIZE:
+                raise ValueError("padded_size out of range")
+            if not _is_hex(self.file_key, 2 * KEY_SIZE):
+                raise ValueError("bad file key")
+        else:
+            raise ValueError("unsupported manifest format")
+        expected = stripe_lengths(self.stored_size, self.chunk_size, len(self.stripes))
         if [s.length for s in self.stripes] != expected:
             raise ValueError("stripe lengths do not match the size and chunk size")
         for s in self.stripes:
@@ -76,7 +118,7 @@ class Manifest:
         raise KeyError(server)
 
     def to_bytes(self) -> bytes:
-        doc = {
+        doc: dict[str, Any] = {
             "format": self.format,
             "name": self.name,
             "size": self.size,
@@ -89,6 +131,8 @@ class Manifest:
                 {"server": s.server, "length": s.length, "sha256": s.sha256} for s in self.stripes
             ],
         }
+        if self.encrypted:
+            doc.update(padded_size=self.padded_size, file_key=self.file_key)
         return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
     @classmethod
@@ -102,7 +146,7 @@ class Manifest:
             if not isinstance(doc, dict):
                 raise TypeError("not an object")
             fmt = doc["format"]
-            if fmt != MANIFEST_FORMAT:
+            if fmt not in (MANIFEST_FORMAT, ENCRYPTED_FORMAT):
                 raise IntegrityError(
                     f"the manifest{where} has format {fmt!r}, which this version of "
                     "splitstore cannot read; upgrade splitstore",
@@ -125,6 +169,9 @@ class Manifest:
                 created_ns=_get(doc, "created_ns", int),
                 encryption=_get(doc, "encryption", str),
                 stripes=stripes,
+                format=fmt,
+                padded_size=_get(doc, "padded_size", int) if fmt == ENCRYPTED_FORMAT else None,
+                file_key=_get(doc, "file_key", str) if fmt == ENCRYPTED_FORMAT else None,
             )
         except IntegrityError:
             raise
@@ -148,4 +195,8 @@ def _is_uint(value: object) -> bool:
 
 
 def _is_sha256(value: object) -> bool:
-    return isinstance(value, str) and len(value) == 64 and set(value) <= _HEX64
+    return _is_hex(value, 64)
+
+
+def _is_hex(value: object, length: int) -> bool:
+    return isinstance(value, str) and len(value) == length and set(value) <= _HEX64

@@ -4,7 +4,11 @@ The folder holds everything both servers and the client need, with the config na
 files by relative path so the folder can be moved as a whole::
 
     splitstore.toml        the config (written last: its presence marks a complete setup)
-    token                  the shared access token (mode 0600)
+    token                  the setup's access token (mode 0600)
+    tenants.toml           who may use the servers: tenant "default" (this setup's token)
+                           and any added with 'splitstore tenant add', as token hashes
+    key                    the master key that encrypts every stored file (mode 0600);
+                           without it nothing stored can be read: back it up
     tls/ca.pem             the local CA the client trusts
     tls/ca-key.pem         its private key (mode 0600; only needed to issue new certs)
     tls/server.pem         the servers' certificate, signed by the CA
@@ -24,7 +28,7 @@ import json
 import os
 import re
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -34,7 +38,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from ._config import ENCRYPTION_MODES, ENCRYPTION_ON
 from ._errors import UsageError
+from ._keys import create_key_file
+from ._tenants import SINGLE_TENANT, put_tenant, read_tenants
 
 __all__ = [
     "DEFAULT_HOSTNAMES",
@@ -71,8 +78,10 @@ class SetupPaths:
     server_cert: Path
     server_key: Path
     token: Path
+    key: Path
     https_data: Path
     tcp_data: Path
+    tenants: Path
 
     @classmethod
     def under(cls, root: Path) -> SetupPaths:
@@ -86,8 +95,10 @@ class SetupPaths:
             server_cert=tls / "server.pem",
             server_key=tls / "server-key.pem",
             token=root / "token",
+            key=root / "key",
             https_data=root / "server_files" / "https",
             tcp_data=root / "server_files" / "tcp",
+            tenants=root / "tenants.toml",
         )
 
 
@@ -106,14 +117,21 @@ def init_setup(
     host: str = "127.0.0.1",
     force: bool = False,
     extra_hostnames: Sequence[str] = (),
+    encryption: str = ENCRYPTION_ON,
+    passphrase: str | None = None,
 ) -> SetupPaths:
     """Create (or with ``force``, regenerate) a setup in ``directory``.
 
     ``host`` is where both servers listen and the client connects; it is added to the
     certificate's names unless it is a wildcard address such as 0.0.0.0. With ``force``,
-    the config, keys, certificates and token are replaced; stored data is never touched.
-    Raises UsageError for bad arguments or an existing setup without ``force``.
+    the config, TLS keys, certificates and token are replaced; stored data and an
+    existing master key are never touched (a new key would make every stored file
+    unreadable). ``passphrase`` derives the master key from a passphrase (scrypt)
+    instead of making a random one. Raises UsageError for bad arguments or an existing
+    setup without ``force``.
     """
+    if encryption not in ENCRYPTION_MODES:
+        raise UsageError(f"encryption must be one of {', '.join(ENCRYPTION_MODES)}")
     _check_port(https_port, "https port")
     _check_port(tcp_port, "tcp port")
     if https_port == tcp_port:
@@ -133,6 +151,7 @@ def init_setup(
         raise UsageError(
             f"{root} already holds a splitstore setup ({CONFIG_NAME}); use --force to overwrite"
         )
+    read_tenants(paths.tenants)  # a broken tenants file stops init before anything changes
 
     ca = generate_ca()
     server = _issue(ca, alt_names)
@@ -149,7 +168,13 @@ def init_setup(
         _write_atomic(paths.server_key, server.key_pem, _SECRET_MODE)
         _write_atomic(paths.server_cert, server.cert_pem, _PUBLIC_MODE)
         _write_atomic(paths.token, (token + "\n").encode("ascii"), _SECRET_MODE)
-        config_text = render_config(paths, host=host, https_port=https_port, tcp_port=tcp_port)
+        # Tenants added since an earlier init stay; only this setup's own gets the new token.
+        put_tenant(paths.tenants, SINGLE_TENANT, token)
+        if encryption == ENCRYPTION_ON and not paths.key.exists():
+            create_key_file(paths.key, passphrase=passphrase)
+        config_text = render_config(
+            paths, host=host, https_port=https_port, tcp_port=tcp_port, encryption=encryption
+        )
         _write_atomic(paths.config, config_text.encode("utf-8"), _PUBLIC_MODE)
     except OSError as exc:
         where = exc.filename or root
@@ -226,7 +251,14 @@ def issue_server_cert(
         raise UsageError(f"cannot issue a server certificate: {exc}") from exc
 
 
-def render_config(paths: SetupPaths, *, host: str, https_port: int, tcp_port: int) -> str:
+def render_config(
+    paths: SetupPaths,
+    *,
+    host: str,
+    https_port: int,
+    tcp_port: int,
+    encryption: str = ENCRYPTION_ON,
+) -> str:
     """The commented config text for ``paths``, naming files relative to ``paths.root``."""
 
     def rel(path: Path) -> str:
@@ -242,6 +274,7 @@ def render_config(paths: SetupPaths, *, host: str, https_port: int, tcp_port: in
             f"data_dir = {rel(data_dir)}\n"
             f"cert_file = {rel(paths.server_cert)}\n"
             f"key_file = {rel(paths.server_key)}\n"
+            f"tenants_file = {rel(paths.tenants)}\n"
         )
 
     return (
@@ -260,7 +293,8 @@ def render_config(paths: SetupPaths, *, host: str, https_port: int, tcp_port: in
         "# file private; anyone who has it can read and change what is stored.\n"
         f"token_file = {rel(paths.token)}\n"
         "\n"
-        "# The certificate authority the client trusts for both servers; nothing else is\n"
+        + _encryption_section(paths, encryption, rel)
+        + "# The certificate authority the client trusts for both servers; nothing else is\n"
         "# trusted. Remove this line to trust the system's CAs instead.\n"
         f"ca_file = {rel(paths.ca_cert)}\n"
         "\n"
@@ -277,10 +311,38 @@ def render_config(paths: SetupPaths, *, host: str, https_port: int, tcp_port: in
         "#   data_dir   the folder where the server keeps what it stores\n"
         "#   cert_file  the certificate the server presents, signed by ca_file\n"
         "#   key_file   that certificate's private key; keep it private\n"
+        "#   tenants_file  who may use the server: each tenant's token hash and quota,\n"
+        "#              re-read when it changes (edit it with 'splitstore tenant ...')\n"
         "\n"
         + server("https", https_port, paths.https_data)
         + "\n"
         + server("tcp", tcp_port, paths.tcp_data)
+    )
+
+
+def _encryption_section(paths: SetupPaths, encryption: str, rel: Callable[[Path], str]) -> str:
+    if encryption != ENCRYPTION_ON:
+        return (
+            "# End-to-end encryption is OFF: the servers hold the file's own bytes and can\n"
+            "# read them. Only for inspection and teaching; 'splitstore init' turns it on.\n"
+            'encryption = "none"\n'
+            "\n"
+        )
+    return (
+        "# End-to-end encryption: files and their names are encrypted here, before they\n"
+        "# leave this machine, with the master key in key_file. Without that key nothing\n"
+        "# stored can be read: back it up ('splitstore key export').\n"
+        f'encryption = "{ENCRYPTION_ON}"\n'
+        f"key_file = {rel(paths.key)}\n"
+        "\n"
+        "# Optional: pad each file's size up (Padme, at most ~12%) so servers learn less\n"
+        '# from sizes. One of "none" or "padme".\n'
+        '# padding = "padme"\n'
+        "\n"
+        "# Optional: where this client remembers the newest version it has seen of each\n"
+        "# file, to notice a server that serves an older one. Default: beside this file.\n"
+        '# state_file = "splitstore.state"\n'
+        "\n"
     )
 
 

@@ -1,0 +1,146 @@
+"""A file to per-server pieces (storing), and pieces back to the file (fetching).
+
+Both directions hash as they go: the whole plaintext, and each server's stripe exactly as
+that server holds it. With encryption on, the stream between the file and the pieces is
+the sealed ciphertext (``_payload``); with it off, it is the file itself. Each call handles
+one block and runs in a worker thread, one at a time, so memory stays at a few blocks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import BinaryIO
+
+from ._errors import LocalFileError
+from ._payload import PLAIN_BLOCK_BYTES, RoundCutter, SegmentFailed, StreamOpener, StreamSealer
+from ._stripes import block_size_for, join_block, split_block
+
+__all__ = ["PieceSink", "PieceSource"]
+
+
+class PieceSource:
+    """Reads a file of known size and yields one piece per server per block.
+
+    The plaintext stream is the file's ``size`` bytes, then zeros up to ``padded_size``
+    (padding only exists when encrypting). A file that grows or shrinks while it is read
+    is an error, never a silently different stored version.
+    """
+
+    def __init__(
+        self,
+        f: BinaryIO,
+        size: int,
+        chunk_size: int,
+        servers: int,
+        sealer: StreamSealer | None = None,
+        padded_size: int | None = None,
+    ) -> None:
+        self._f = f
+        self.size = size
+        self._padded = size if padded_size is None else padded_size
+        self._chunk = chunk_size
+        self._servers = servers
+        self._sealer = sealer
+        self._cutter = RoundCutter(chunk_size, servers) if sealer else None
+        # Encrypting: whole segments per block; else whole chunk rounds per block.
+        self._block = PLAIN_BLOCK_BYTES if sealer else block_size_for(chunk_size, servers)
+        self.whole = hashlib.sha256()
+        self.stripes = [hashlib.sha256() for _ in range(servers)]
+        self.done = 0  # plaintext bytes of the stream consumed (file and padding)
+        self._ended = False
+
+    def next_pieces(self) -> list[bytes] | None:
+        """The next block's pieces, one per server; None once the stream has ended."""
+        if self._ended:
+            return None
+        block = self._read(min(self._block, self._padded - self.done))
+        self._ended = self.done == self._padded
+        if self._sealer is None or self._cutter is None:
+            if not block:
+                return None
+            pieces = split_block(block, self._chunk, self._servers)
+        else:
+            sealed = self._sealer.seal(block)
+            pieces = self._cutter.push(sealed) or [b""] * self._servers
+            if self._ended:
+                tail = self._cutter.finish()
+                if tail:
+                    pieces = [a + b for a, b in zip(pieces, tail, strict=True)]
+        for digest, piece in zip(self.stripes, pieces, strict=True):
+            digest.update(piece)
+        return pieces
+
+    def _read(self, n: int) -> bytes:
+        from_file = max(0, min(n, self.size - self.done))
+        try:
+            data = self._f.read(from_file) if from_file else b""
+            if len(data) != from_file:
+                raise LocalFileError("the file shrank while it was being stored")
+            if self.done + from_file == self.size and self._f.read(1):
+                raise LocalFileError("the file grew while it was being stored")
+        except OSError as exc:
+            raise LocalFileError(f"cannot read the file: {exc.strerror}") from exc
+        self.whole.update(data)
+        self.done += n
+        if n > from_file:
+            data += bytes(n - from_file)
+        return data
+
+
+class PieceSink:
+    """Takes one piece per server per block, checks and writes the plaintext.
+
+    A segment that does not authenticate stops the writing but not the reading: the
+    rest is still hashed, so the stripe hashes can tell which server's data is bad.
+    ``failed`` then holds the first failing segment.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        chunk_size: int,
+        servers: int,
+        out: BinaryIO | None,
+        opener: StreamOpener | None = None,
+    ) -> None:
+        self._size = size
+        self._chunk = chunk_size
+        self._out = out
+        self._opener = opener
+        self.whole = hashlib.sha256()
+        self.stripes = [hashlib.sha256() for _ in range(servers)]
+        self.failed: SegmentFailed | None = None
+        self._written = 0
+
+    def take(self, pieces: Sequence[bytes]) -> None:
+        for digest, piece in zip(self.stripes, pieces, strict=True):
+            digest.update(piece)
+        if self.failed is not None:
+            return
+        block: bytes | memoryview = join_block(pieces, self._chunk)
+        if self._opener is not None:
+            try:
+                block = self._opener.feed(block)
+            except SegmentFailed as exc:
+                self.failed = exc
+                return
+        self._write(block)
+
+    def finish(self) -> None:
+        if self._opener is not None and self.failed is None:
+            try:
+                self._opener.finish()
+            except SegmentFailed as exc:
+                self.failed = exc
+
+    def _write(self, block: bytes | memoryview) -> None:
+        # Beyond the file's size is padding (authenticated with the rest): not output.
+        keep = memoryview(block)[: max(0, self._size - self._written)]
+        self._written += len(keep)
+        self.whole.update(keep)
+        if self._out is not None and keep:
+            try:
+                self._out.write(keep)
+            except OSError as exc:
+                raise LocalFileError(f"cannot write the output: {exc.strerror}") from exc
