@@ -295,3 +295,35 @@ def test_an_unusable_state_file_is_a_clear_error(servers: LiveServers, tmp_path:
     (tmp_path / "in").write_bytes(b"a")
     with Client(servers.config_path) as client, pytest.raises(UsageError, match="state file"):
         client.store(tmp_path / "in", "doc")
+
+
+def test_no_fallback_to_a_version_older_than_seen(servers: LiveServers, tmp_path: Path) -> None:
+    """A server that drops the newest data (and shows an old record) cannot roll the file back.
+
+    A client that never saw the newer version still gets the newest one both servers can
+    serve, as before.
+    """
+    import shutil
+
+    from splitstore import IntegrityError
+
+    (tmp_path / "v1").write_bytes(b"one" * 1000)
+    (tmp_path / "v2").write_bytes(b"two" * 1000)
+    with Client(servers.config_path) as client:
+        client.store(tmp_path / "v1", "doc")
+        shutil.copyfile(servers.object_dir("tcp", "doc") / "record.json", tmp_path / "old.json")
+        client.store(tmp_path / "v2", "doc")
+        v2_stripe = servers.stripe_path("tcp", "doc")
+        shutil.copyfile(tmp_path / "old.json", servers.object_dir("tcp", "doc") / "record.json")
+        v2_stripe.unlink()
+        v2_stripe.with_suffix(".meta").unlink()
+        tcp = servers.config.server("tcp").label
+        with pytest.raises(IntegrityError) as info:
+            client.fetch("doc", tmp_path / "out")
+        assert info.value.server == tcp
+        assert "no longer holds" in str(info.value)
+        assert not (tmp_path / "out").exists()
+    # a client with no memory of v2 (another machine) gets v1, which both servers hold
+    rewrite_config(servers.config_path, state_file=str(tmp_path / "fresh.state"))
+    with Client(servers.config_path) as fresh:
+        assert fresh.fetch("doc", tmp_path / "out").read_bytes() == b"one" * 1000

@@ -113,6 +113,18 @@ class _Candidate:
     manifest: Manifest
     committed_on: tuple[str, ...]
 
+    def order(self) -> tuple[int, str]:
+        return (self.manifest.created_ns, self.manifest.version_id)
+
+
+@dataclass(frozen=True)
+class _Versions:
+    """What the servers hold of a name, newest first, and what this client saw before."""
+
+    oid: str
+    candidates: list[_Candidate]
+    seen: Seen | None
+
 
 class AsyncClient:
     """A session with both servers; connections stay open across operations.
@@ -321,7 +333,7 @@ class AsyncClient:
             raise LocalFileError(f"cannot write {where}: {exc.strerror}") from exc
         if exists and not force:
             raise LocalFileError(f"{target} already exists (use --force to overwrite it)")
-        candidates = await self._candidates(name)
+        versions = await self._candidates(name)
         try:
             fd, tmp_name = tempfile.mkstemp(
                 dir=target.parent, prefix=f".{target.name[:64]}.", suffix=".splitstore-part"
@@ -331,7 +343,7 @@ class AsyncClient:
         tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb") as out:
-                await self._read_newest(name, candidates, out, progress)
+                await self._read_newest(name, versions, out, progress)
                 out.flush()
                 os.fsync(out.fileno())
             _apply_umask(tmp)
@@ -345,8 +357,8 @@ class AsyncClient:
     async def verify(self, name: str, *, progress: ProgressCallback | None = None) -> FileInfo:
         """Read back and check every byte both servers hold for ``name``; write nothing."""
         name = validate_name(name)
-        candidates = await self._candidates(name)
-        newest = candidates[0]
+        versions = await self._candidates(name)
+        newest = versions.candidates[0]
         missing = [r.label for r in self.remotes() if r.kind not in newest.committed_on]
         if missing:
             raise IntegrityError(
@@ -359,24 +371,37 @@ class AsyncClient:
             await self._read_version(name, newest.manifest, None, progress)
         except _StripeMissing as exc:
             raise IntegrityError(str(exc), server=exc.server) from None
+        self._note_seen(versions.oid, newest)
         return FileInfo.from_manifest(newest.manifest, newest.committed_on)
 
     async def _read_newest(
         self,
         name: str,
-        candidates: list[_Candidate],
+        versions: _Versions,
         out: BinaryIO,
         progress: ProgressCallback | None,
     ) -> None:
-        for i, candidate in enumerate(candidates):
+        """Read the newest version whose data both servers still hold into ``out``.
+
+        An older one is only taken if it is not older than what this client has seen:
+        a server that drops the newest data must not make an older version current.
+        """
+        for candidate in versions.candidates:
             try:
                 await self._read_version(name, candidate.manifest, out, progress)
-                return
             except _StripeMissing as exc:
-                if i + 1 == len(candidates):
+                last = candidate is versions.candidates[-1]
+                seen = versions.seen
+                if last or (seen is not None and candidate.order() <= seen.order()):
                     raise IntegrityError(str(exc), server=exc.server) from None
                 out.seek(0)
                 out.truncate()
+            else:
+                self._note_seen(versions.oid, candidate)
+                return
+
+    def _note_seen(self, oid: str, candidate: _Candidate) -> None:
+        self._seen_versions().note(oid, Seen(*candidate.order()))
 
     async def _read_version(
         self,
@@ -465,7 +490,7 @@ class AsyncClient:
                 f"{name!r} reassembled to different bytes than were stored; nothing was written"
             )
 
-    async def _candidates(self, name: str) -> list[_Candidate]:
+    async def _candidates(self, name: str) -> _Versions:
         """The versions of ``name`` the servers hold, newest first.
 
         Raises RollbackError if the newest is older than a version this client has seen
@@ -511,14 +536,13 @@ class AsyncClient:
                 )
             else:
                 entry[2].append(remote.kind)
-        seen = self._seen_versions()
-        before = seen.get(oid)
+        before = self._seen_versions().get(oid)
         if not found:
             if before is not None and not before.deleted:
-                labels = " and the ".join(r.label for r in remotes)
-                raise RollbackError(
-                    f"{name!r} was stored from this client, but neither the {labels} holds it "
-                    "now: it was deleted behind this client's back"
+                # This client never deleted it: another client did, or both servers dropped it.
+                raise NotFoundError(
+                    f"no file named {name!r} is stored (this client saw it stored; it was "
+                    "deleted elsewhere, or both servers lost it)"
                 )
             raise NotFoundError(f"no file named {name!r} is stored")
         ordered = sorted(found.values(), key=lambda v: (v[0].created_ns, v[0].version_id))
@@ -533,14 +557,15 @@ class AsyncClient:
                 f"{_when(before.created_ns)}): its data was rolled back or replayed",
                 server=stale[0],
             )
-        seen.note(oid, Seen(newest.created_ns, newest.version_id))
-        return candidates
+        return _Versions(oid, candidates, before)
 
     # -- the rest ------------------------------------------------------------------------
 
     async def stat(self, name: str) -> FileInfo:
         """What is stored under ``name`` (from the newest manifest; reads no data)."""
-        newest = (await self._candidates(validate_name(name)))[0]
+        versions = await self._candidates(validate_name(name))
+        newest = versions.candidates[0]
+        self._note_seen(versions.oid, newest)
         return FileInfo.from_manifest(newest.manifest, newest.committed_on)
 
     async def list(self) -> list[FileInfo]:
