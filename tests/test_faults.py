@@ -868,10 +868,17 @@ def test_store_cut_off_between_commits(
         client.verify("doc")
     check_message(exc_info.value, "'doc'", "cut off", server=label(servers, kind))
 
-    # Had v2's stripe not reached that server either, fetch falls back to v1, whole.
+    # Had v2's stripe not reached that server either, this client (which saw v2) refuses
+    # to fall back to v1, which would roll the file back; a client that never saw v2
+    # gets v1, whole.
     for suffix in (".stripe", ".meta"):
         (folder / f"{second.version_id}{suffix}").unlink()
-    assert fetched(client, "doc", tmp_path / "check") == v1
+    with pytest.raises(IntegrityError) as exc_info:
+        fetched(client, "doc", tmp_path / "check")
+    check_message(exc_info.value, "'doc'", "no longer holds", server=label(servers, kind))
+    fresh_config = dataclasses.replace(servers.config, state_file=tmp_path / "fresh.state")
+    with Client(fresh_config) as fresh:
+        assert fetched(fresh, "doc", tmp_path / "check") == v1
     assert partials(tmp_path / "check") == []
     with pytest.raises(IntegrityError):
         client.verify("doc")

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 from ._config import Config, load_config
-from ._crypto import PayloadCipher, ciphertext_size, new_file_key, padme
+from ._crypto import PayloadCipher, ciphertext_size, manifest_key_id, new_file_key, padme
 from ._errors import (
     ConfigError,
     IntegrityError,
@@ -57,6 +57,10 @@ __all__ = ["AsyncClient", "Client", "FileInfo", "ProgressCallback"]
 
 #: Called with (bytes done, bytes in all) as a transfer moves on.
 ProgressCallback = Callable[[int, int], None]
+
+# Records looked at before "not found" is put down to a wrong key (a namespace of
+# another key's files shows that at once; one of this key's files rules it out).
+_KEY_PROBE_RECORDS = 16
 
 # Blocks queued per server between the file reader and the uploads; with ~4 MiB blocks
 # this bounds the client's buffers to a few tens of MiB whatever the file size.
@@ -500,11 +504,29 @@ class AsyncClient:
         keyring = self.keyring()
         oid = keyring.object_id(name)
         outcomes = await _run_all([_none_if_missing(r.get_record(oid)) for r in remotes])
-        found: dict[str, tuple[Manifest, bytes, list[str]]] = {}
+        opened: list[tuple[Remote, ObjectRecord, Manifest]] = []
+        wrong_key: list[tuple[Remote, WrongKeyError]] = []
         for remote, record in zip(remotes, outcomes, strict=True):
             if record is None:
                 continue
-            manifest = keyring.open(oid, record.manifest, remote.label, name)
+            try:
+                opened.append(
+                    (remote, record, keyring.open(oid, record.manifest, remote.label, name))
+                )
+            except WrongKeyError as exc:
+                wrong_key.append((remote, exc))
+        if wrong_key and opened:
+            # The key id is not secret: a server can rewrite it to pose as a key problem.
+            remote = wrong_key[0][0]
+            raise IntegrityError(
+                f"the {remote.label}'s manifest of {name!r} names another master key, while "
+                f"the {opened[0][0].label}'s opens with this one: it was forged or damaged",
+                server=remote.label,
+            )
+        if wrong_key:
+            raise wrong_key[0][1]
+        found: dict[str, tuple[Manifest, bytes, list[str]]] = {}
+        for remote, record, manifest in opened:
             if manifest.name != name:
                 raise IntegrityError(
                     f"the {remote.label} answered for {name!r} with the manifest of another file",
@@ -538,6 +560,7 @@ class AsyncClient:
                 entry[2].append(remote.kind)
         before = self._seen_versions().get(oid)
         if not found:
+            await self._raise_if_wrong_key(name)
             if before is not None and not before.deleted:
                 # This client never deleted it: another client did, or both servers dropped it.
                 raise NotFoundError(
@@ -558,6 +581,41 @@ class AsyncClient:
                 server=stale[0],
             )
         return _Versions(oid, candidates, before)
+
+    async def _raise_if_wrong_key(self, name: str) -> None:
+        """Before saying "not found": is this setup's key the wrong one for the namespace?
+
+        Object ids depend on the key, so with a wrong key every name looks absent. If the
+        namespace holds records and the first few are all sealed with another key, say so.
+        """
+        keyring = self.keyring()
+        if not keyring.encrypted:
+            return
+        others: set[str] = set()
+        records = self.remotes()[0].list_records()
+        try:
+            checked = 0
+            async for _, record in records:
+                kid = manifest_key_id(record.manifest)
+                if kid is not None and kid.hex() == keyring.key_id:
+                    return
+                if kid is not None:
+                    others.add(kid.hex())
+                checked += 1
+                if checked >= _KEY_PROBE_RECORDS:
+                    break
+        finally:
+            # Stopped early: close the listing now, so its connection is not reused.
+            aclose = getattr(records, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        if others:
+            raise WrongKeyError(
+                f"no file named {name!r} is stored under this config's master key (key id "
+                f"{keyring.key_id}), and what is stored was sealed with another master key "
+                f"({', '.join(sorted(others))}): use the key it was stored with "
+                "('splitstore key import')"
+            )
 
     # -- the rest ------------------------------------------------------------------------
 
