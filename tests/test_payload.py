@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 
 from splitstore._crypto import SEGMENT_SIZE, PayloadCipher, ciphertext_size
 from splitstore._errors import LocalFileError
-from splitstore._payload import RoundCutter, SegmentFailed, StreamOpener, StreamSealer
+from splitstore._payload import RoundSealer, SegmentFailed, StreamOpener, StreamSealer
 from splitstore._pipeline import PieceSink, PieceSource
-from splitstore._stripes import join_block, split_block, stripe_lengths
+from splitstore._stripes import join_block, stripe_lengths
 
 OID, VID = "ab" * 32, "cd" * 16
 
@@ -94,25 +94,18 @@ def test_any_file_and_padding_round_trip(data: bytes, extra: int, chunk: int) ->
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.binary(max_size=20_000), st.lists(st.integers(1, 5000), min_size=1, max_size=30))
-def test_round_cutter_gives_whole_rounds_whatever_the_feed(data: bytes, cuts: list[int]) -> None:
-    cutter = RoundCutter(7, 2)
-    pieces: list[list[bytes]] = []
-    fed = 0
-    for n in cuts:
-        got = cutter.push(data[fed : fed + n])
-        fed += len(data[fed : fed + n])
-        if got is not None:
-            assert sum(map(len, got)) % 14 == 0
-            pieces.append(got)
-    rest = cutter.push(data[fed:])
-    if rest is not None:
-        pieces.append(rest)
-    tail = cutter.finish()
-    if tail is not None:
-        pieces.append(tail)
-    stripes = [b"".join(p[i] for p in pieces) for i in range(2)]
-    assert stripes == split_block(data, 7, 2)
+@given(st.binary(max_size=5 * SEGMENT_SIZE), st.sampled_from([1, 7, 1024]))
+def test_round_sealer_gives_whole_rounds_of_the_sealed_stream(data: bytes, chunk: int) -> None:
+    sealed = seal_all(data)
+    rounds = RoundSealer(StreamSealer(cipher(), len(data)), 2 * chunk, 2 * SEGMENT_SIZE)
+    out = bytearray()
+    blocks = range(0, max(len(data), 1), 2 * SEGMENT_SIZE)
+    for i, start in enumerate(blocks):
+        view = rounds.seal(memoryview(data)[start : start + 2 * SEGMENT_SIZE], i == len(blocks) - 1)
+        if i < len(blocks) - 1:
+            assert len(view) % (2 * chunk) == 0
+        out += view
+    assert bytes(out) == sealed
 
 
 def test_opener_names_the_failing_segment_and_releases_nothing_of_it() -> None:
@@ -130,7 +123,7 @@ def test_opener_names_the_failing_segment_and_releases_nothing_of_it() -> None:
 
 def open_all(sealed: bytes) -> bytes:
     opener = StreamOpener(cipher(), len(sealed))
-    out = opener.feed(sealed)
+    out = bytes(opener.feed(sealed))
     opener.finish()
     return out
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import io
 import os
 import stat as stat_mod
 import tempfile
@@ -818,7 +819,7 @@ def _when(ns: int) -> str:
 _O_NONBLOCK: int = getattr(os, "O_NONBLOCK", 0)
 
 
-def _open_source(path: Path) -> BinaryIO:
+def _open_source(path: Path) -> io.BufferedReader:
     try:
         # Non-blocking: opening a FIFO for reading would otherwise wait for a writer forever.
         fd = os.open(path, os.O_RDONLY | _O_NONBLOCK)

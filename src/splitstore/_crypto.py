@@ -128,11 +128,24 @@ class PayloadCipher:
         return index.to_bytes(_COUNTER_BYTES, "big") + (b"\x01" if last else b"\x00")
 
     def seal(self, index: int, plaintext: bytes | memoryview, last: bool) -> bytes:
-        return self._aead.encrypt(self._nonce(index, last), bytes(plaintext), None)
+        return self._aead.encrypt(self._nonce(index, last), plaintext, None)
 
     def open(self, index: int, ciphertext: bytes | memoryview, last: bool) -> bytes:
         try:
-            return self._aead.decrypt(self._nonce(index, last), bytes(ciphertext), None)
+            return self._aead.decrypt(self._nonce(index, last), ciphertext, None)
+        except InvalidTag:
+            raise DecryptionFailed(f"segment {index} does not authenticate") from None
+
+    # The _into forms write into a caller's buffer (len(plaintext) + TAG_SIZE bytes, or
+    # len(ciphertext) - TAG_SIZE): streaming then allocates nothing per segment.
+
+    def seal_into(self, index: int, plaintext: memoryview, last: bool, out: memoryview) -> None:
+        self._aead.encrypt_into(self._nonce(index, last), plaintext, None, out)
+
+    def open_into(self, index: int, ciphertext: memoryview, last: bool, out: memoryview) -> None:
+        """Open into ``out``; on DecryptionFailed, what ``out`` holds must not be used."""
+        try:
+            self._aead.decrypt_into(self._nonce(index, last), ciphertext, None, out)
         except InvalidTag:
             raise DecryptionFailed(f"segment {index} does not authenticate") from None
 

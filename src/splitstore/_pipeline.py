@@ -9,11 +9,12 @@ one block and runs in a worker thread, one at a time, so memory stays at a few b
 from __future__ import annotations
 
 import hashlib
+import io
 from collections.abc import Sequence
 from typing import BinaryIO
 
 from ._errors import LocalFileError
-from ._payload import PLAIN_BLOCK_BYTES, RoundCutter, SegmentFailed, StreamOpener, StreamSealer
+from ._payload import PLAIN_BLOCK_BYTES, RoundSealer, SegmentFailed, StreamOpener, StreamSealer
 from ._stripes import block_size_for, join_block, split_block
 
 __all__ = ["PieceSink", "PieceSource"]
@@ -24,12 +25,13 @@ class PieceSource:
 
     The plaintext stream is the file's ``size`` bytes, then zeros up to ``padded_size``
     (padding only exists when encrypting). A file that grows or shrinks while it is read
-    is an error, never a silently different stored version.
+    is an error, never a silently different stored version. The file is read into one
+    reused buffer; the pieces are fresh bytes, free to queue.
     """
 
     def __init__(
         self,
-        f: BinaryIO,
+        f: io.BufferedIOBase,
         size: int,
         chunk_size: int,
         servers: int,
@@ -41,10 +43,12 @@ class PieceSource:
         self._padded = size if padded_size is None else padded_size
         self._chunk = chunk_size
         self._servers = servers
-        self._sealer = sealer
-        self._cutter = RoundCutter(chunk_size, servers) if sealer else None
         # Encrypting: whole segments per block; else whole chunk rounds per block.
         self._block = PLAIN_BLOCK_BYTES if sealer else block_size_for(chunk_size, servers)
+        self._rounds = (
+            RoundSealer(sealer, chunk_size * servers, self._block) if sealer is not None else None
+        )
+        self._buf = bytearray(min(self._block, max(self._padded, 1)))
         self.whole = hashlib.sha256()
         self.stripes = [hashlib.sha256() for _ in range(servers)]
         self.done = 0  # plaintext bytes of the stream consumed (file and padding)
@@ -56,36 +60,36 @@ class PieceSource:
             return None
         block = self._read(min(self._block, self._padded - self.done))
         self._ended = self.done == self._padded
-        if self._sealer is None or self._cutter is None:
+        if self._rounds is None:
             if not block:
                 return None
-            pieces = split_block(block, self._chunk, self._servers)
+            stream = block
         else:
-            sealed = self._sealer.seal(block)
-            pieces = self._cutter.push(sealed) or [b""] * self._servers
-            if self._ended:
-                tail = self._cutter.finish()
-                if tail:
-                    pieces = [a + b for a, b in zip(pieces, tail, strict=True)]
+            stream = self._rounds.seal(block, self._ended)
+        pieces = split_block(stream, self._chunk, self._servers)
         for digest, piece in zip(self.stripes, pieces, strict=True):
             digest.update(piece)
         return pieces
 
-    def _read(self, n: int) -> bytes:
+    def _read(self, n: int) -> memoryview:
+        view = memoryview(self._buf)[:n]
         from_file = max(0, min(n, self.size - self.done))
         try:
-            data = self._f.read(from_file) if from_file else b""
-            if len(data) != from_file:
-                raise LocalFileError("the file shrank while it was being stored")
+            got = 0
+            while got < from_file:
+                count = self._f.readinto(view[got:from_file])
+                if not count:
+                    raise LocalFileError("the file shrank while it was being stored")
+                got += count
             if self.done + from_file == self.size and self._f.read(1):
                 raise LocalFileError("the file grew while it was being stored")
         except OSError as exc:
             raise LocalFileError(f"cannot read the file: {exc.strerror}") from exc
-        self.whole.update(data)
+        self.whole.update(view[:from_file])
         self.done += n
         if n > from_file:
-            data += bytes(n - from_file)
-        return data
+            view[from_file:] = bytes(n - from_file)
+        return view
 
 
 class PieceSink:
@@ -112,13 +116,14 @@ class PieceSink:
         self.stripes = [hashlib.sha256() for _ in range(servers)]
         self.failed: SegmentFailed | None = None
         self._written = 0
+        self._joined = bytearray()  # reused for each block's interleaved stream
 
     def take(self, pieces: Sequence[bytes]) -> None:
         for digest, piece in zip(self.stripes, pieces, strict=True):
             digest.update(piece)
         if self.failed is not None:
             return
-        block: bytes | memoryview = join_block(pieces, self._chunk)
+        block: bytes | memoryview = join_block(pieces, self._chunk, self._joined)
         if self._opener is not None:
             try:
                 block = self._opener.feed(block)

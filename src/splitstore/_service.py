@@ -129,6 +129,9 @@ class StorageService:
         body: AsyncIterator[bytes],
     ) -> tuple[int, str]:
         upload = await asyncio.to_thread(store.begin_stripe, object_id, version_id, length)
+        # One batch is written (and hashed) in a worker thread while the next one arrives,
+        # so the network and the disk work at the same time.
+        writing: asyncio.Future[None] | None = None
         try:
             batch: list[bytes] = []
             batched = 0
@@ -136,12 +139,21 @@ class StorageService:
                 batch.append(piece)
                 batched += len(piece)
                 if batched >= IO_BATCH_BYTES:
-                    await asyncio.to_thread(_write_all, upload, batch)
+                    if writing is not None:
+                        await writing
+                    writing = asyncio.ensure_future(asyncio.to_thread(_write_all, upload, batch))
                     batch, batched = [], 0
+            if writing is not None:
+                await writing
             if batch:
                 await asyncio.to_thread(_write_all, upload, batch)
             digest = await asyncio.to_thread(upload.finish)
         except BaseException:
+            if writing is not None:
+                # Let a write still running in its thread end before the file is closed.
+                await asyncio.wait([writing])
+                if not writing.cancelled():
+                    writing.exception()
             await asyncio.to_thread(upload.abort)
             raise
         return length, digest

@@ -57,6 +57,9 @@ DATA_FORMAT = "splitstore-server-data 2"
 DATA_FORMAT_1 = "splitstore-server-data 1"
 # One stripe of a 2**53-byte file; the per-tenant quotas of later versions sit below this.
 MAX_STRIPE_BYTES = 2**53 - 1
+# Bytes of an upload written between two fdatasync calls: large enough that a sync costs
+# little, small enough that the final fsync of a large stripe is short.
+SYNC_EVERY_BYTES = 16 * 1024 * 1024
 # A record is a few hashes and an encoded manifest.
 MAX_RECORD_BYTES = 2 * MAX_MANIFEST_BYTES
 # The .meta file beside each stripe ({"length": N, "sha256": HEX} is under 100 bytes):
@@ -395,6 +398,7 @@ class _DiskUpload:
         self._final = final
         self._length = length
         self._received = 0
+        self._unsynced = 0
         self._hash = hashlib.sha256()
         fd, name = tempfile.mkstemp(dir=store._tmp, suffix=".part")
         self._tmp = Path(name)
@@ -409,6 +413,13 @@ class _DiskUpload:
         self._hash.update(data)
         with _translate_os_errors():
             self._file.write(data)
+            self._unsynced += len(data)
+            if self._unsynced >= SYNC_EVERY_BYTES:
+                # Flush as we go: the final fsync then has little left to write, instead of
+                # the whole stripe at once after the last byte (the kernel would otherwise
+                # hold it all in the page cache until then).
+                os.fdatasync(self._file.fileno())
+                self._unsynced = 0
 
     def finish(self) -> str:
         if self._file is None:

@@ -74,11 +74,16 @@ def split_block(
     return pieces
 
 
-def join_block(pieces: Sequence[bytes | bytearray | memoryview], chunk_size: int) -> memoryview:
+def join_block(
+    pieces: Sequence[bytes | bytearray | memoryview],
+    chunk_size: int,
+    into: bytearray | None = None,
+) -> memoryview:
     """Interleave one piece per server back into the block they came from.
 
     The pieces must be exactly what ``split_block`` made of one block (their lengths
-    say where the block ends); anything else raises ValueError.
+    say where the block ends); anything else raises ValueError. With ``into``, the block
+    is built in that buffer (grown if need be) and the view is valid until its next use.
     """
     servers = len(pieces)
     arrays = [np.frombuffer(p, dtype=np.uint8) for p in pieces]
@@ -87,7 +92,12 @@ def join_block(pieces: Sequence[bytes | bytearray | memoryview], chunk_size: int
         raise ValueError("pieces do not have the lengths of one block's stripes")
     round_bytes = chunk_size * servers
     full_rounds = total // round_bytes
-    out = np.empty(total, dtype=np.uint8)
+    if into is None:
+        out = np.empty(total, dtype=np.uint8)
+    else:
+        if len(into) < total:
+            into.extend(bytes(total - len(into)))
+        out = np.frombuffer(into, dtype=np.uint8, count=total)
     head = out[: full_rounds * round_bytes].reshape(full_rounds, servers, chunk_size)
     offset = full_rounds * round_bytes
     for i, arr in enumerate(arrays):
