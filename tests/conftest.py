@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
@@ -17,18 +16,12 @@ from splitstore._keys import load_master_key
 from splitstore._serve import RunningServer, ServerSpec, start_server
 from splitstore._service import ServerLimits
 from splitstore._setup import SetupPaths, init_setup
+from splitstore._setup import free_loopback_port as free_port
 
 T = TypeVar("T")
 
 # Short enough that time-out tests finish quickly, long enough for a loaded CI machine.
 TEST_LIMITS = ServerLimits(handshake_timeout=2.0, idle_timeout=3.0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class LoopThread:

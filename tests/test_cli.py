@@ -25,10 +25,11 @@ from splitstore import _progress
 from splitstore._cli import main
 from splitstore._client import AsyncClient
 from splitstore._progress import TransferProgress
+from splitstore._setup import free_loopback_port as free_port
 from splitstore._setup import init_setup
 from splitstore._version import __version__
 
-from .conftest import LiveServers, free_port
+from .conftest import LiveServers
 
 COMMANDS = ["init", "serve", "put", "get", "ls", "rm", "stat", "verify", "demo", "tenant"]
 

@@ -14,10 +14,11 @@ from splitstore import Client, ConfigError, UsageError, WrongKeyError, load_conf
 from splitstore._cli import main
 from splitstore._crypto import ciphertext_size, padme
 from splitstore._keys import PASSPHRASE_ENV_VAR, read_key_file
+from splitstore._setup import free_loopback_port as free_port
 from splitstore._state import SeenVersions
 from splitstore._stripes import stripe_lengths
 
-from .conftest import LiveServers, free_port
+from .conftest import LiveServers
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, str]:

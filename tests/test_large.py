@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from splitstore._setup import free_loopback_port as free_port
 from splitstore._setup import init_setup
-
-from .conftest import free_port
 
 SIZE = 256 * 1024 * 1024 + 12_345  # not a whole number of chunks, on purpose
 # Far below the file's size: flat memory is the point. Python, numpy, aiohttp and

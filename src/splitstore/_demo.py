@@ -13,7 +13,6 @@ import filecmp
 import hashlib
 import random
 import shutil
-import socket
 import tempfile
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from ._client import AsyncClient
 from ._config import ENCRYPTION_ON, load_config
 from ._errors import UsageError
 from ._serve import ServerSpec, start_server
-from ._setup import init_setup
+from ._setup import free_loopback_port, init_setup
 from ._stripes import stripe_lengths
 
 __all__ = ["make_sample_file", "run_demo"]
@@ -62,7 +61,9 @@ def run_demo(
 async def _demo(root: Path, size: int, encryption: str) -> int:
     mode = "encryption on" if encryption == ENCRYPTION_ON else "encryption OFF"
     print(f"1. writing a throwaway setup ({mode}) in {root}")
-    paths = init_setup(root, https_port=_free_port(), tcp_port=_free_port(), encryption=encryption)
+    paths = init_setup(
+        root, https_port=free_loopback_port(), tcp_port=free_loopback_port(), encryption=encryption
+    )
     config = load_config(paths.config)
     servers = []
     try:
@@ -112,13 +113,6 @@ async def _demo(root: Path, size: int, encryption: str) -> int:
     finally:
         for running in servers:
             await running.close()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _stripe_path(data_dir: Path, object_id: str, version_id: str) -> Path:

@@ -28,6 +28,7 @@ import json
 import os
 import re
 import secrets
+import socket
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,7 @@ __all__ = [
     "DEFAULT_HOSTNAMES",
     "CertAndKey",
     "SetupPaths",
+    "free_loopback_port",
     "generate_ca",
     "init_setup",
     "issue_server_cert",
@@ -507,3 +509,11 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def free_loopback_port() -> int:
+    """A TCP port free on 127.0.0.1 right now, for throwaway setups (demo, tests, benchmarks)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port

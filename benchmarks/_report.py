@@ -1,0 +1,103 @@
+"""The results as tables on the terminal, and as a JSON file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["print_report", "write_json"]
+
+# Rows of the two tables, in order; operations that were not measured are left out.
+TRANSFERS = [
+    "store_encrypted",
+    "fetch_encrypted",
+    "store_plain",
+    "fetch_plain",
+    "tls_copy",
+    "restic_backup",
+    "restic_restore",
+    "rclone_copy_to",
+    "rclone_copy_back",
+]
+MANY = ["small_store", "small_fetch", "ls_fill", "ls"]
+
+
+def print_report(results: dict[str, Any], console: Console | None = None) -> None:
+    if console is None:
+        console = Console()
+        if not console.is_terminal:
+            console.width = 120  # rich's default of 80 columns would fold the tables
+    meta, ops = results["meta"], results["operations"]
+    size = meta["size_bytes"] / 2**20
+    runs = meta["runs"]
+
+    big = Table(title=f"One {size:g} MiB file: median of {runs} runs")
+    big.add_column("operation", no_wrap=True)
+    for column in ("MB/s", "min-max", "seconds"):
+        big.add_column(column, justify="right", no_wrap=True)
+    _memory_columns(big)
+    for key in TRANSFERS:
+        if key in ops:
+            big.add_row(*_row(ops[key]))
+    console.print(big)
+
+    many = Table(title=f"Many files: median of {runs} runs")
+    many.add_column("operation", no_wrap=True)
+    for column in ("rate", "min-max", "seconds"):
+        many.add_column(column, justify="right", no_wrap=True)
+    _memory_columns(many)
+    for key in MANY:
+        if key in ops:
+            many.add_row(*_row(ops[key], with_unit=True))
+    console.print(many)
+
+    table = Table(title="Ratios of median rates (targets for information)")
+    for column in ("ratio", "value", "target", "meets it"):
+        table.add_column(column, justify="left" if column == "ratio" else "right")
+    for r in results["ratios"]:
+        value = "not measured" if r["value"] is None else f"{r['value']:.2f}x"
+        target = "" if r["target"] is None else f">= {r['target']:g}x"
+        meets = {True: "yes", False: "NO", None: ""}[r["meets"]]
+        table.add_row(r["name"], value, target, meets)
+    console.print(table)
+
+    about = [f"splitstore {meta['commit'] or meta['splitstore']}", f"{meta['cpus']} CPUs"]
+    about += [f"Python {meta['python']}", meta["openssl"], meta["tls"]]
+    console.print(", ".join([*about, *meta["tools"].values()]), highlight=False)
+    phases = ", ".join(f"{k} {v:.0f} s" for k, v in meta["phase_seconds"].items())
+    console.print(f"time: {meta['seconds']:.0f} s in all ({phases})", highlight=False)
+    for note in results["notes"]:
+        console.print(f"- {note}", highlight=False)
+
+
+def _memory_columns(table: Table) -> None:
+    for column in ("client MiB", "client CPU", "server MiB", "server CPU"):
+        table.add_column(column, justify="right")
+
+
+def _row(op: dict[str, Any], *, with_unit: bool = False) -> list[str]:
+    rate, secs = op["rate"], op["seconds"]
+    unit = f" {op['unit']}" if with_unit else ""
+    return [
+        op["label"],
+        f"{rate['median']:,.0f}{unit}" if rate["median"] >= 10 else f"{rate['median']:.2f}{unit}",
+        f"{rate['min']:,.0f}-{rate['max']:,.0f}",
+        f"{secs['median']:.2f}",
+        _num(op["client_peak_mib"], "{:.0f}"),
+        _num(op["client_cpu_seconds"], "{:.2f}"),
+        _num(op["server_peak_mib"], "{:.0f}"),
+        _num(op["server_cpu_seconds"], "{:.2f}"),
+    ]
+
+
+def _num(value: float | None, form: str) -> str:
+    return "-" if value is None else form.format(value)
+
+
+def write_json(results: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")

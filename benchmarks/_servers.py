@@ -1,0 +1,95 @@
+"""A throwaway setup and its two servers, run by ``splitstore serve`` in a subprocess.
+
+The servers live in their own process so that their CPU time and peak memory are
+measured apart from the client's.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+from splitstore._setup import SetupPaths, free_loopback_port, init_setup
+
+from ._proc import cpu_seconds, die_with_parent, peak_rss, reset_peak, stop_process
+
+__all__ = ["ServerProcess"]
+
+START_TIMEOUT = 30.0
+
+
+class ServerProcess:
+    """``init_setup`` in ``root``, then both servers of it in one child process.
+
+    Use as a context manager: the servers are stopped on the way out, error or not.
+    """
+
+    def __init__(self, root: Path, *, encryption: str) -> None:
+        self.ports = (free_loopback_port(), free_loopback_port())
+        self.paths: SetupPaths = init_setup(
+            root, https_port=self.ports[0], tcp_port=self.ports[1], encryption=encryption
+        )
+        self.log = root / "serve.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._cpu_mark = 0.0
+        #: False if this kernel does not let us reset the peak: it then covers all so far.
+        self.peak_resettable = True
+
+    @property
+    def config(self) -> Path:
+        return self.paths.config
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None, "the servers are not running"
+        return self._proc.pid
+
+    def __enter__(self) -> ServerProcess:
+        with self.log.open("wb") as out:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "splitstore", "serve", "--config", str(self.config)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=die_with_parent,  # safe: no other threads run here yet
+            )
+        try:
+            self._wait_until_listening()
+        except BaseException:
+            stop_process(self._proc)
+            raise
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._proc is not None:
+            stop_process(self._proc)
+
+    def _wait_until_listening(self) -> None:
+        assert self._proc is not None
+        deadline = time.monotonic() + START_TIMEOUT
+        waiting = list(self.ports)
+        while waiting:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"splitstore serve exited early:\n{self.log.read_text()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"splitstore serve did not start in {START_TIMEOUT:.0f} s")
+            try:
+                socket.create_connection(("127.0.0.1", waiting[0]), timeout=1).close()
+                waiting.pop(0)
+            except OSError:
+                time.sleep(0.05)
+
+    def mark(self) -> None:
+        """Start measuring one operation: peak memory from now, CPU time from now."""
+        self.peak_resettable = reset_peak(self.pid) and self.peak_resettable
+        self._cpu_mark = cpu_seconds(self.pid)
+
+    def usage(self) -> tuple[int, float]:
+        """Peak RSS (bytes) and CPU seconds of the servers since ``mark``."""
+        return peak_rss(self.pid), cpu_seconds(self.pid) - self._cpu_mark

@@ -1,0 +1,311 @@
+"""The whole run: each phase in turn, in one temporary folder that is removed at the end."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import platform
+import resource
+import shutil
+import ssl
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from splitstore import __version__
+from splitstore._config import ENCRYPTION_ON
+from splitstore._setup import SetupPaths
+
+from ._data import make_file, make_small_files
+from ._measure import ClientRunner, Run, summarise
+from ._proc import ToolFailed
+from ._reference import Rclone, Restic, Tools, find_tools
+from ._runner import FILL_CONCURRENCY
+from ._servers import ServerProcess
+from ._stats import MIB
+from ._tls_copy import tls_copy
+
+__all__ = ["Options", "run_suite"]
+
+SMALL_FILE_BYTES = 4096
+LISTED_FILE_BYTES = 64
+MB = 1e6  # rates are in MB/s, 10^6 bytes a second, as dd and most tools print them
+
+NOTES = [
+    "the test file was just written, so its reads are likely served from the page cache "
+    "(dropping the cache needs privileges and is not attempted)",
+    "splitstore fsyncs (the servers every stripe, the client every fetched file); restic "
+    "and rclone may not",
+    "each setup's two servers run in one process ('splitstore serve --config') on the "
+    "client's machine and cores; the runs with encryption on and off alternate",
+    "client times cover the operation inside its process (start-up and imports excluded); "
+    "restic and rclone times include their start-up",
+    "the TLS copy is memory to memory, in this process; restic backs up into a new local "
+    "repository each run, rclone copies to a local crypt remote; the 4 KiB files are "
+    "stored, then fetched, through one Client session (peaks and CPU cover both); ls lists "
+    "those, the large file and tiny files stored to make up the count",
+    "MiB: peak RSS (VmHWM) of the process; CPU: its user + system seconds",
+]
+
+
+@dataclass(frozen=True)
+class Options:
+    size: int
+    runs: int
+    small_files: int
+    ls_names: int
+    references: bool
+    quick: bool
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+def run_suite(options: Options) -> dict[str, Any]:
+    """Run every benchmark; return the results as a JSON-ready dict."""
+    if options.references:
+        tools = find_tools(install=True)
+    else:
+        tools = Tools(notes=["restic and rclone left out (--skip-reference)"])
+    with tempfile.TemporaryDirectory(prefix="splitstore-bench-", ignore_cleanup_errors=True) as tmp:
+        return _Suite(options, Path(tmp), tools).run()
+
+
+class _Suite:
+    def __init__(self, options: Options, work: Path, tools: Tools) -> None:
+        self.o, self.work, self.tools = options, work, tools
+        self.runner = ClientRunner(work)
+        self.ops: dict[str, dict[str, Any]] = {}
+        self.notes = [*NOTES, *tools.notes]
+        self.phases: dict[str, float] = {}
+        self.tls = ""
+
+    def run(self) -> dict[str, Any]:
+        started, clock = dt.datetime.now(dt.UTC), time.perf_counter()
+        mib = f"{self.o.size / MIB:g} MiB"
+        with self._phase("test file", f"writing {mib} of random bytes in {self.work}"):
+            big = make_file(self.work / "big.bin", self.o.size)
+        with contextlib.ExitStack() as stack:
+            setups = {
+                mode: stack.enter_context(ServerProcess(self.work / f"setup-{mode}", encryption=e))
+                for mode, e in {"encrypted": ENCRYPTION_ON, "plain": "none"}.items()
+            }
+            with self._phase("large file", f"store and fetch {mib}, encrypted and not"):
+                self._large_file(setups, big)
+            encrypted = setups["encrypted"]
+            with self._phase("tls copy", f"loopback TLS copy of {mib} (the reference)"):
+                self._tls_copy(encrypted.paths)
+            n = self.o.small_files
+            with self._phase("small files", f"store, then fetch, {n} files of 4 KiB"):
+                self._small_files(encrypted)
+            # The listing reuses what is stored already: the large file and the small ones.
+            stored = 1 + self.o.runs * self.o.small_files
+            more = max(0, self.o.ls_names - stored)
+            with self._phase("ls fill", f"store {more} more names, {FILL_CONCURRENCY} at a time"):
+                self._fill(encrypted, more)
+            with self._phase("ls", f"ls of {stored + more} names"):
+                self._listing(encrypted, stored + more)
+            for servers in setups.values():
+                self._check_peak(servers)
+        for name in ("restic", "rclone"):
+            exe = self.tools.paths.get(name)
+            if exe is not None:
+                with self._phase(name, f"{name} with the same {mib}"):
+                    self._reference(name, exe, big)
+        meta = self._meta(started, time.perf_counter() - clock)
+        return {
+            "meta": meta,
+            "operations": self.ops,
+            "ratios": ratios(self.ops),
+            "notes": self.notes,
+        }
+
+    @contextlib.contextmanager
+    def _phase(self, key: str, message: str) -> Iterator[None]:
+        say(f"benchmarks: {message}")
+        start = time.perf_counter()
+        yield
+        self.phases[key] = time.perf_counter() - start
+
+    # -- phases --------------------------------------------------------------------------
+
+    def _large_file(self, setups: dict[str, ServerProcess], big: Path) -> None:
+        """Runs of the two setups alternate, so that a machine that slows down or speeds
+        up meanwhile does not tilt the ratio of encryption on to off."""
+        dest = self.work / "fetched.bin"
+        amount = self.o.size / MB
+        runs: dict[str, list[Run]] = {}
+        for i in range(self.o.runs):
+            for mode, servers in setups.items():
+                for op, args in (
+                    ("store", (big, "bench/big.bin")),
+                    ("fetch", ("bench/big.bin", dest)),
+                ):
+                    runs.setdefault(f"{op}_{mode}", []).append(self.runner.run(servers, op, *args))
+                if dest.stat().st_size != self.o.size:
+                    raise RuntimeError(f"the fetched file has {dest.stat().st_size} bytes")
+                dest.unlink()
+                up, down = (amount / runs[f"{op}_{mode}"][-1].seconds for op in ("store", "fetch"))
+                rates = f"store {up:.0f} MB/s, fetch {down:.0f} MB/s"
+                say(f"  run {i + 1}/{self.o.runs}, {mode}: {rates}")
+        for key, key_runs in runs.items():
+            op, mode = key.split("_")
+            what = "encrypted" if mode == "encrypted" else "not encrypted"
+            self.ops[key] = summarise(f"{op}, {what}", key_runs, amount, "MB/s")
+
+    def _tls_copy(self, paths: SetupPaths) -> None:
+        runs = []
+        for i in range(self.o.runs):
+            cpu = _own_cpu()
+            copy = tls_copy(paths, self.o.size)
+            runs.append(Run(copy.seconds, None, _own_cpu() - cpu))
+            self.tls = f"{copy.version} {copy.cipher}"
+            say(f"  run {i + 1}/{self.o.runs}: {self.o.size / MB / copy.seconds:.0f} MB/s")
+        self.ops["tls_copy"] = summarise("loopback TLS copy", runs, self.o.size / MB, "MB/s")
+
+    def _small_files(self, servers: ServerProcess) -> None:
+        n = self.o.small_files
+        source = make_small_files(self.work / "small", n, SMALL_FILE_BYTES)
+        dest = self.work / "small-fetched"
+        runs = []
+        for i in range(self.o.runs):
+            dest.mkdir()
+            run = self.runner.run(servers, "small", source, dest, f"small/{i}")
+            runs.append(run)
+            shutil.rmtree(dest)
+            up, down = (n / run.extra[f"{op}_seconds"] for op in ("store", "fetch"))
+            say(f"  run {i + 1}/{self.o.runs}: store {up:.0f} files/s, fetch {down:.0f} files/s")
+        for op in ("store", "fetch"):
+            seconds = [r.extra[f"{op}_seconds"] for r in runs]
+            label = f"{op} {n} x 4 KiB"
+            self.ops[f"small_{op}"] = summarise(label, runs, n, "files/s", seconds=seconds)
+
+    def _fill(self, servers: ServerProcess, n: int) -> None:
+        if n == 0:
+            return
+        source = make_file(self.work / "listed.bin", LISTED_FILE_BYTES)
+        fill = self.runner.run(servers, "fill", source, str(n), "names")
+        say(f"  {n / fill.seconds:.0f} files/s")
+        label = f"store {n} names, {FILL_CONCURRENCY} at once"
+        self.ops["ls_fill"] = summarise(label, [fill], n, "files/s")
+
+    def _listing(self, servers: ServerProcess, n: int) -> None:
+        runs = []
+        for i in range(self.o.runs):
+            runs.append(self.runner.run(servers, "ls"))
+            if runs[-1].extra["names"] != n:
+                raise RuntimeError(f"ls listed {runs[-1].extra['names']} names, not {n}")
+            say(f"  run {i + 1}/{self.o.runs}: {runs[-1].seconds:.2f} s")
+        self.ops["ls"] = summarise(f"ls of {n} names", runs, n, "names/s")
+
+    def _reference(self, name: str, exe: str, big: Path) -> None:
+        tool = Restic if name == "restic" else Rclone
+        keys = REFERENCE_KEYS[name]
+        amount = self.o.size / MB
+        ups: list[Run] = []
+        downs: list[Run] = []
+        try:
+            runner = tool(exe, self.work / name)
+            for i in range(self.o.runs):
+                up, down = runner.run(big, i)
+                ups.append(Run.of_tool(up))
+                downs.append(Run.of_tool(down))
+                rates = f"{amount / up.seconds:.0f} MB/s, {amount / down.seconds:.0f} MB/s"
+                say(f"  run {i + 1}/{self.o.runs}: {keys[0][1]} and {keys[1][1]}: {rates}")
+        except (ToolFailed, OSError, RuntimeError, subprocess.CalledProcessError) as exc:
+            self.notes.append(f"{name} failed, so its comparison is left out: {exc}")
+            say(f"  {name} failed: {exc}")
+            return
+        for (key, label), runs in zip(keys, (ups, downs), strict=True):
+            self.ops[key] = summarise(label, runs, amount, "MB/s")
+
+    # -- the rest ------------------------------------------------------------------------
+
+    def _check_peak(self, servers: ServerProcess) -> None:
+        note = "the servers' peak memory could not be reset per operation: it is the peak so far"
+        if not servers.peak_resettable and note not in self.notes:
+            self.notes.append(note)
+
+    def _meta(self, started: dt.datetime, seconds: float) -> dict[str, Any]:
+        return {
+            "started": started.isoformat(timespec="seconds"),
+            "seconds": seconds,
+            "quick": self.o.quick,
+            "runs": self.o.runs,
+            "size_bytes": self.o.size,
+            "small_files": self.o.small_files,
+            "small_file_bytes": SMALL_FILE_BYTES,
+            "ls_names": self.o.ls_names,
+            "cpus": os.cpu_count(),
+            "memory_mib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / MIB,
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "openssl": ssl.OPENSSL_VERSION,
+            "splitstore": __version__,
+            "commit": _commit(),
+            "tls": self.tls,
+            "tools": self.tools.versions,
+            "phase_seconds": self.phases,
+        }
+
+
+def _commit() -> str | None:
+    """The checkout's commit, with "+changes" if src/ differs from it; None without git."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True)
+        return done.stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        return head + ("+changes" if git("status", "--porcelain", "--", "src") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+# The operations each tool's two steps are reported as: (key, label).
+REFERENCE_KEYS = {
+    "restic": (("restic_backup", "restic backup"), ("restic_restore", "restic restore")),
+    "rclone": (
+        ("rclone_copy_to", "rclone copy to crypt"),
+        ("rclone_copy_back", "rclone copy back"),
+    ),
+}
+
+# (name, numerator, denominator, target): the issue's targets, shown for information.
+RATIOS: list[tuple[str, str, str, float | None]] = [
+    ("store: encryption on / off", "store_encrypted", "store_plain", 0.8),
+    ("fetch: encryption on / off", "fetch_encrypted", "fetch_plain", 0.8),
+    ("store / loopback TLS copy", "store_encrypted", "tls_copy", None),
+    ("fetch / loopback TLS copy", "fetch_encrypted", "tls_copy", None),
+    ("store / restic backup", "store_encrypted", "restic_backup", 3.0),
+    ("store / rclone copy to crypt", "store_encrypted", "rclone_copy_to", None),
+    ("fetch / rclone copy back", "fetch_encrypted", "rclone_copy_back", 1.0),
+    ("fetch / restic restore", "fetch_encrypted", "restic_restore", 1.5),
+]
+
+
+def ratios(ops: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Ratios of median rates (encrypted splitstore against the others), with targets."""
+    out = []
+    for name, top, bottom, target in RATIOS:
+        value = None
+        if top in ops and bottom in ops:
+            value = ops[top]["rate"]["median"] / ops[bottom]["rate"]["median"]
+        meets = None if value is None or target is None else value >= target
+        out.append(
+            {"name": name, "of": [top, bottom], "value": value, "target": target, "meets": meets}
+        )
+    return out
