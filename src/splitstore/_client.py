@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hashlib
 import io
 import os
 import stat as stat_mod
@@ -62,6 +63,9 @@ ProgressCallback = Callable[[int, int], None]
 # Records looked at before "not found" is put down to a wrong key (a namespace of
 # another key's files shows that at once; one of this key's files rules it out).
 _KEY_PROBE_RECORDS = 16
+
+# Read size when a stripe is read again only to hash it.
+_REHASH_BYTES = 1024 * 1024
 
 # Blocks queued per server between the file reader and the uploads; with ~4 MiB blocks
 # this bounds the client's buffers to a few tens of MiB whatever the file size.
@@ -421,7 +425,7 @@ class AsyncClient:
         expected = [manifest.stripe_for(r.kind) for r in remotes]
         cipher = self.keyring().payload_cipher(oid, manifest)
         opener = StreamOpener(cipher, stored) if cipher is not None else None
-        sink = PieceSink(manifest.size, chunk, k, out, opener)
+        sink = PieceSink(manifest.size, chunk, k, out, opener, hash_stripes=cipher is None)
         async with contextlib.AsyncExitStack() as stack:
             readers: list[StripeReader] = []
             for remote in remotes:
@@ -478,8 +482,15 @@ class AsyncClient:
         if progress and stored == 0:
             progress(0, 0)
         where = _damaged_range(sink.failed, chunk)
-        for remote, info, digest in zip(remotes, expected, sink.stripes, strict=True):
-            if digest.hexdigest() != info.sha256:
+        digests: list[str | None] = [None] * k  # None: not hashed, nothing to compare
+        if cipher is None:
+            digests = [d.hexdigest() for d in sink.stripes]
+        elif sink.failed is not None or sink.whole.hexdigest() != manifest.sha256:
+            # Encrypted, every segment is authenticated, so the stripes are hashed only now
+            # that something is wrong: to name the server whose data it is.
+            digests = [*await self._hash_stripes(oid, manifest.version_id)]
+        for remote, info, digest in zip(remotes, expected, digests, strict=True):
+            if digest is not None and digest != info.sha256:
                 raise IntegrityError(
                     f"the {remote.label}'s data of {name!r} is damaged (its SHA-256 does not "
                     f"match the manifest{where}); nothing was written",
@@ -494,6 +505,23 @@ class AsyncClient:
             raise IntegrityError(
                 f"{name!r} reassembled to different bytes than were stored; nothing was written"
             )
+
+    async def _hash_stripes(self, oid: str, version_id: str) -> list[str]:
+        """SHA-256 of each server's stripe of a version, read again in full."""
+
+        async def digest(remote: Remote) -> str:
+            h = hashlib.sha256()
+            async with remote.get_stripe(oid, version_id) as reader:
+                done = 0
+                while done < reader.length:
+                    piece = await reader.read(min(_REHASH_BYTES, reader.length - done))
+                    if not piece:
+                        break
+                    h.update(piece)
+                    done += len(piece)
+            return h.hexdigest()
+
+        return await _run_all([digest(r) for r in self.remotes()])
 
     async def _candidates(self, name: str) -> _Versions:
         """The versions of ``name`` the servers hold, newest first.

@@ -96,8 +96,8 @@ class PieceSink:
     """Takes one piece per server per block, checks and writes the plaintext.
 
     A segment that does not authenticate stops the writing but not the reading: the
-    rest is still hashed, so the stripe hashes can tell which server's data is bad.
-    ``failed`` then holds the first failing segment.
+    rest is still hashed (with ``hash_stripes``), so the stripe hashes can tell which
+    server's data is bad. ``failed`` then holds the first failing segment.
     """
 
     def __init__(
@@ -107,20 +107,24 @@ class PieceSink:
         servers: int,
         out: BinaryIO | None,
         opener: StreamOpener | None = None,
+        *,
+        hash_stripes: bool = True,
     ) -> None:
         self._size = size
         self._chunk = chunk_size
         self._out = out
         self._opener = opener
         self.whole = hashlib.sha256()
-        self.stripes = [hashlib.sha256() for _ in range(servers)]
+        # Without ``hash_stripes`` (the caller hashes them only if something fails), empty.
+        self.stripes = [hashlib.sha256() for _ in range(servers)] if hash_stripes else []
         self.failed: SegmentFailed | None = None
         self._written = 0
         self._joined = bytearray()  # reused for each block's interleaved stream
 
     def take(self, pieces: Sequence[bytes]) -> None:
-        for digest, piece in zip(self.stripes, pieces, strict=True):
-            digest.update(piece)
+        if self.stripes:
+            for digest, piece in zip(self.stripes, pieces, strict=True):
+                digest.update(piece)
         if self.failed is not None:
             return
         block: bytes | memoryview = join_block(pieces, self._chunk, self._joined)

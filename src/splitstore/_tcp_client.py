@@ -320,18 +320,27 @@ class _TcpStripe:
     def __init__(self, link: _Link, length: int) -> None:
         self.length = length
         self._body = link.body()
-        self._buffer = bytearray()
+        self._rest = b""  # what the last frame brought beyond the last read
         self._done = False
 
     async def read(self, n: int) -> bytes:
-        while len(self._buffer) < n and not self._done:
+        # Frames are gathered and joined once: one copy per read, not one per frame.
+        parts = [self._rest] if self._rest else []
+        have = len(self._rest)
+        while have < n and not self._done:
             try:
-                self._buffer += await anext(self._body)
+                piece = await anext(self._body)
             except StopAsyncIteration:
                 self._done = True
-        out = bytes(self._buffer[:n])
-        del self._buffer[:n]
-        return out
+            else:
+                parts.append(piece)
+                have += len(piece)
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        if len(data) > n:
+            data, self._rest = data[:n], data[n:]
+        else:
+            self._rest = b""
+        return data
 
     async def drain(self) -> None:
         """Read to the END frame so the connection can be reused."""
