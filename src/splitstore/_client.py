@@ -149,6 +149,7 @@ class AsyncClient:
         self._remotes: list[Remote] | None = None
         self._keyring: Keyring | None = None
         self._seen: SeenVersions | None = None
+        self._reached = False  # both servers answered a ping in this session
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -158,6 +159,7 @@ class AsyncClient:
 
     async def close(self) -> None:
         remotes, self._remotes = self._remotes, None
+        self._reached = False
         for remote in remotes or ():
             await remote.close()
         seen, self._seen = self._seen, None
@@ -223,7 +225,11 @@ class AsyncClient:
         oid = keyring.object_id(name)
         with _open_source(source_path) as f:
             seen = self._seen_versions()
-            await _run_all([r.ping() for r in remotes])
+            if not self._reached:
+                # Once per session: a server that is down, or refuses the token, is named
+                # before any of the file is read. Later stores learn it from the upload.
+                await _run_all([r.ping() for r in remotes])
+                self._reached = True
             size = os.fstat(f.fileno()).st_size
             chunk, k = self.config.chunk_size, len(remotes)
             version_id = new_version_id()
