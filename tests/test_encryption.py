@@ -328,3 +328,56 @@ def test_no_fallback_to_a_version_older_than_seen(servers: LiveServers, tmp_path
     rewrite_config(servers.config_path, state_file=str(tmp_path / "fresh.state"))
     with Client(servers.config_path) as fresh:
         assert fresh.fetch("doc", tmp_path / "out").read_bytes() == b"one" * 1000
+
+
+def test_no_fallback_past_a_seen_version_when_a_newer_one_is_withheld(
+    servers: LiveServers, tmp_path: Path
+) -> None:
+    """Another client stores v3; the servers withhold v3's data and show v1 again: the
+    client that saw v2 must not accept v1 (the version it falls back to is what counts)."""
+    import shutil
+
+    from splitstore import IntegrityError
+
+    (tmp_path / "v1").write_bytes(b"one" * 1000)
+    (tmp_path / "v2").write_bytes(b"two" * 1000)
+    (tmp_path / "v3").write_bytes(b"three" * 1000)
+    a_state = tmp_path / "a.state"
+    rewrite_config(servers.config_path, state_file=str(a_state))
+    with Client(servers.config_path) as a:
+        a.store(tmp_path / "v1", "doc")
+        saved = {k: tmp_path / f"v1-{k}" for k in ("https", "tcp")}
+        for kind, folder in saved.items():
+            shutil.copytree(servers.object_dir(kind, "doc"), folder)
+        a.store(tmp_path / "v2", "doc")
+    rewrite_config(servers.config_path, state_file=str(tmp_path / "b.state"))
+    with Client(servers.config_path) as b:
+        b.store(tmp_path / "v3", "doc")
+    v3_tcp = servers.stripe_path("tcp", "doc")
+    for kind, folder in saved.items():
+        for f in folder.iterdir():
+            if f.suffix in (".stripe", ".meta"):
+                shutil.copy2(f, servers.object_dir(kind, "doc") / f.name)
+    shutil.copy2(saved["tcp"] / "record.json", servers.object_dir("tcp", "doc") / "record.json")
+    v3_tcp.unlink()
+    v3_tcp.with_suffix(".meta").unlink()
+    rewrite_config(servers.config_path, state_file=str(a_state))
+    with Client(servers.config_path) as a, pytest.raises(IntegrityError) as info:
+        a.fetch("doc", tmp_path / "out")
+    assert info.value.server == servers.config.server("tcp").label
+    assert not (tmp_path / "out").exists()
+
+
+def test_key_import_force_replaces_a_damaged_key_file(
+    servers: LiveServers, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = servers.config_path
+    backup = tmp_path / "backup.key"
+    assert run(capsys, "--config", cfg, "key", "export", "-o", backup)[0] == 0
+    servers.paths.key.write_text("garbage\n")
+    code, _, err = run(capsys, "--config", cfg, "key", "import", backup)
+    assert code == 2
+    one_line(err, "damaged", "--force")
+    code, out, err = run(capsys, "--config", cfg, "key", "import", backup, "--force")
+    assert (code, err) == (0, "")
+    assert read_key_file(servers.paths.key).key_id in out

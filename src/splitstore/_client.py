@@ -363,6 +363,7 @@ class AsyncClient:
                 os.fsync(out.fileno())
             _apply_umask(tmp)
             _move_into_place(tmp, target, force)
+            _fsync_folder(target.parent)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
@@ -401,13 +402,15 @@ class AsyncClient:
         An older one is only taken if it is not older than what this client has seen:
         a server that drops the newest data must not make an older version current.
         """
-        for candidate in versions.candidates:
+        candidates = versions.candidates
+        for i, candidate in enumerate(candidates):
             try:
                 await self._read_version(name, candidate.manifest, out, progress)
             except _StripeMissing as exc:
-                last = candidate is versions.candidates[-1]
+                # Fall back only to a version no older than what this client has seen.
+                fallback = candidates[i + 1] if i + 1 < len(candidates) else None
                 seen = versions.seen
-                if last or (seen is not None and candidate.order() <= seen.order()):
+                if fallback is None or (seen is not None and fallback.order() < seen.order()):
                     raise IntegrityError(str(exc), server=exc.server) from None
                 out.seek(0)
                 out.truncate()
@@ -467,7 +470,7 @@ class AsyncClient:
                                 server=remote.label,
                             )
                     if writing is not None:
-                        await writing
+                        await asyncio.shield(writing)
                     writing = asyncio.ensure_future(asyncio.to_thread(sink.take, pieces))
                     done += block
                     if progress:
@@ -476,12 +479,14 @@ class AsyncClient:
                             manifest.size,
                         )
                 if writing is not None:
-                    await writing
+                    await asyncio.shield(writing)
                 await asyncio.to_thread(sink.finish)
             finally:
                 if writing is not None:
                     # On failure, a write may still run in its thread: let it end before
                     # the caller closes ``out``; the error being raised says more than its own.
+                    # (It was awaited through a shield, so a cancellation did not cancel
+                    # ``writing`` while its thread went on.)
                     await asyncio.wait([writing])
                     if not writing.cancelled():
                         writing.exception()
@@ -517,7 +522,14 @@ class AsyncClient:
 
         async def digest(remote: Remote) -> str:
             h = hashlib.sha256()
-            async with remote.get_stripe(oid, version_id) as reader:
+            async with contextlib.AsyncExitStack() as stack:
+                try:
+                    reader = await stack.enter_async_context(remote.get_stripe(oid, version_id))
+                except NotFoundError:
+                    raise IntegrityError(
+                        f"the {remote.label} no longer holds the data it was just serving",
+                        server=remote.label,
+                    ) from None
                 done = 0
                 while done < reader.length:
                     piece = await reader.read(min(_REHASH_BYTES, reader.length - done))
@@ -608,11 +620,19 @@ class AsyncClient:
         newest = candidates[0].manifest
         if before is not None and (newest.created_ns, newest.version_id) < before.order():
             stale = [r.label for r in remotes if r.kind in candidates[0].committed_on]
-            what = "was deleted" if before.deleted else "has a newer version"
+            if before.deleted:
+                raise RollbackError(
+                    f"the {' and the '.join(stale)} still serves {name!r} (stored "
+                    f"{_when(newest.created_ns)}), which this client deleted at "
+                    f"{_when(before.created_ns)}: if that delete failed there, delete the "
+                    "file again; otherwise its data was rolled back or replayed",
+                    server=stale[0],
+                )
             raise RollbackError(
                 f"the {' and the '.join(stale)} served an older version of {name!r} than this "
-                f"client has seen (stored {_when(newest.created_ns)}; the file {what} since "
-                f"{_when(before.created_ns)}): its data was rolled back or replayed",
+                f"client has seen (stored {_when(newest.created_ns)}; the file has a newer "
+                f"version since {_when(before.created_ns)}): its data was rolled back or "
+                "replayed",
                 server=stale[0],
             )
         return _Versions(oid, candidates, before)
@@ -844,6 +864,16 @@ def _damaged_range(failed: SegmentFailed | None, chunk: int) -> str:
         f"; the first bad segment is #{failed.index}, stored bytes {failed.start}-"
         f"{failed.end - 1}, chunks {first}-{last} counting from 1"
     )
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (best effort: some file systems refuse)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _when(ns: int) -> str:

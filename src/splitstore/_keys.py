@@ -225,10 +225,17 @@ def import_key(
         raw = text or ""
     kf = parse_key_text(raw, where)
     if dest.exists():
-        current = read_key_file(dest)
-        if current.key_id == kf.key_id:
+        try:
+            current: KeyFile | None = read_key_file(dest)
+        except ConfigError:
+            if not force:
+                raise UsageError(
+                    f"{dest} is damaged or not a splitstore key; use --force to replace it"
+                ) from None
+            current = None  # a damaged key is what a restore is for
+        if current is not None and current.key_id == kf.key_id:
             return kf.key_id
-        if not force:
+        if current is not None and not force:
             raise UsageError(
                 f"{dest} holds another key (key id {current.key_id}); files sealed with it "
                 "could no longer be read. Export it first, then use --force to replace it"

@@ -140,17 +140,18 @@ class StorageService:
                 batched += len(piece)
                 if batched >= IO_BATCH_BYTES:
                     if writing is not None:
-                        await writing
+                        await asyncio.shield(writing)
                     writing = asyncio.ensure_future(asyncio.to_thread(_write_all, upload, batch))
                     batch, batched = [], 0
             if writing is not None:
-                await writing
+                await asyncio.shield(writing)
             if batch:
                 await asyncio.to_thread(_write_all, upload, batch)
             digest = await asyncio.to_thread(upload.finish)
         except BaseException:
             if writing is not None:
-                # Let a write still running in its thread end before the file is closed.
+                # Let a write still running in its thread end before the file is closed
+                # (awaited through a shield, so a cancellation left ``writing`` running).
                 await asyncio.wait([writing])
                 if not writing.cancelled():
                     writing.exception()

@@ -384,7 +384,7 @@ class LocalDiskStore:
         meta = final.with_suffix(".meta")
         with self._lock:
             before = _file_bytes(final) + _file_bytes(meta)
-            final.parent.mkdir(parents=True, exist_ok=True)
+            _make_folders(final.parent, self._objects)
             os.replace(tmp, final)
             _atomic_write(meta, json.dumps({"length": length, "sha256": digest}).encode())
             self._used += length + _file_bytes(meta) - before
@@ -470,6 +470,18 @@ def _atomic_write(path: Path, data: bytes) -> None:
                 os.unlink(tmp)
             raise
         _fsync_dir(path.parent)
+
+
+def _make_folders(folder: Path, top: Path) -> None:
+    """Create ``folder`` and any missing parents below ``top``, each one durably: a new
+    folder's entry in its parent is fsynced, or a crash could lose the object it holds."""
+    missing = []
+    while not folder.exists() and folder != top:
+        missing.append(folder)
+        folder = folder.parent
+    for new in reversed(missing):
+        new.mkdir(exist_ok=True)
+        _fsync_dir(new.parent)
 
 
 def _fsync_dir(path: Path) -> None:
