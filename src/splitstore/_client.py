@@ -621,11 +621,12 @@ class AsyncClient:
         if before is not None and (newest.created_ns, newest.version_id) < before.order():
             stale = [r.label for r in remotes if r.kind in candidates[0].committed_on]
             if before.deleted:
+                verb = "serve" if len(stale) > 1 else "serves"
                 raise RollbackError(
-                    f"the {' and the '.join(stale)} still serves {name!r} (stored "
-                    f"{_when(newest.created_ns)}), which this client deleted at "
-                    f"{_when(before.created_ns)}: if that delete failed there, delete the "
-                    "file again; otherwise its data was rolled back or replayed",
+                    f"{name!r} was deleted by this client at {_when(before.created_ns)}, but "
+                    f"the {' and the '.join(stale)} still {verb} it (stored "
+                    f"{_when(newest.created_ns)}): if that delete failed there, delete the "
+                    "file again; otherwise its data was replayed",
                     server=stale[0],
                 )
             raise RollbackError(
