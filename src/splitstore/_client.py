@@ -694,17 +694,28 @@ class AsyncClient:
         listings = await _run_all([_collect(r.list_records()) for r in remotes])
         newest: dict[str, tuple[Manifest, set[str]]] = {}
         wrong_key: WrongKeyError | None = None
+        # The same sealed manifest is on both servers: open each one once.
+        opened: dict[tuple[str, bytes], Manifest | None] = {}
         for remote, listing in zip(remotes, listings, strict=True):
             for oid, record in listing:
-                try:
-                    manifest = keyring.open(oid, record.manifest, remote.label)
-                except WrongKeyError as exc:
-                    wrong_key = exc
-                    continue
-                except (IntegrityError, ConfigError):
-                    continue
-                if keyring.object_id(manifest.name) != oid:
-                    continue
+                key = (oid, record.manifest)
+                if key in opened:
+                    known = opened[key]
+                    if known is None:
+                        continue
+                    manifest = known
+                else:
+                    opened[key] = None
+                    try:
+                        manifest = keyring.open(oid, record.manifest, remote.label)
+                    except WrongKeyError as exc:
+                        wrong_key = exc
+                        continue
+                    except (IntegrityError, ConfigError):
+                        continue
+                    if keyring.object_id(manifest.name) != oid:
+                        continue
+                    opened[key] = manifest
                 entry = newest.get(oid)
                 if entry is None or (manifest.created_ns, manifest.version_id) > (
                     entry[0].created_ns,

@@ -26,6 +26,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -548,7 +549,8 @@ def _is_length(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
 def is_sha256_hex(value: object) -> bool:
-    return (
-        isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
-    )
+    return isinstance(value, str) and _SHA256_HEX.fullmatch(value) is not None
