@@ -439,6 +439,20 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"splitstore {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    def action(
+        actions: Any, name: str, help: str, description: str, example: str
+    ) -> argparse.ArgumentParser:
+        """One ACTION of a command that has several (key, tenant)."""
+        parser: argparse.ArgumentParser = actions.add_parser(
+            name,
+            parents=[sub_common],
+            help=help,
+            description=description,
+            epilog=f"example:\n  {example}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        return parser
+
     def command(name: str, handler: Command, help: str, example: str) -> argparse.ArgumentParser:
         p = sub.add_parser(
             name,
@@ -569,38 +583,35 @@ def _build_parser() -> argparse.ArgumentParser:
         "  splitstore key import splitstore-key.backup   (on another machine)",
     )
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    a = actions.add_parser(
+    a = action(
+        actions,
         "export",
-        parents=[sub_common],
-        help="write the master key to stdout or a file, to back it up or move it",
-        description="Write the master key (the raw key, even for a passphrase key file) "
+        "write the master key to stdout or a file, to back it up or move it",
+        "Write the master key (the raw key, even for a passphrase key file) "
         "to stdout or a file made readable only by you. Anyone with it can read every file "
         "this setup stores: keep the copy offline.",
-        epilog="example:\n  splitstore key export -o /media/usb/splitstore-key.backup",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "splitstore key export -o /media/usb/splitstore-key.backup",
     )
     a.add_argument("-o", "--output", metavar="FILE", help="write here (default: stdout)")
     a.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
-    a = actions.add_parser(
+    a = action(
+        actions,
         "import",
-        parents=[sub_common],
-        help="install an exported key as this config's key_file",
-        description="Install a key written by 'key export' (or a key file) as this "
+        "install an exported key as this config's key_file",
+        "Install a key written by 'key export' (or a key file) as this "
         "config's key_file. Refuses to replace a different key without --force.",
-        epilog="example:\n  splitstore key import splitstore-key.backup",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "splitstore key import splitstore-key.backup",
     )
     a.add_argument("file", help="the exported key ('-' for stdin)")
     a.add_argument(
         "--force", action="store_true", help="replace a different key (files it sealed are lost)"
     )
-    actions.add_parser(
+    action(
+        actions,
         "show",
-        parents=[sub_common],
-        help="show the key file, its key id and kind (never the key)",
-        description="Show where the master key is, its public key id and kind.",
-        epilog="example:\n  splitstore key show",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "show the key file, its key id and kind (never the key)",
+        "Show where the master key is, its public key id and kind.",
+        "splitstore key show",
     )
 
     p = command(
@@ -612,14 +623,13 @@ def _build_parser() -> argparse.ArgumentParser:
         "  splitstore tenant revoke alice",
     )
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    a = actions.add_parser(
+    a = action(
+        actions,
         "add",
-        parents=[sub_common],
-        help="issue a token, key and client config (NAME.toml) for a new tenant",
-        description="Issue a token, master key and client config for a new tenant, beside "
+        "issue a token, key and client config (NAME.toml) for a new tenant",
+        "Issue a token, master key and client config for a new tenant, beside "
         "the setup's config. Running servers accept it at once.",
-        epilog="example:\n  splitstore tenant add alice --quota 10G",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "splitstore tenant add alice --quota 10G",
     )
     a.add_argument("name", help="1 to 63 of a-z, 0-9, '-', '_'")
     a.add_argument(
@@ -633,24 +643,22 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace the token and files of an existing tenant (its key is kept)",
     )
-    a = actions.add_parser(
+    a = action(
+        actions,
         "revoke",
-        parents=[sub_common],
-        help="take a tenant's token back (its stored files stay on the servers)",
-        description="Remove a tenant: the servers refuse its token from its next request on. "
+        "take a tenant's token back (its stored files stay on the servers)",
+        "Remove a tenant: the servers refuse its token from its next request on. "
         "Its stored files stay on disk until you delete them.",
-        epilog="example:\n  splitstore tenant revoke alice",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "splitstore tenant revoke alice",
     )
     a.add_argument("name", help="the tenant's name")
-    actions.add_parser(
+    action(
+        actions,
         "list",
-        parents=[sub_common],
-        help="show each tenant's quota and what it stores",
-        description="Show each tenant's quota and the bytes it stores on each server "
+        "show each tenant's quota and what it stores",
+        "Show each tenant's quota and the bytes it stores on each server "
         "(where the data folders are on this machine).",
-        epilog="example:\n  splitstore tenant list",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "splitstore tenant list",
     )
     return parser
 
