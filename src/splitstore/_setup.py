@@ -511,9 +511,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# Ports handed out by free_loopback_port in this process: the kernel may offer a port
+# again as soon as its probe socket closes, and a setup needs two different ones.
+_handed_out: set[int] = set()
+
+
 def free_loopback_port() -> int:
-    """A TCP port free on 127.0.0.1 right now, for throwaway setups (demo, tests, benchmarks)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A TCP port free on 127.0.0.1 right now, for throwaway setups (demo, tests, benchmarks).
+
+    Never the same port twice in one process.
+    """
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
