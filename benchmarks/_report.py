@@ -35,25 +35,19 @@ def print_report(results: dict[str, Any], console: Console | None = None) -> Non
     size = meta["size_bytes"] / 2**20
     runs = meta["runs"]
 
-    big = Table(title=f"One {size:g} MiB file: median of {runs} runs")
-    big.add_column("operation", no_wrap=True)
-    for column in ("MB/s", "min-max", "seconds"):
-        big.add_column(column, justify="right", no_wrap=True)
-    _memory_columns(big)
-    for key in TRANSFERS:
-        if key in ops:
-            big.add_row(*_row(ops[key]))
-    console.print(big)
-
-    many = Table(title=f"Many files: median of {runs} runs")
-    many.add_column("operation", no_wrap=True)
-    for column in ("rate", "min-max", "seconds"):
-        many.add_column(column, justify="right", no_wrap=True)
-    _memory_columns(many)
-    for key in MANY:
-        if key in ops:
-            many.add_row(*_row(ops[key], with_unit=True))
-    console.print(many)
+    for title, rate, keys, with_unit in (
+        (f"One {size:g} MiB file: median of {runs} runs", "MB/s", TRANSFERS, False),
+        (f"Many files: median of {runs} runs", "rate", MANY, True),
+    ):
+        table = Table(title=title)
+        table.add_column("operation", no_wrap=True)
+        for column in (rate, "min-max", "seconds"):
+            table.add_column(column, justify="right", no_wrap=True)
+        _memory_columns(table)
+        for key in keys:
+            if key in ops:
+                table.add_row(*_row(ops[key], with_unit=with_unit))
+        console.print(table)
 
     table = Table(title="Ratios of median rates (targets for information)")
     for column in ("ratio", "value", "target", "meets it"):

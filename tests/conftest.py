@@ -116,10 +116,7 @@ def loop_thread() -> Iterator[LoopThread]:
 
 @pytest.fixture
 def servers(tmp_path: Path, loop_thread: LoopThread) -> Iterator[LiveServers]:
-    live = LiveServers(tmp_path / "setup", loop_thread)
-    live.start()
-    yield live
-    live.stop()
+    yield from _running(LiveServers(tmp_path / "setup", loop_thread))
 
 
 @pytest.fixture
@@ -131,7 +128,10 @@ def client(servers: LiveServers) -> Iterator[Client]:
 @pytest.fixture
 def plain_servers(tmp_path: Path, loop_thread: LoopThread) -> Iterator[LiveServers]:
     """A setup with encryption off: the stripes hold the file's own bytes."""
-    live = LiveServers(tmp_path / "plain-setup", loop_thread, encryption="none")
+    yield from _running(LiveServers(tmp_path / "plain-setup", loop_thread, encryption="none"))
+
+
+def _running(live: LiveServers) -> Iterator[LiveServers]:
     live.start()
     yield live
     live.stop()

@@ -12,8 +12,10 @@ import pytest
 
 from splitstore import Client, ConfigError, UsageError, WrongKeyError, load_config
 from splitstore._cli import main
+from splitstore._client import AsyncClient
 from splitstore._crypto import ciphertext_size, padme
-from splitstore._keys import PASSPHRASE_ENV_VAR, read_key_file
+from splitstore._keyring import Keyring
+from splitstore._keys import PASSPHRASE_ENV_VAR, create_key_file, read_key_file
 from splitstore._setup import free_loopback_port as free_port
 from splitstore._state import SeenVersions
 from splitstore._stripes import stripe_lengths
@@ -210,39 +212,32 @@ def test_a_wrong_passphrase_is_named(
 def test_reading_encrypted_files_with_encryption_off_is_explained(
     servers: LiveServers, tmp_path: Path
 ) -> None:
-    (tmp_path / "in").write_bytes(b"x" * 10)
-    with Client(servers.config_path) as client:
-        client.store(tmp_path / "in", "doc")
-        oid = client._async.object_id("doc")
+    oid, record = stored_record(servers, tmp_path)
     # A config with encryption off finds the object only under the keyed id: ask raw.
     rewrite_config(servers.config_path, encryption="none", key_file=None)
-    plain = load_config(servers.config_path)
-    from splitstore._keyring import Keyring
-
-    record = servers.loop.run(_get_record(plain, oid))
+    load_config(servers.config_path)  # such a config loads; opening the record explains
     with pytest.raises(ConfigError, match="encryption off"):
         Keyring(None).open(oid, record, "https server")
 
 
-async def _get_record(config: object, oid: str) -> bytes:
-    from splitstore._client import AsyncClient
+def stored_record(servers: LiveServers, tmp_path: Path) -> tuple[str, bytes]:
+    """Store a small file as "doc"; return its object id and the manifest as stored."""
+    (tmp_path / "in").write_bytes(b"x" * 10)
+    with Client(servers.config_path) as client:
+        client.store(tmp_path / "in", "doc")
+        oid = client._async.object_id("doc")
 
-    async with AsyncClient(config) as client:  # type: ignore[arg-type]
-        record = await client.remotes()[0].get_record(oid)
-    return record.manifest
+    async def get_record() -> bytes:
+        async with AsyncClient(servers.config) as raw:
+            return (await raw.remotes()[0].get_record(oid)).manifest
+
+    return oid, servers.loop.run(get_record())
 
 
 def test_a_file_stored_with_another_key_is_a_wrong_key_error(
     servers: LiveServers, tmp_path: Path
 ) -> None:
-    from splitstore._keyring import Keyring
-    from splitstore._keys import create_key_file
-
-    (tmp_path / "in").write_bytes(b"x" * 10)
-    with Client(servers.config_path) as client:
-        client.store(tmp_path / "in", "doc")
-        oid = client._async.object_id("doc")
-        record = servers.loop.run(_get_record(servers.config, oid))
+    oid, record = stored_record(servers, tmp_path)
     other = Keyring(create_key_file(tmp_path / "other.key"))
     with pytest.raises(WrongKeyError, match="another master key"):
         other.open(oid, record, "tcp server")

@@ -340,28 +340,12 @@ def pinging(ping: Callable[[], None]) -> Iterator[list[float]]:
     assert done, "the well-behaved client was never served"
 
 
-def read_until_closed(sock: socket.socket) -> bytes:
-    """Everything the server sends until it hangs up; fails if it has not within HANG_BOUND."""
+def read_until(sock: socket.socket, done: Callable[[bytes], bool]) -> bytes:
+    """What the server sends until ``done(received)`` or it hangs up; fails if neither
+    happens within HANG_BOUND."""
     deadline = time.monotonic() + HANG_BOUND
     out = b""
-    while True:
-        sock.settimeout(max(deadline - time.monotonic(), 0.01))
-        try:
-            chunk = sock.recv(65536)
-        except TimeoutError:
-            pytest.fail(f"the server neither answered nor hung up within {HANG_BOUND} s")
-        except (ConnectionResetError, ssl.SSLError):
-            return out
-        if not chunk:
-            return out
-        out += chunk
-
-
-def read_http_head(sock: socket.socket) -> bytes:
-    """An HTTP reply up to the end of its head, or what came before the server hung up."""
-    deadline = time.monotonic() + HANG_BOUND
-    out = b""
-    while b"\r\n\r\n" not in out:
+    while not done(out):
         sock.settimeout(max(deadline - time.monotonic(), 0.01))
         try:
             chunk = sock.recv(65536)
@@ -373,6 +357,16 @@ def read_http_head(sock: socket.socket) -> bytes:
             return out
         out += chunk
     return out
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the server sends until it hangs up."""
+    return read_until(sock, lambda _: False)
+
+
+def read_http_head(sock: socket.socket) -> bytes:
+    """An HTTP reply up to the end of its head, or what came before the server hung up."""
+    return read_until(sock, lambda out: b"\r\n\r\n" in out)
 
 
 def server_errors(reply: bytes) -> list[str]:
