@@ -8,12 +8,16 @@
 
 Each command creates .venv and installs the project (pinned by constraints.txt) first,
 if that was not done already for the current pyproject.toml and constraints.txt.
+`test` also installs clamd and libmagic (Debian's clamav-daemon and libmagic1) with
+apt-get when they are missing and it runs as root; elsewhere the clamd tests are skipped.
 """
 
 from __future__ import annotations
 
+import ctypes.util
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -42,6 +46,50 @@ def setup() -> None:
     STAMP.write_text(wanted + "\n")
 
 
+def ensure_system_packages() -> None:
+    """Install clamd and libmagic (for the scanner's tests) with apt-get if missing and we
+    may; otherwise say that the clamd tests will be skipped, and carry on."""
+    missing = [] if shutil.which("clamd") or Path("/usr/sbin/clamd").exists() else ["clamd"]
+    if ctypes.util.find_library("magic") is None:
+        missing.append("libmagic")
+    if not missing:
+        return
+    names = " and ".join(missing)
+    if shutil.which("apt-get") is None or sys.platform == "win32" or os.geteuid() != 0:
+        print(
+            f"dev.py: no {names} (installing needs root and apt-get); clamd tests will be skipped",
+            flush=True,
+        )
+        return
+    packages = ("clamav-daemon", "libmagic1")
+    print(f"dev.py: installing {' '.join(packages)} with apt-get for {names}", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+
+    def apt_get(*args: str) -> bool:
+        cmd = ["apt-get", "-q", "-o", "Dpkg::Options::=--force-confold", *args]
+        try:  # stdin closed and a time limit: nothing may wait for an answer forever
+            done = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, timeout=1200)
+        except subprocess.TimeoutExpired:
+            return False
+        return done.returncode == 0
+
+    # The packages' scripts would start clamd and freshclam, daemons that stay behind (or
+    # hang a container without an init system); a policy-rc.d that says no keeps them off.
+    policy = Path("/usr/sbin/policy-rc.d")
+    ours = not policy.exists()
+    if ours:
+        policy.write_text("#!/bin/sh\n# dev.py: start no services during apt-get\nexit 101\n")
+        policy.chmod(0o755)
+    try:
+        install = ("install", "-y", "--no-install-recommends", *packages)
+        installed = apt_get(*install) or (apt_get("update") and apt_get(*install))
+    finally:
+        if ours:
+            policy.unlink(missing_ok=True)
+    if not installed:
+        print(f"dev.py: apt-get could not install {names}; clamd tests will be skipped", flush=True)
+
+
 def run(*cmd: str) -> None:
     print("+", " ".join(cmd), flush=True)
     result = subprocess.run(cmd, cwd=ROOT)
@@ -60,6 +108,7 @@ def main(argv: list[str]) -> None:
     if command == "demo":
         run(str(BIN / "splitstore"), "demo", *rest)
     elif command == "test":
+        ensure_system_packages()
         run(str(BIN / "ruff"), "check", ".")
         run(str(BIN / "ruff"), "format", "--check", ".")
         run(str(BIN / "mypy"))

@@ -18,6 +18,10 @@ from splitstore._service import ServerLimits
 from splitstore._setup import SetupPaths, init_setup
 from splitstore._setup import free_loopback_port as free_port
 
+from .clamd_daemon import clamd_address, clamd_process, clamd_socket
+
+__all__ = ["clamd_address", "clamd_process", "clamd_socket"]  # session fixtures, for pytest
+
 T = TypeVar("T")
 
 # Short enough that time-out tests finish quickly, long enough for a loaded CI machine.

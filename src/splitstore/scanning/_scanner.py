@@ -1,0 +1,222 @@
+"""The scanner: runs every engine over a file in one streamed read and applies the policy.
+
+``scan_path`` reads a local file once, in blocks, handing each block to every engine's
+session; ``stream`` gives the same to a caller that already has the bytes passing by (a
+fetch writing the reassembled file), so the file is not read a second time. Archive
+members are scanned by the same content engines, one level deeper each time, through the
+archive engine's ``scan_member`` callback; clamd is only given the outer file (it unpacks
+archives itself).
+
+An engine that fails, whatever the reason, is reported as ``not-scanned`` for that file:
+a broken engine never makes a file look clean.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .._errors import LocalFileError
+from ._engine import Engine, EngineSession, Finding
+from ._policy import Policy
+from ._report import Reason, ScanReport
+
+__all__ = ["BLOCK_SIZE", "ScanSettings", "ScanStream", "Scanner"]
+
+BLOCK_SIZE = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ScanSettings:
+    """The ``[scan]`` section of the config."""
+
+    enabled: bool = True
+    #: Files of SHA-256 lines of known-bad files, added to the shipped list.
+    hash_lists: tuple[Path, ...] = ()
+    #: YARA rule files, added to the shipped rules.
+    yara_rules: tuple[Path, ...] = ()
+    #: clamd's address, "unix:/path/to/socket" or "tcp:HOST:PORT"; no ClamAV when None.
+    clamd: str | None = None
+    clamd_timeout: float = 30.0
+    policy: Policy = field(default_factory=Policy)
+
+
+class Scanner:
+    """The engines a setup uses, built once (rules compiled once) and reused per file."""
+
+    def __init__(
+        self,
+        settings: ScanSettings | None = None,
+        *,
+        engines: Sequence[Engine] | None = None,
+        member_engines: Sequence[Engine] | None = None,
+    ) -> None:
+        self.settings = settings or ScanSettings()
+        self.policy = self.settings.policy
+        self._archives: dict[int, Engine] = {}
+        self._lock = threading.Lock()
+        self._described: dict[str, dict[str, str]] | None = None
+        if engines is None:
+            content, whole_file = self._default_engines()
+        else:
+            content, whole_file = list(engines), []
+        #: Engines that see every file and every archive member.
+        self._content = content if member_engines is None else list(member_engines)
+        self._engines: list[Engine] = [*content, self._archive_engine(0), *whole_file]
+
+    def _default_engines(self) -> tuple[list[Engine], list[Engine]]:
+        # Imported here: yara and libmagic load only when something is scanned.
+        from ._filetype import FileTypeEngine
+        from ._signatures import SignatureEngine
+        from ._yara import YaraEngine
+
+        s = self.settings
+        content: list[Engine] = [
+            SignatureEngine(s.hash_lists),
+            YaraEngine(s.yara_rules),
+            FileTypeEngine(s.policy.blocked_types),
+        ]
+        whole_file: list[Engine] = []
+        if s.clamd is not None:
+            from ._clamd import ClamdEngine
+
+            whole_file.append(ClamdEngine(s.clamd, timeout=s.clamd_timeout))
+        return content, whole_file
+
+    def _archive_engine(self, depth: int) -> Engine:
+        with self._lock:
+            engine = self._archives.get(depth)
+            if engine is None:
+                from ._archives import ArchiveEngine
+
+                engine = ArchiveEngine(scan_member=self._scan_member, depth=depth)
+                self._archives[depth] = engine
+            return engine
+
+    def describe(self) -> dict[str, dict[str, str]]:
+        """Each engine's name, version and rules, as recorded with every report."""
+        if self._described is None:
+            described = {}
+            for engine in self._engines:
+                try:
+                    described[engine.name] = dict(engine.describe())
+                except Exception as exc:
+                    described[engine.name] = {"version": f"unknown ({exc})"}
+            self._described = described
+        return self._described
+
+    def stream(self, name: str, size: int | None = None) -> ScanStream:
+        """Start a scan of ``name`` whose bytes the caller will feed in order."""
+        return ScanStream(self, name, size, self._engines)
+
+    def scan_path(self, path: str | os.PathLike[str], name: str | None = None) -> ScanReport:
+        """Scan a local file (``name``, default its base name, decides extension checks)."""
+        source = Path(path)
+        try:
+            with source.open("rb") as f:
+                return self.scan_open_file(f, source, name or source.name)
+        except IsADirectoryError as exc:
+            raise LocalFileError(f"{source} is a directory, not a file") from exc
+        except OSError as exc:
+            raise LocalFileError(f"cannot read {source}: {exc.strerror or exc}") from exc
+
+    def scan_open_file(self, f: io.BufferedIOBase, path: Path, name: str) -> ScanReport:
+        """Scan an open file from where it is to its end; ``path`` is where it lies (for
+        the engines that need random access), ``name`` decides extension checks."""
+        try:
+            size: int | None = os.fstat(f.fileno()).st_size
+        except (OSError, io.UnsupportedOperation):
+            size = None
+        stream = self.stream(name, size)
+        try:
+            _pump(f, stream)
+        except OSError as exc:
+            raise LocalFileError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        return stream.finish(path)
+
+    def _scan_member(self, member: str, path: Path, depth: int) -> list[Finding]:
+        """What the content engines find in one extracted archive member."""
+        engines = [*self._content, self._archive_engine(depth)]
+        stream = ScanStream(self, member.rsplit("/", 1)[-1], None, engines)
+        try:
+            with path.open("rb") as f:
+                _pump(f, stream)
+        except OSError as exc:
+            return [Finding("archive", "not-scanned", "member-unreadable", str(exc), member=member)]
+        return stream.findings(path)
+
+
+class ScanStream:
+    """One file's scan in progress: ``feed`` its bytes in order, then ``finish``."""
+
+    def __init__(
+        self, scanner: Scanner, name: str, size: int | None, engines: Sequence[Engine]
+    ) -> None:
+        self._scanner = scanner
+        self.name = name
+        self._started = time.monotonic()
+        self._fed = 0
+        self._sha256 = hashlib.sha256()
+        self._failed: list[Finding] = []
+        self._sessions: list[tuple[str, EngineSession]] = []
+        for engine in engines:
+            try:
+                self._sessions.append((engine.name, engine.session(name, size)))
+            except Exception as exc:
+                self._fail(engine.name, exc)
+
+    def feed(self, block: bytes | bytearray | memoryview) -> None:
+        view = memoryview(block)
+        if not view:
+            return
+        self._fed += len(view)
+        self._sha256.update(view)
+        for pair in list(self._sessions):
+            try:
+                pair[1].feed(view)
+            except Exception as exc:
+                self._sessions.remove(pair)
+                self._fail(pair[0], exc)
+
+    def findings(self, path: Path | None) -> list[Finding]:
+        found = list(self._failed)
+        for engine, session in self._sessions:
+            try:
+                found.extend(session.finish(path))
+            except Exception as exc:
+                self._fail(engine, exc)
+                found.append(self._failed[-1])
+        self._sessions = []
+        return found
+
+    def finish(self, path: Path | None) -> ScanReport:
+        """The report for the whole file; ``path`` is the complete file on disk, if any."""
+        policy = self._scanner.policy
+        reasons = [Reason(f, policy.action(f)) for f in self.findings(path)]
+        return ScanReport.build(
+            self.name,
+            reasons,
+            self._scanner.describe(),
+            self._fed,
+            self._sha256.hexdigest(),
+            time.monotonic() - self._started,
+            time.time(),
+        )
+
+    def _fail(self, engine: str, exc: BaseException) -> None:
+        # An engine's own failure (a bug, a library error): the file was not scanned by it.
+        self._failed.append(
+            Finding(engine, "not-scanned", "engine-error", f"{type(exc).__name__}: {exc}")
+        )
+
+
+def _pump(f: io.BufferedIOBase, stream: ScanStream) -> None:
+    view = memoryview(bytearray(BLOCK_SIZE))
+    while n := f.readinto(view):
+        stream.feed(view[:n])
