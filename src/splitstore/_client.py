@@ -22,7 +22,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar, cast
 
 from ._config import Config, load_config
 from ._crypto import PayloadCipher, ciphertext_size, manifest_key_id, new_file_key, padme
@@ -30,6 +30,7 @@ from ._errors import (
     ConfigError,
     IntegrityError,
     LocalFileError,
+    MaliciousFileError,
     NotFoundError,
     RollbackError,
     SplitStoreError,
@@ -54,11 +55,14 @@ from ._storage import ObjectRecord
 from ._stripes import block_size_for, stripe_chunk_counts, stripe_lengths
 from ._tcp_client import TcpRemote
 from ._tls import client_ssl_context
+from .scanning import Scanner, ScanReport, ScanStream
 
-__all__ = ["AsyncClient", "Client", "FileInfo", "ProgressCallback"]
+__all__ = ["AsyncClient", "Client", "FileInfo", "ProgressCallback", "ScanCallback"]
 
 #: Called with (bytes done, bytes in all) as a transfer moves on.
 ProgressCallback = Callable[[int, int], None]
+#: Called by ``fetch`` with the scan of the fetched file, and the one recorded at store time.
+ScanCallback = Callable[[ScanReport, "ScanReport | None"], None]
 
 # Records looked at before "not found" is put down to a wrong key (a namespace of
 # another key's files shows that at once; one of this key's files rules it out).
@@ -91,6 +95,8 @@ class FileInfo:
     committed_on: tuple[str, ...] = field(default=())
     #: Stored encrypted (the servers hold ciphertext chunks and a sealed manifest).
     encrypted: bool = False
+    #: What the malicious-file checks found when this version was stored (None: not scanned).
+    scan: ScanReport | None = None
 
     @classmethod
     def from_manifest(cls, m: Manifest, committed_on: Sequence[str] = ()) -> FileInfo:
@@ -108,11 +114,13 @@ class FileInfo:
             stored_at=m.created_ns / 1e9,
             committed_on=tuple(committed_on),
             encrypted=m.encrypted,
+            scan=m.scan,
         )
 
     def to_json(self) -> dict[str, Any]:
         doc = asdict(self)
         doc["committed_on"] = list(self.committed_on)
+        doc["scan"] = None if self.scan is None else self.scan.to_json()
         doc["stored_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.stored_at))
         return doc
 
@@ -150,6 +158,8 @@ class AsyncClient:
         self._keyring: Keyring | None = None
         self._seen: SeenVersions | None = None
         self._reached = False  # both servers answered a ping in this session
+        self._scanner: Scanner | None = None
+        self._scanner_lock = threading.Lock()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -203,6 +213,26 @@ class AsyncClient:
         """The opaque id the servers keep ``name`` under."""
         return self.keyring().object_id(validate_name(name))
 
+    def scanner(self) -> Scanner | None:
+        """The malicious-file checks this config asks for (None when ``[scan]`` is off);
+        built on first use, when rules are compiled and bad rule files are reported."""
+        if not self.config.scan.enabled:
+            return None
+        if self._scanner is None:
+            with self._scanner_lock:
+                if self._scanner is None:
+                    self._scanner = Scanner(self.config.scan)
+        return self._scanner
+
+    async def _scanner_off_loop(self) -> Scanner | None:
+        # Building one compiles the YARA rules and loads libmagic (most of a second): in a
+        # thread, so that transfers sharing this event loop do not stall meanwhile.
+        if not self.config.scan.enabled:
+            return None
+        if self._scanner is not None:
+            return self._scanner
+        return await asyncio.to_thread(self.scanner)
+
     def _seen_versions(self) -> SeenVersions:
         if self._seen is None:
             self._seen = SeenVersions(self.config.state_path())
@@ -216,14 +246,21 @@ class AsyncClient:
         name: str | None = None,
         *,
         progress: ProgressCallback | None = None,
+        allow_unsafe: bool = False,
     ) -> FileInfo:
-        """Store a local file under ``name`` (default: its base name); return what was stored."""
+        """Store a local file under ``name`` (default: its base name); return what was stored.
+
+        The file is scanned first (unless the config turns scanning off): one the policy
+        blocks is refused with MaliciousFileError before a byte is sent, unless
+        ``allow_unsafe``. The scan's result is recorded in the manifest.
+        """
         source_path = Path(path)
         name = validate_name(source_path.name if name is None else name)
         keyring = self.keyring()
         remotes = self.remotes()
         oid = keyring.object_id(name)
         with _open_source(source_path) as f:
+            report = await self._scan_before_store(f, source_path, name, allow_unsafe)
             seen = self._seen_versions()
             if not self._reached:
                 # Once per session: a server that is down, or refuses the token, is named
@@ -294,7 +331,13 @@ class AsyncClient:
             encryption="none" if file_key is None else PAYLOAD_ENCRYPTION,
             padded_size=None if file_key is None else padded,
             file_key=None if file_key is None else file_key.hex(),
+            scan=report,
         )
+        if report is not None and report.sha256 != manifest.sha256:
+            raise LocalFileError(
+                f"{source_path} changed while it was being stored (the bytes sent are not "
+                "the bytes scanned); nothing was committed, store it again"
+            )
         body = keyring.seal(oid, manifest)
         # Both commits run to their end, even if one fails, so we can say where it landed.
         outcomes = await asyncio.gather(
@@ -324,6 +367,19 @@ class AsyncClient:
             raise error
         return FileInfo.from_manifest(manifest, [r.kind for r in remotes])
 
+    async def _scan_before_store(
+        self, f: io.BufferedReader, path: Path, name: str, allow_unsafe: bool
+    ) -> ScanReport | None:
+        scanner = await self._scanner_off_loop()
+        if scanner is None:
+            return None
+        # The stored name's extension is what a recipient will see.
+        report = await asyncio.to_thread(scanner.scan_open_file, f, path, _base_name(name))
+        f.seek(0)
+        if report.verdict == "malicious" and not allow_unsafe:
+            raise MaliciousFileError(f"{name!r} was not stored: {report.summary()}", report)
+        return report
+
     # -- fetch and verify ----------------------------------------------------------------
 
     async def fetch(
@@ -333,11 +389,17 @@ class AsyncClient:
         *,
         force: bool = False,
         progress: ProgressCallback | None = None,
+        allow_unsafe: bool = False,
+        on_scan: ScanCallback | None = None,
     ) -> Path:
         """Rebuild ``name`` into ``dest`` (default: its base name in the current folder).
 
         Nothing appears at ``dest`` unless every byte checked out; an existing file there
         is replaced only with ``force``. Returns the path written.
+
+        The reassembled file is scanned as it is written (unless the config turns scanning
+        off), and one the policy blocks is not delivered (MaliciousFileError) unless
+        ``allow_unsafe``. ``on_scan`` receives that scan and the one recorded at store time.
         """
         name = validate_name(name)
         try:
@@ -348,6 +410,8 @@ class AsyncClient:
             raise LocalFileError(f"cannot write {where}: {exc.strerror}") from exc
         if exists and not force:
             raise LocalFileError(f"{target} already exists (use --force to overwrite it)")
+        # Built before the temporary file is made: a bad rule file leaves nothing behind.
+        scanner = await self._scanner_off_loop()
         versions = await self._candidates(name)
         try:
             fd, tmp_name = tempfile.mkstemp(
@@ -357,10 +421,21 @@ class AsyncClient:
             raise LocalFileError(f"cannot write in {target.parent}: {exc.strerror}") from exc
         tmp = Path(tmp_name)
         try:
-            with os.fdopen(fd, "wb") as out:
-                await self._read_newest(name, versions, out, progress)
-                out.flush()
-                os.fsync(out.fileno())
+            with os.fdopen(fd, "wb") as raw:
+                out = raw if scanner is None else _ScanningWriter(raw, scanner, target.name)
+                sink = cast(BinaryIO, out)
+                manifest = await self._read_newest(name, versions, sink, progress)
+                raw.flush()
+                os.fsync(raw.fileno())
+            if isinstance(out, _ScanningWriter):
+                report = await asyncio.to_thread(out.finish, tmp)
+                if report.verdict == "malicious" and not allow_unsafe:
+                    raise MaliciousFileError(
+                        f"{name!r} was not delivered: {report.summary()}; nothing was written",
+                        report,
+                    )
+                if on_scan is not None:
+                    on_scan(report, manifest.scan)
             _apply_umask(tmp)
             _move_into_place(tmp, target, force)
             _fsync_folder(target.parent)
@@ -396,7 +471,7 @@ class AsyncClient:
         versions: _Versions,
         out: BinaryIO,
         progress: ProgressCallback | None,
-    ) -> None:
+    ) -> Manifest:
         """Read the newest version whose data both servers still hold into ``out``.
 
         An older one is only taken if it is not older than what this client has seen:
@@ -416,7 +491,8 @@ class AsyncClient:
                 out.truncate()
             else:
                 self._note_seen(versions.oid, candidate)
-                return
+                return candidate.manifest
+        raise AssertionError("unreachable: there is always a candidate")
 
     def _note_seen(self, oid: str, candidate: _Candidate) -> None:
         self._seen_versions().note(oid, Seen(*candidate.order()))
@@ -800,8 +876,11 @@ class Client:
         name: str | None = None,
         *,
         progress: ProgressCallback | None = None,
+        allow_unsafe: bool = False,
     ) -> FileInfo:
-        return self._run(self._async.store(path, name, progress=progress))
+        return self._run(
+            self._async.store(path, name, progress=progress, allow_unsafe=allow_unsafe)
+        )
 
     def fetch(
         self,
@@ -810,8 +889,19 @@ class Client:
         *,
         force: bool = False,
         progress: ProgressCallback | None = None,
+        allow_unsafe: bool = False,
+        on_scan: ScanCallback | None = None,
     ) -> Path:
-        return self._run(self._async.fetch(name, dest, force=force, progress=progress))
+        return self._run(
+            self._async.fetch(
+                name,
+                dest,
+                force=force,
+                progress=progress,
+                allow_unsafe=allow_unsafe,
+                on_scan=on_scan,
+            )
+        )
 
     def verify(self, name: str, *, progress: ProgressCallback | None = None) -> FileInfo:
         return self._run(self._async.verify(name, progress=progress))
@@ -827,6 +917,37 @@ class Client:
 
 
 # -- helpers ---------------------------------------------------------------------------
+
+
+class _ScanningWriter:
+    """The fetch's output file, scanning each block of plaintext as it is written, so the
+    reassembled file is scanned without being read again."""
+
+    def __init__(self, raw: BinaryIO, scanner: Scanner, name: str) -> None:
+        self._raw = raw
+        self._scanner = scanner
+        self._name = name
+        self._stream: ScanStream = scanner.stream(name)
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        n = self._raw.write(data)
+        self._stream.feed(data)
+        return n
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        # Only ever to start again (an older version is read instead): so does the scan.
+        self._stream = self._scanner.stream(self._name)
+        return self._raw.seek(offset, whence)
+
+    def truncate(self, size: int | None = None) -> int:
+        return self._raw.truncate(size)
+
+    def finish(self, path: Path) -> ScanReport:
+        return self._stream.finish(path)
+
+
+def _base_name(name: str) -> str:
+    return name.rsplit("/", 1)[-1]
 
 
 class _StripeMissing(SplitStoreError):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ._errors import ConfigError
+from .scanning import Policy, ScanSettings
 
 __all__ = [
     "CONFIG_ENV_VAR",
@@ -82,6 +83,8 @@ class Config:
     #: Where the client remembers the newest version it has seen of each file, to notice a
     #: server serving an older one. Default: beside the config (``NAME.state``).
     state_file: Path | None = None
+    #: Malicious-file checks run by the client (``[scan]``, docs/scanning.md).
+    scan: ScanSettings = field(default_factory=ScanSettings)
 
     @property
     def encrypted(self) -> bool:
@@ -206,7 +209,45 @@ def parse_config(data: Mapping[str, Any], *, base: Path, path: Path | None = Non
         key_file=key_file,
         padding=padding,
         state_file=_path(data, "state_file", base, where),
+        scan=_parse_scan(data.get("scan"), base, where),
     )
+
+
+def _parse_scan(raw: Any, base: Path, where: str) -> ScanSettings:
+    if raw is None:
+        return ScanSettings()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: [scan] must be a table")
+    known = {"enabled", "hash_lists", "yara_rules", "clamd", "clamd_timeout", "policy"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{where}: [scan] has no setting {unknown[0]!r}")
+    enabled = raw.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"{where}: scan.enabled must be true or false")
+    clamd = raw.get("clamd")
+    if clamd is not None and (not isinstance(clamd, str) or not clamd):
+        raise ConfigError(f'{where}: scan.clamd must be "unix:/path" or "tcp:HOST:PORT"')
+    if isinstance(clamd, str) and clamd.startswith("unix:"):
+        # A relative socket path is relative to the config, like every other path.
+        socket = Path(clamd[5:]).expanduser()
+        clamd = f"unix:{socket if socket.is_absolute() else base / socket}"
+    return ScanSettings(
+        enabled=enabled,
+        hash_lists=_paths(raw, "hash_lists", base, where),
+        yara_rules=_paths(raw, "yara_rules", base, where),
+        clamd=clamd,
+        clamd_timeout=_float(raw, "clamd_timeout", 30.0, f"{where}, [scan]"),
+        policy=Policy.parse(raw.get("policy"), where),
+    )
+
+
+def _paths(d: Mapping[str, Any], key: str, base: Path, where: str) -> tuple[Path, ...]:
+    value = d.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{where}: scan.{key} must be a list of paths")
+    paths = (Path(v).expanduser() for v in value)
+    return tuple(p if p.is_absolute() else base / p for p in paths)
 
 
 def _parse_server(raw: Any, base: Path, where: str, default_token: Path) -> ServerConfig:

@@ -10,6 +10,7 @@ and show its message to a person::
     │   ├── InvalidNameError        a stored name that is empty, too long or has control chars
     │   └── LocalFileError          a local file is missing, a directory, unreadable, or exists
     ├── NotFoundError               no file is stored under that name
+    ├── MaliciousFileError          the malicious-file checks blocked a put or a get
     ├── IntegrityError              stored data does not match its manifest (names the server)
     │   └── RollbackError           a server served an older version than this client has seen
     └── ServerError                 a server failed or refused (names the server)
@@ -34,6 +35,7 @@ __all__ = [
     "IntegrityError",
     "InvalidNameError",
     "LocalFileError",
+    "MaliciousFileError",
     "NotFoundError",
     "ProtocolError",
     "QuotaExceededError",
@@ -77,6 +79,16 @@ class LocalFileError(UsageError):
 
 class NotFoundError(SplitStoreError):
     exit_code = 3
+
+
+class MaliciousFileError(SplitStoreError):
+    """The scan found what the policy blocks; ``report`` says what (a ScanReport)."""
+
+    exit_code = 7
+
+    def __init__(self, message: str, report: object) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 class _ServerAttributed(SplitStoreError):

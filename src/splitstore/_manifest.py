@@ -21,6 +21,7 @@ from ._crypto import KEY_SIZE, ciphertext_size
 from ._errors import IntegrityError
 from ._names import MAX_NAME_BYTES, is_version_id, validate_name
 from ._stripes import stripe_lengths
+from .scanning import ScanReport
 
 __all__ = [
     "ENCRYPTED_FORMAT",
@@ -36,6 +37,8 @@ ENCRYPTED_FORMAT = 2
 #: The payload construction of format 2 (docs/format.md, "Encrypted stream").
 PAYLOAD_ENCRYPTION = "aes-256-gcm-stream-64k"
 # A name of MAX_NAME_BYTES escaped as JSON is at most 6x longer; the rest is a few hundred bytes.
+# A name escaped as JSON is at most 2x longer (quotes and backslashes; control characters
+# are refused), the scan record at most 12 KiB, the rest a few hundred bytes.
 MAX_MANIFEST_BYTES = 8 * MAX_NAME_BYTES
 # Sizes beyond 2**53 would not survive JSON readers in other languages.
 MAX_FILE_SIZE = 2**53 - 1
@@ -65,6 +68,8 @@ class Manifest:
     #: Format 2 only: the plaintext size after padding, and the version's file key (hex).
     padded_size: int | None = None
     file_key: str | None = None
+    #: What the malicious-file checks found when this version was stored (None: not scanned).
+    scan: ScanReport | None = None
 
     @property
     def encrypted(self) -> bool:
@@ -133,6 +138,10 @@ class Manifest:
         }
         if self.encrypted:
             doc.update(padded_size=self.padded_size, file_key=self.file_key)
+        if self.scan is not None:
+            record = self.scan.bounded().to_json()
+            del record["name"]  # the manifest's own
+            doc["scan"] = record
         return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
     @classmethod
@@ -172,6 +181,7 @@ class Manifest:
                 format=fmt,
                 padded_size=_get(doc, "padded_size", int) if fmt == ENCRYPTED_FORMAT else None,
                 file_key=_get(doc, "file_key", str) if fmt == ENCRYPTED_FORMAT else None,
+                scan=_scan_record(doc),
             )
         except IntegrityError:
             raise
@@ -179,6 +189,15 @@ class Manifest:
             raise IntegrityError(
                 f"the manifest{where} is malformed ({exc})", server=server
             ) from exc
+
+
+def _scan_record(doc: dict[str, Any]) -> ScanReport | None:
+    record = doc.get("scan")
+    if record is None:
+        return None
+    if not isinstance(record, dict):
+        raise TypeError("'scan' has the wrong type")
+    return ScanReport.from_json({**record, "name": doc["name"]})
 
 
 def _get(doc: Any, key: str, kind: type) -> Any:

@@ -65,11 +65,15 @@ class Finding:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Finding:
+        category, detail = str(data["category"]), str(data.get("detail", ""))
+        if category not in CATEGORIES:
+            # Recorded by a newer version: keep the record readable, and say what it was.
+            category, detail = "custom-rule", f"[{category[:64]}] {detail}"
         return cls(
             engine=str(data["engine"]),
-            category=str(data["category"]),
+            category=category,
             rule=str(data["rule"]),
-            detail=str(data.get("detail", "")),
+            detail=detail,
             offset=int(data["offset"]) if data.get("offset") is not None else None,
             member=str(data["member"]) if data.get("member") is not None else None,
         )

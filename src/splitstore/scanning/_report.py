@@ -109,6 +109,13 @@ class ScanReport:
     @classmethod
     def from_json(cls, doc: Any) -> ScanReport:
         """Read a recorded report; raises ValueError/TypeError/KeyError when malformed."""
+        try:
+            return cls._from_json(doc)
+        except OverflowError as exc:  # int() of a JSON 1e999 (infinity)
+            raise ValueError(f"number out of range in scan record ({exc})") from None
+
+    @classmethod
+    def _from_json(cls, doc: Any) -> ScanReport:
         if not isinstance(doc, dict):
             raise TypeError("scan record is not an object")
         verdict = doc["verdict"]
@@ -130,11 +137,11 @@ class ScanReport:
             verdict=verdict,
             reasons=tuple(reasons),
             engines=engines,
-            size=int(doc["size"]),
+            size=_count(doc["size"], "size"),
             sha256=str(doc["sha256"]),
-            seconds=float(doc.get("seconds", 0.0)),
-            omitted=int(doc.get("omitted", 0)),
-            scanned_at=float(doc.get("scanned_at", 0.0)),
+            seconds=_moment(doc.get("seconds", 0.0), "seconds"),
+            omitted=_count(doc.get("omitted", 0), "omitted"),
+            scanned_at=_moment(doc.get("scanned_at", 0.0), "scanned_at"),
         )
 
     def bounded(self) -> ScanReport:
@@ -162,6 +169,24 @@ class ScanReport:
             drop = max(1, len(reasons) // 4)
             reasons = reasons[:-drop]
             omitted += drop
+
+
+def _count(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"scan record: {key} must be a whole number >= 0")
+    return value
+
+
+def _moment(value: Any, key: str) -> float:
+    # Shown as a date (time.localtime) and written as JSON: finite, and before year 10000.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"scan record: {key} must be a number")
+    if not 0 <= value < _MAX_TIME:
+        raise ValueError(f"scan record: {key} is out of range")
+    return float(value)
+
+
+_MAX_TIME = 253402300800  # 10000-01-01T00:00:00Z
 
 
 def _short(f: Finding) -> Finding:

@@ -1,0 +1,515 @@
+"""The malicious-file checks as users meet them: put refuses, get refuses to deliver,
+the manifest records the scan, stat shows it, and ``splitstore scan`` reports."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from splitstore import Client, MaliciousFileError, SplitStoreError
+from splitstore._cli import main
+from splitstore.scanning import Finding, Policy, Scanner, ScanReport, ScanSettings
+
+from .conftest import LiveServers
+from .scan_samples import dropper_script, eicar, elf_binary, macro_docx, zip_of
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def stored_objects(servers: LiveServers) -> list[Path]:
+    found = []
+    for kind in ("https", "tcp"):
+        found += list((servers.data_dir(kind) / "tenants").glob("*/objects/*/*"))
+    return found
+
+
+# -- put ----------------------------------------------------------------------------------
+
+
+def test_put_refuses_a_malicious_file_and_sends_nothing(
+    servers: LiveServers, tmp_path: Path
+) -> None:
+    bad = tmp_path / "invoice.txt"
+    bad.write_bytes(eicar())
+    with servers.client() as client, pytest.raises(MaliciousFileError) as caught:
+        client.store(bad)
+    assert "was not stored" in str(caught.value)
+    assert "EICAR" in str(caught.value)
+    report = caught.value.report
+    assert isinstance(report, ScanReport)
+    assert report.verdict == "malicious"
+    assert stored_objects(servers) == []
+
+
+def test_put_with_allow_unsafe_stores_and_records_the_verdict(
+    client: Client, tmp_path: Path
+) -> None:
+    bad = tmp_path / "eicar.com"
+    bad.write_bytes(eicar())
+    info = client.store(bad, allow_unsafe=True)
+    assert info.scan is not None
+    assert info.scan.verdict == "malicious"
+    assert client.stat("eicar.com").scan == info.scan
+
+
+def test_clean_file_records_clean_scan_with_engines(client: Client, tmp_path: Path) -> None:
+    good = tmp_path / "notes.txt"
+    good.write_text("shopping list: apples, pears\n" * 100)
+    info = client.store(good)
+    stat = client.stat("notes.txt")
+    assert stat.scan is not None
+    assert stat.scan.verdict == "clean"
+    assert stat.scan.sha256 == info.sha256
+    assert {"signatures", "yara", "filetype", "archive"} <= set(stat.scan.engines)
+    assert "rules" in stat.scan.engines["yara"]
+
+
+def test_suspicious_file_is_stored_with_its_warning(client: Client, tmp_path: Path) -> None:
+    doc = tmp_path / "report.docx"
+    doc.write_bytes(macro_docx())
+    info = client.store(doc)
+    assert info.scan is not None
+    assert info.scan.verdict == "suspicious"
+    assert any(r.finding.category == "macro" for r in info.scan.reasons)
+
+
+def test_scan_off_in_config_stores_without_a_record(servers: LiveServers, tmp_path: Path) -> None:
+    config = dataclasses.replace(servers.config, scan=ScanSettings(enabled=False))
+    bad = tmp_path / "eicar.txt"
+    bad.write_bytes(eicar())
+    with Client(config) as client:
+        assert client.store(bad).scan is None
+        assert client.stat("eicar.txt").scan is None
+
+
+# -- get ----------------------------------------------------------------------------------
+
+
+def test_get_refuses_to_deliver_a_malicious_file(client: Client, tmp_path: Path) -> None:
+    bad = tmp_path / "sample.bin"
+    bad.write_bytes(b"padding " * 100 + eicar() + b" more")
+    client.store(bad, allow_unsafe=True)
+    out = tmp_path / "out" / "sample.bin"
+    out.parent.mkdir()
+    with pytest.raises(MaliciousFileError) as caught:
+        client.fetch("sample.bin", out)
+    assert "not delivered" in str(caught.value)
+    assert list(out.parent.iterdir()) == []  # not even a temp file
+    seen: list[tuple[ScanReport, ScanReport | None]] = []
+    path = client.fetch("sample.bin", out, allow_unsafe=True, on_scan=lambda *a: seen.append(a))
+    assert path.read_bytes() == bad.read_bytes()
+    ((now, then),) = seen
+    assert now.verdict == "malicious"
+    assert then is not None
+    assert then.verdict == "malicious"
+
+
+def test_get_reports_the_scan_of_store_time(client: Client, tmp_path: Path) -> None:
+    src = tmp_path / "a.txt"
+    src.write_bytes(os.urandom(3 * 1024 * 1024))  # several blocks through the scanner
+    client.store(src)
+    seen: list[tuple[ScanReport, ScanReport | None]] = []
+    client.fetch("a.txt", tmp_path / "b.txt", on_scan=lambda *a: seen.append(a))
+    ((now, then),) = seen
+    assert now.verdict == "clean"
+    assert then is not None
+    assert then.verdict == "clean"
+    assert now.sha256 == then.sha256  # the fetch scanned exactly the bytes stored
+    assert now.size == src.stat().st_size
+
+
+def test_get_blocks_what_a_newer_rule_catches(servers: LiveServers, tmp_path: Path) -> None:
+    """Rules change: a file clean when stored is checked again on the way out."""
+    src = tmp_path / "plan.txt"
+    src.write_bytes(b"the secret word is xylophone-42\n")
+    with servers.client() as client:
+        assert client.store(src).scan.verdict == "clean"  # type: ignore[union-attr]
+    rules = tmp_path / "mine.yar"
+    rules.write_text(
+        'rule secret_word { meta: category = "custom-rule" '
+        'strings: $a = "xylophone-42" condition: $a }\n'
+    )
+    policy = Policy(actions={**Policy().actions, "custom-rule": "block"})
+    scan = ScanSettings(yara_rules=(rules,), policy=policy)
+    with Client(dataclasses.replace(servers.config, scan=scan)) as client:
+        with pytest.raises(MaliciousFileError, match="custom-rule"):
+            client.fetch("plan.txt", tmp_path / "out.txt")
+        assert not (tmp_path / "out.txt").exists()
+
+
+# -- the scanner itself -------------------------------------------------------------------
+
+
+class _Broken:
+    name = "broken"
+
+    def describe(self) -> dict[str, str]:
+        return {"version": "0"}
+
+    def session(self, name: str, size: int | None) -> _Broken:
+        return self
+
+    def feed(self, block: memoryview) -> None:
+        raise RuntimeError("engine bug")
+
+    def finish(self, path: Path | None) -> list[Finding]:
+        return []
+
+
+def test_an_engine_that_fails_never_makes_a_file_clean(tmp_path: Path) -> None:
+    f = tmp_path / "x.txt"
+    f.write_bytes(b"hello")
+    report = Scanner(engines=[_Broken()]).scan_path(f)
+    assert report.verdict == "suspicious"
+    assert report.reasons[0].finding.category == "not-scanned"
+    assert "engine bug" in report.reasons[0].finding.detail
+
+
+def test_policy_allows_and_blocks_by_category(tmp_path: Path) -> None:
+    f = tmp_path / "invoice.pdf"
+    f.write_bytes(elf_binary())
+    default = Scanner().scan_path(f)
+    assert default.verdict == "suspicious"  # a program posing as a PDF
+    lenient = Policy(actions={**Policy().actions, "disguised-executable": "allow"})
+    assert Scanner(ScanSettings(policy=lenient)).scan_path(f).verdict == "clean"
+    strict = Policy(actions={**Policy().actions, "disguised-executable": "block"})
+    assert Scanner(ScanSettings(policy=strict)).scan_path(f).verdict == "malicious"
+
+
+def test_archive_member_findings_name_the_member(tmp_path: Path) -> None:
+    f = tmp_path / "bundle.zip"
+    f.write_bytes(zip_of({"docs/readme.txt": b"hi", "docs/test.com": eicar()}))
+    report = Scanner().scan_path(f)
+    assert report.verdict == "malicious"
+    members = {r.finding.member for r in report.blocking}
+    assert any(m is not None and m.endswith("docs/test.com") for m in members)
+
+
+def test_report_round_trips_and_stays_bounded() -> None:
+    many = [
+        Finding("archive", "archive-path", "dotdot", "x" * 2000, member=f"m{i}/" + "y" * 500)
+        for i in range(500)
+    ]
+    from splitstore.scanning import Reason
+
+    report = ScanReport.build("n", [Reason(f, "warn") for f in many], {}, 1, "0" * 64, 0.1, 0.0)
+    bounded = report.bounded()
+    assert len(json.dumps(bounded.to_json())) <= 12 * 1024
+    assert bounded.omitted + len(bounded.reasons) == 500
+    assert ScanReport.from_json(bounded.to_json()) == bounded
+
+
+# -- the command line ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("SPLITSTORE_CONFIG", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.mark.usefixtures("no_config")
+def test_cli_scan_verdicts_and_exit_codes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clean, bad, odd = tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "c.ps1"
+    clean.write_text("hello\n")
+    bad.write_bytes(eicar())
+    odd.write_bytes(dropper_script())
+    assert run(capsys, "scan", clean) == (0, f"{clean}: clean\n", "")
+    code, out, err = run(capsys, "scan", clean, bad, odd)
+    assert code == 1
+    assert err == ""
+    assert f"{bad}: malicious" in out
+    assert "EICAR" in out
+    assert f"{odd}: suspicious" in out
+    assert "script-dropper" in out
+    code, out, _ = run(capsys, "scan", "--json", clean, bad)
+    docs = json.loads(out)
+    assert code == 1
+    assert [d["verdict"] for d in docs] == ["clean", "malicious"]
+    assert docs[1]["findings"][0]["action"] == "block"
+    code, out, err = run(capsys, "scan", clean, tmp_path / "missing")
+    assert code == 2
+    assert "missing" in err
+    assert err.count("\n") == 1
+
+
+@pytest.mark.usefixtures("no_config")
+def test_cli_scan_reads_the_policy_from_the_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = tmp_path / "scan.toml"
+    cfg.write_text(
+        'token_file = "t"\nencryption = "none"\n'
+        '[[servers]]\nkind = "https"\nport = 1\n[[servers]]\nkind = "tcp"\nport = 2\n'
+        '[scan.policy]\nmacro = "block"\n'
+    )
+    doc = tmp_path / "q.docx"
+    doc.write_bytes(macro_docx())
+    code, out, _ = run(capsys, "--config", cfg, "scan", doc)
+    assert code == 1
+    assert "malicious" in out
+    cfg.write_text(cfg.read_text().replace('macro = "block"', 'macro = "sometimes"'))
+    code, _, err = run(capsys, "--config", cfg, "scan", doc)
+    assert code == 2
+    assert "scan.policy.macro" in err
+
+
+def test_cli_put_get_stat_with_scans(
+    servers: LiveServers, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = str(servers.config_path)
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(eicar())
+    code, out, err = run(capsys, "--config", cfg, "-q", "put", bad)
+    assert code == 7
+    assert out == ""
+    assert "was not stored" in err
+    assert err.count("\n") == 1
+    code, _, err = run(capsys, "--config", cfg, "-q", "put", bad, "--allow-unsafe")
+    assert code == 0
+    assert "warning" in err
+    assert "--allow-unsafe" in err
+    code, out, _ = run(capsys, "--config", cfg, "stat", "bad.txt")
+    assert code == 0
+    assert "scan:       malicious" in out
+    assert "EICAR" in out
+    code, _, err = run(capsys, "--config", cfg, "-q", "get", "bad.txt", "-o", tmp_path / "o")
+    assert code == 7
+    assert "not delivered" in err
+    assert not (tmp_path / "o").exists()
+    good = tmp_path / "good.txt"
+    good.write_text("fine\n")
+    assert run(capsys, "--config", cfg, "-q", "put", good)[0] == 0
+    code, out, err = run(capsys, "--config", cfg, "get", "good.txt", "-o", tmp_path / "g")
+    assert code == 0
+    assert err == ""
+    assert "scan: clean when stored" in out
+
+
+def test_malicious_file_error_is_a_splitstore_error() -> None:
+    assert issubclass(MaliciousFileError, SplitStoreError)
+
+
+# -- with a real clamd ----------------------------------------------------------------------
+
+
+def test_put_through_clamd_blocks_and_records_clamav(
+    servers: LiveServers, clamd_address: str, tmp_path: Path
+) -> None:
+    scan = ScanSettings(clamd=clamd_address, clamd_timeout=10.0)
+    config = dataclasses.replace(servers.config, scan=scan)
+    bad = tmp_path / "mixed.bin"
+    bad.write_bytes(os.urandom(100_000) + eicar() + os.urandom(1000))
+    good = tmp_path / "fine.bin"
+    good.write_bytes(os.urandom(100_000))
+    with Client(config) as client:
+        with pytest.raises(MaliciousFileError) as caught:
+            client.store(bad)
+        report = caught.value.report
+        assert isinstance(report, ScanReport)
+        assert any(r.finding.engine == "clamav" for r in report.blocking)
+        info = client.store(good)
+        assert info.scan is not None
+        assert info.scan.verdict == "clean"
+        assert info.scan.engines["clamav"]["version"].startswith("ClamAV")
+
+
+# -- review: edge cases -----------------------------------------------------------------
+
+
+def test_get_blocks_an_older_version_it_falls_back_to(servers: LiveServers, tmp_path: Path) -> None:
+    """v2's data is gone from one server: a fresh client falls back to v1, which is
+    scanned like any other (and, malicious, not delivered)."""
+    bad, good = tmp_path / "v1", tmp_path / "v2"
+    bad.write_bytes(b"padding " * 100 + eicar())
+    good.write_bytes(b"nothing to see\n" * 100)
+    folder = servers.object_dir("tcp", "doc.txt")
+    snapshot = tmp_path / "snapshot"
+    with servers.client() as client:
+        client.store(bad, "doc.txt", allow_unsafe=True)
+        shutil.copytree(folder, snapshot)
+        second = client.store(good, "doc.txt")
+    for saved in snapshot.iterdir():  # as if the tcp server never got v2's commit
+        shutil.copy2(saved, folder / saved.name)
+    for suffix in (".stripe", ".meta"):
+        (folder / f"{second.version_id}{suffix}").unlink()
+    out = tmp_path / "out"
+    out.mkdir()
+    fresh = dataclasses.replace(servers.config, state_file=tmp_path / "fresh.state")
+    with Client(fresh) as client, pytest.raises(MaliciousFileError):
+        client.fetch("doc.txt", out / "doc.txt")
+    assert list(out.iterdir()) == []
+    with Client(fresh) as client:  # it was v1 that was read, and blocked
+        path = client.fetch("doc.txt", out / "doc.txt", allow_unsafe=True)
+    assert path.read_bytes() == bad.read_bytes()
+
+
+def test_get_with_bad_rule_file_leaves_no_temp_file(servers: LiveServers, tmp_path: Path) -> None:
+    src = tmp_path / "plain.txt"
+    src.write_text("hello\n")
+    with servers.client() as client:
+        client.store(src)
+    rules = tmp_path / "broken.yar"
+    rules.write_text("rule { this does not compile")
+    config = dataclasses.replace(servers.config, scan=ScanSettings(yara_rules=(rules,)))
+    out = tmp_path / "out"
+    out.mkdir()
+    with Client(config) as client, pytest.raises(SplitStoreError, match=r"broken\.yar"):
+        client.fetch("plain.txt", out / "plain.txt")
+    assert list(out.iterdir()) == []
+
+
+def test_scanner_is_not_built_on_the_event_loop(
+    servers: LiveServers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Building the scanner compiles the YARA rules and loads libmagic (most of a second):
+    not on the event loop, which other transfers share."""
+    import threading
+
+    import splitstore._client as client_module
+
+    built_on: list[str] = []
+
+    class Recording(Scanner):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            built_on.append(threading.current_thread().name)
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(client_module, "Scanner", Recording)
+    src = tmp_path / "a.txt"
+    src.write_text("hello\n")
+    loop_threads: list[str] = []
+
+    def progress(done: int, total: int) -> None:
+        loop_threads.append(threading.current_thread().name)
+
+    with servers.client() as client:
+        client.store(src, progress=progress)
+    assert built_on
+    assert loop_threads
+    assert built_on[0] not in loop_threads
+
+
+@pytest.mark.usefixtures("no_config")
+def test_cli_scan_of_special_files_does_not_hang(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import threading
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    result: list[tuple[int, str, str]] = []
+    worker = threading.Thread(target=lambda: result.append(run(capsys, "scan", fifo)))
+    worker.start()
+    worker.join(10)
+    if worker.is_alive():  # unblock it: a writer that closes at once
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        worker.join(10)
+        pytest.fail("scan waited for a writer on a FIFO")
+    ((code, out, err),) = result
+    assert code == 2
+    assert out == ""
+    assert "not a regular file" in err
+    assert err.count("\n") == 1
+
+
+@pytest.mark.usefixtures("no_config")
+def test_cli_scan_directories_empty_and_missing_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    empty, folder = tmp_path / "empty.txt", tmp_path / "folder"
+    empty.write_bytes(b"")
+    folder.mkdir()
+    assert run(capsys, "scan", empty) == (0, f"{empty}: clean\n", "")
+    code, out, err = run(capsys, "scan", folder, tmp_path / "missing", empty)
+    assert code == 2
+    assert out == f"{empty}: clean\n"
+    assert err.count("\n") == 2
+    assert "is a directory" in err
+    assert "missing" in err
+    code, out, err = run(capsys, "scan", "--json", folder, empty)
+    assert code == 2
+    docs = json.loads(out)
+    assert sorted(docs[0]) == ["error", "name"]
+    assert docs[0]["name"] == str(folder)
+    assert docs[1]["verdict"] == "clean"
+    assert docs[1]["size"] == 0
+
+
+def _plain_manifest_with_scan(record: object) -> bytes:
+    from splitstore._manifest import Manifest, StripeInfo
+
+    manifest = Manifest(
+        name="f.txt",
+        size=0,
+        chunk_size=65536,
+        sha256="e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+        version_id="0" * 32,
+        created_ns=1,
+        stripes=(StripeInfo("https", 0, "0" * 64), StripeInfo("tcp", 0, "0" * 64)),
+    )
+    doc = json.loads(manifest.to_bytes())
+    doc["scan"] = record
+    return json.dumps(doc).encode()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"size": 1e999},
+        {"omitted": -1e999},
+        {
+            "findings": [
+                {"engine": "x", "category": "macro", "rule": "r", "action": "warn", "offset": 1e999}
+            ]
+        },
+        {"seconds": "soon"},
+        {"scanned_at": 1e300},
+        {"scanned_at": float("nan")},
+        {"size": -1},
+        {"size": "12"},
+        {
+            "findings": [
+                {"engine": "x", "category": "macro", "rule": "r", "action": "warn", "offset": [1]}
+            ]
+        },
+    ],
+)
+def test_a_malformed_scan_record_is_a_malformed_manifest(change: dict[str, object]) -> None:
+    """Whatever a (plain-mode) server makes of the record, reading it fails as an
+    IntegrityError, never as some other exception."""
+    from splitstore._errors import IntegrityError
+    from splitstore._manifest import Manifest
+
+    record: dict[str, object] = {
+        "verdict": "clean",
+        "size": 0,
+        "sha256": "0" * 64,
+        "engines": {},
+        "findings": [],
+    }
+    record.update(change)
+    with pytest.raises(IntegrityError, match="malformed"):
+        Manifest.from_bytes(_plain_manifest_with_scan(record))
+
+
+def test_a_record_from_a_newer_version_stays_readable() -> None:
+    """A category this version does not know (added later) must not make a stored file
+    unreadable: it is kept, under custom-rule, with its name in the detail."""
+    finding = Finding.from_json(
+        {"engine": "yara", "category": "phishing", "rule": "r", "detail": "d"}
+    )
+    assert finding.category == "custom-rule"
+    assert finding.detail == "[phishing] d"
