@@ -107,7 +107,9 @@ def test_put_then_get(
     out_path = tmp_path / "out.bin"
     code, out, err = run(capsys, "--config", cfg, "get", "in.bin", "-o", out_path)
     assert (code, err) == (0, "")
-    assert out == f"fetched 'in.bin' into {out_path} (every hash checked)\n"
+    first, scan = out.splitlines()
+    assert first == f"fetched 'in.bin' into {out_path} (every hash checked)"
+    assert scan.startswith("  scan: clean when stored (")  # what the scan found at put
     assert out_path.read_bytes() == data
 
     # an existing output is kept unless --force
@@ -128,7 +130,7 @@ def test_get_into_current_folder(
     assert run(capsys, "--config", cfg, "put", tmp_path / "in.bin", "--name", "a/b.txt")[0] == 0
     code, out, err = run(capsys, "--config", cfg, "get", "a/b.txt")
     assert (code, err) == (0, "")
-    assert out == "fetched 'a/b.txt' into b.txt (every hash checked)\n"
+    assert out.splitlines()[0] == "fetched 'a/b.txt' into b.txt (every hash checked)"
     assert Path("b.txt").read_bytes() == data
 
 

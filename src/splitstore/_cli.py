@@ -2,7 +2,8 @@
 
 Exit codes (also in the README): 0 ok, 1 other failure, 2 bad usage or config,
 3 not stored, 4 stored data damaged, 5 server unavailable or failing, 6 token or
-certificate refused, 130 interrupted.
+certificate refused, 7 blocked by the malicious-file checks, 130 interrupted
+(``scan`` exits as scanners do: 0 clean, 1 something found, 2 error).
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from ._cli_scan import cmd_scan, print_reasons, stored_scan_line, warn_about
 from ._client import AsyncClient, FileInfo
 from ._config import ENCRYPTION_MODES, ENCRYPTION_OFF, ENCRYPTION_ON, load_config
 from ._errors import LocalFileError, SplitStoreError, UsageError
 from ._progress import TransferProgress
 from ._service import ServerLimits
 from ._version import __version__
+from .scanning import ScanReport
 
 __all__ = ["main"]
 
@@ -127,8 +130,12 @@ def _cmd_put(args: argparse.Namespace) -> int:
         name = args.name if args.name is not None else source.name
         with _progress(args, f"storing {name}") as bar:
             started = time.monotonic()
-            info = await client.store(source, args.name, progress=bar.update)
+            info = await client.store(
+                source, args.name, progress=bar.update, allow_unsafe=args.allow_unsafe
+            )
             seconds = time.monotonic() - started
+        if info.scan is not None:
+            warn_about(info.scan, info.name, overridden=info.scan.verdict == "malicious")
         if args.json:
             _print_json(info.to_json())
         elif not args.quiet:
@@ -154,10 +161,25 @@ def _cmd_put(args: argparse.Namespace) -> int:
 
 def _cmd_get(args: argparse.Namespace) -> int:
     async def job(client: AsyncClient) -> int:
+        stored_scan: list[str] = []
+
+        def on_scan(report: ScanReport, at_store: ScanReport | None) -> None:
+            warn_about(report, args.name, overridden=report.verdict == "malicious")
+            stored_scan.append(stored_scan_line(at_store))
+
         with _progress(args, f"fetching {args.name}") as bar:
-            path = await client.fetch(args.name, args.output, force=args.force, progress=bar.update)
+            path = await client.fetch(
+                args.name,
+                args.output,
+                force=args.force,
+                progress=bar.update,
+                allow_unsafe=args.allow_unsafe,
+                on_scan=on_scan,
+            )
         if not args.quiet:
             print(f"fetched {args.name!r} into {path} (every hash checked)")
+            for line in stored_scan:
+                print(f"  scan: {line}")
         return EXIT_OK
 
     return _with_client(args, job)
@@ -246,6 +268,9 @@ def _print_info(info: FileInfo, client: AsyncClient) -> None:
     print(f"committed:  {', '.join(info.committed_on) or 'nowhere'}")
     sealed = "AES-256-GCM, sealed manifest" if info.encrypted else "none (servers can read it)"
     print(f"encryption: {sealed}")
+    print(f"scan:       {stored_scan_line(info.scan)}")
+    if info.scan is not None:
+        print_reasons(info.scan, sys.stdout, every=True)
 
 
 # -- setup and servers ----------------------------------------------------------------
@@ -433,7 +458,8 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="splitstore",
         description="Store files split across an HTTPS server and a TCP server.",
         epilog="exit codes: 0 ok, 1 failure, 2 usage/config, 3 not stored, 4 data damaged, "
-        "5 server unavailable, 6 token or certificate refused, 130 interrupted",
+        "5 server unavailable, 6 token or certificate refused, 7 blocked by the malicious-file "
+        "checks, 130 interrupted",
         parents=[common],
     )
     parser.add_argument("--version", action="version", version=f"splitstore {__version__}")
@@ -529,6 +555,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="the local file to store")
     p.add_argument("--name", help="name to store it under (default: the file's base name)")
     p.add_argument("--json", action="store_true", help="print what was stored as JSON")
+    _allow_unsafe(p, "store a file the malicious-file checks block (after a warning)")
 
     p = command(
         "get", _cmd_get, "fetch a stored file", "splitstore get holiday.mp4 -o restored.mp4"
@@ -536,6 +563,16 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="the stored name")
     p.add_argument("-o", "--output", help="file or folder to write (default: ./BASENAME)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    _allow_unsafe(p, "deliver a file the malicious-file checks block (after a warning)")
+
+    p = command(
+        "scan",
+        cmd_scan,
+        "check local files for malware, as put and get do (exit 0 clean, 1 found, 2 error)",
+        "splitstore scan download.zip report.pdf --json",
+    )
+    p.add_argument("files", nargs="+", metavar="FILE", help="the files to scan")
+    p.add_argument("--json", action="store_true", help="print the verdicts as JSON")
 
     p = command("ls", _cmd_ls, "list stored files", "splitstore ls --json")
     p.add_argument("--json", action="store_true", help="print the list as JSON")
@@ -681,6 +718,10 @@ def _common_options(*, suppress: bool) -> argparse.ArgumentParser:
         "-q", "--quiet", action="store_true", default=flag, help="no progress bar, less output"
     )
     return common
+
+
+def _allow_unsafe(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--allow-unsafe", action="store_true", help=help)
 
 
 def _print_json(doc: Any) -> None:

@@ -79,6 +79,9 @@ async def _demo(root: Path, size: int, encryption: str) -> int:
         name = "demo/sample.bin"
         async with AsyncClient(config) as client:
             info = await client.store(sample, name)
+            if info.scan is not None:
+                engines = ", ".join(info.scan.engines)
+                print(f"   scanned first, before a byte left: {info.scan.verdict} ({engines})")
             what = "encrypted " if info.encrypted else ""
             print(f"   {info.chunks:,} {what}chunks of {info.chunk_size} bytes went to:")
             object_id = client.object_id(name)

@@ -319,7 +319,24 @@ def render_config(
         + server("https", https_port, paths.https_data)
         + "\n"
         + server("tcp", tcp_port, paths.tcp_data)
+        + "\n"
+        + _SCAN_SECTION
     )
+
+
+# Commented out: the defaults apply (see docs/scanning.md).
+_SCAN_SECTION = """\
+# Malicious-file checks, run here before a file is stored and before a fetched one is
+# delivered (the servers only see ciphertext). On by default; uncomment to change.
+# [scan]
+# enabled = true
+# hash_lists = ["bad-hashes.txt"]      # more known-bad SHA-256s, one a line
+# yara_rules = ["my-rules.yar"]        # more YARA rules
+# clamd = "unix:/run/clamav/clamd.ctl" # also ask ClamAV (or "tcp:127.0.0.1:3310")
+# [scan.policy]                        # per category: "block", "warn" or "allow"
+# macro = "block"
+# blocked_types = ["application/x-dosexec"]
+"""
 
 
 def _encryption_section(paths: SetupPaths, encryption: str, rel: Callable[[Path], str]) -> str:
