@@ -15,8 +15,8 @@ from ._report import print_report, write_json
 from ._stats import MIB
 from ._suite import Options, run_suite
 
-FULL = {"size_mb": 1024, "small_files": 1000, "ls_names": 10_000}
-QUICK = {"size_mb": 64, "small_files": 200, "ls_names": 1000}
+FULL = {"size_mb": 1024, "small_files": 1000, "ls_names": 10_000, "fp_files": 3000}
+QUICK = {"size_mb": 64, "small_files": 200, "ls_names": 1000, "fp_files": 500}
 
 
 def parse(argv: list[str]) -> tuple[Options, Path]:
@@ -37,6 +37,11 @@ def parse(argv: list[str]) -> tuple[Options, Path]:
         "--ls-names",
         type=int,
         help="names to list, the files stored before included (default 10000; quick 1000)",
+    )
+    parser.add_argument(
+        "--fp-files",
+        type=int,
+        help="ordinary files scanned to count false positives (default 3000; quick 500)",
     )
     parser.add_argument(
         "--skip-reference",
@@ -68,6 +73,7 @@ def parse(argv: list[str]) -> tuple[Options, Path]:
         ls_names=pick("ls_names"),
         references=not args.skip_reference,
         quick=args.quick,
+        fp_files=pick("fp_files"),
     )
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     default = Path(tempfile.gettempdir()) / "splitstore-bench" / f"results-{stamp}.json"

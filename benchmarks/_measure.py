@@ -48,9 +48,13 @@ class ClientRunner:
         path = os.environ.get("PYTHONPATH")
         self.env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), path]))}
 
-    def run(self, servers: ServerProcess, op: str, *args: str | Path) -> Run:
+    def run(
+        self, servers: ServerProcess, op: str, *args: str | Path, config: Path | None = None
+    ) -> Run:
+        """Run ``op`` with ``servers``' config (or ``config``, another one of that setup)."""
         self.out.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "benchmarks._runner", str(self.out), op, str(servers.config)]
+        config = config or servers.config
+        cmd = [sys.executable, "-m", "benchmarks._runner", str(self.out), op, str(config)]
         servers.mark()
         run_measured([*cmd, *map(str, args)], log=self.log, env=self.env, sample_peak=False)
         server_peak, server_cpu = servers.usage()

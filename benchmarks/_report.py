@@ -17,6 +17,9 @@ TRANSFERS = [
     "fetch_encrypted",
     "store_plain",
     "fetch_plain",
+    "store_scanned",
+    "fetch_scanned",
+    "scan",
     "tls_copy",
     "restic_backup",
     "restic_restore",
@@ -64,6 +67,15 @@ def print_report(results: dict[str, Any], console: Console | None = None) -> Non
     console.print(", ".join([*about, *meta["tools"].values()]), highlight=False)
     phases = ", ".join(f"{k} {v:.0f} s" for k, v in meta["phase_seconds"].items())
     console.print(f"time: {meta['seconds']:.0f} s in all ({phases})", highlight=False)
+    fp = results.get("false_positives")
+    if fp:
+        console.print(
+            f"false positives at the default policy: {len(fp['flagged'])} of {fp['files']:,} "
+            f"ordinary files ({fp['bytes'] / 1e6:,.0f} MB in {fp['seconds']:.0f} s)",
+            highlight=False,
+        )
+        for item in fp["flagged"][:20]:
+            console.print(f"  {item['path']}: {item['why']}", highlight=False)
     for note in results["notes"]:
         console.print(f"- {note}", highlight=False)
 

@@ -5,6 +5,7 @@
     python -m benchmarks._runner OUT small CONFIG SOURCE_DIR DEST_DIR PREFIX
     python -m benchmarks._runner OUT fill CONFIG FILE COUNT PREFIX
     python -m benchmarks._runner OUT ls CONFIG
+    python -m benchmarks._runner OUT scan CONFIG FILE
 
 Everything goes through the public API (``splitstore.Client``, ``AsyncClient``). The
 result goes to the file OUT as JSON: the operation's seconds (the session is opened
@@ -62,6 +63,16 @@ def _small(client: Client, source_dir: str, dest_dir: str, prefix: str) -> dict[
     }
 
 
+def _scan(client: Client, source: str) -> dict[str, Any]:
+    """The built-in engines over one file, as ``put`` runs them (on one core)."""
+    from splitstore.scanning import Scanner, ScanSettings
+
+    scanner = Scanner(ScanSettings(policy=client.config.scan.policy))
+    scanner.describe()  # rules compiled and libmagic loaded once per session, not per file
+    report = scanner.scan_path(source)
+    return {"bytes": report.size, "verdict": report.verdict, "scan_seconds": report.seconds}
+
+
 async def _fill(config: str, source: str, count: int, prefix: str) -> None:
     """Store ``source`` under ``count`` names, a bounded number at a time."""
     slots = asyncio.Semaphore(FILL_CONCURRENCY)
@@ -94,6 +105,8 @@ def main(argv: list[str]) -> int:
                 result = _small(client, *args)
             elif op == "ls":
                 result = {"names": len(client.list())}
+            elif op == "scan":
+                result = _scan(client, *args)
             else:
                 raise SystemExit(f"unknown operation {op!r}")
             result["seconds"] = time.perf_counter() - start

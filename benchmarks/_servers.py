@@ -33,6 +33,12 @@ class ServerProcess:
         self.paths: SetupPaths = init_setup(
             root, https_port=self.ports[0], tcp_port=self.ports[1], encryption=encryption
         )
+        # The transfer figures are the pipeline's own: scanning is off in the main config,
+        # and measured apart, with this one, which scans as a default setup does.
+        self.scan_config = self.paths.config.with_name("scan-on.toml")
+        self.scan_config.write_text(self.paths.config.read_text())
+        with self.paths.config.open("a") as f:
+            f.write("\n[scan]\nenabled = false\n")
         self.log = root / "serve.log"
         self._proc: subprocess.Popen[bytes] | None = None
         self._cpu_mark = 0.0

@@ -26,6 +26,7 @@ from ._measure import ClientRunner, Run, summarise
 from ._proc import ToolFailed
 from ._reference import Rclone, Restic, Tools, find_tools
 from ._runner import FILL_CONCURRENCY
+from ._scan import false_positives
 from ._servers import ServerProcess
 from ._stats import MIB
 from ._tls_copy import tls_copy
@@ -61,6 +62,8 @@ class Options:
     ls_names: int
     references: bool
     quick: bool
+    #: Ordinary files scanned to count false positives.
+    fp_files: int = 3000
 
 
 def say(message: str) -> None:
@@ -85,6 +88,7 @@ class _Suite:
         self.notes = [*NOTES, *tools.notes]
         self.phases: dict[str, float] = {}
         self.tls = ""
+        self.fp: dict[str, Any] = {}
 
     def run(self) -> dict[str, Any]:
         started, clock = dt.datetime.now(dt.UTC), time.perf_counter()
@@ -96,9 +100,11 @@ class _Suite:
                 mode: stack.enter_context(ServerProcess(self.work / f"setup-{mode}", encryption=e))
                 for mode, e in {"encrypted": ENCRYPTION_ON, "plain": "none"}.items()
             }
-            with self._phase("large file", f"store and fetch {mib}, encrypted and not"):
+            with self._phase("large file", f"store and fetch {mib}: encrypted, not, scanned"):
                 self._large_file(setups, big)
             encrypted = setups["encrypted"]
+            with self._phase("scan", f"scan {mib} with the built-in engines, on one core"):
+                self._scan_speed(encrypted, big)
             with self._phase("tls copy", f"loopback TLS copy of {mib} (the reference)"):
                 self._tls_copy(encrypted.paths)
             n = self.o.small_files
@@ -113,6 +119,10 @@ class _Suite:
                 self._listing(encrypted, stored + more)
             for servers in setups.values():
                 self._check_peak(servers)
+        n = self.o.fp_files
+        with self._phase("false positives", f"scan {n} ordinary files at the default policy"):
+            self.fp = false_positives(n)
+            say(f"  {len(self.fp['flagged'])} of {self.fp['files']} files not clean")
         for name in ("restic", "rclone"):
             exe = self.tools.paths.get(name)
             if exe is not None:
@@ -123,6 +133,7 @@ class _Suite:
             "meta": meta,
             "operations": self.ops,
             "ratios": ratios(self.ops),
+            "false_positives": self.fp,
             "notes": self.notes,
         }
 
@@ -141,13 +152,17 @@ class _Suite:
         dest = self.work / "fetched.bin"
         amount = self.o.size / MB
         runs: dict[str, list[Run]] = {}
+        # "scanned": the encrypted setup with scanning on, as a default setup is.
+        modes = [*setups.items(), ("scanned", setups["encrypted"])]
         for i in range(self.o.runs):
-            for mode, servers in setups.items():
+            for mode, servers in modes:
+                config = servers.scan_config if mode == "scanned" else None
                 for op, args in (
                     ("store", (big, "bench/big.bin")),
                     ("fetch", ("bench/big.bin", dest)),
                 ):
-                    runs.setdefault(f"{op}_{mode}", []).append(self.runner.run(servers, op, *args))
+                    run = self.runner.run(servers, op, *args, config=config)
+                    runs.setdefault(f"{op}_{mode}", []).append(run)
                 if dest.stat().st_size != self.o.size:
                     raise RuntimeError(f"the fetched file has {dest.stat().st_size} bytes")
                 dest.unlink()
@@ -156,8 +171,19 @@ class _Suite:
                 say(f"  run {i + 1}/{self.o.runs}, {mode}: {rates}")
         for key, key_runs in runs.items():
             op, mode = key.split("_")
-            what = "encrypted" if mode == "encrypted" else "not encrypted"
+            what = {"encrypted": "encrypted", "plain": "not encrypted"}.get(
+                mode, "encrypted, scanned"
+            )
             self.ops[key] = summarise(f"{op}, {what}", key_runs, amount, "MB/s")
+
+    def _scan_speed(self, servers: ServerProcess, big: Path) -> None:
+        runs = [self.runner.run(servers, "scan", big) for _ in range(self.o.runs)]
+        for i, run in enumerate(runs):
+            rate = self.o.size / MB / run.extra["scan_seconds"]
+            say(f"  run {i + 1}/{self.o.runs}: {rate:.0f} MB/s, {run.extra['verdict']}")
+        seconds = [r.extra["scan_seconds"] for r in runs]
+        label = "scan, built-in engines"
+        self.ops["scan"] = summarise(label, runs, self.o.size / MB, "MB/s", seconds=seconds)
 
     def _tls_copy(self, paths: SetupPaths) -> None:
         runs = []
@@ -294,6 +320,8 @@ RATIOS: list[tuple[str, str, str, float | None]] = [
     ("store / rclone copy to crypt", "store_encrypted", "rclone_copy_to", None),
     ("fetch / rclone copy back", "fetch_encrypted", "rclone_copy_back", 1.0),
     ("fetch / restic restore", "fetch_encrypted", "restic_restore", 1.5),
+    ("store: scanning on / off", "store_scanned", "store_encrypted", None),
+    ("fetch: scanning on / off", "fetch_scanned", "fetch_encrypted", None),
 ]
 
 

@@ -18,6 +18,9 @@ SPLITSTORE_OPS = [
     "fetch_encrypted",
     "store_plain",
     "fetch_plain",
+    "store_scanned",
+    "fetch_scanned",
+    "scan",
     "small_store",
     "small_fetch",
     "ls_fill",
@@ -29,6 +32,7 @@ def test_quick_benchmark_writes_complete_results(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path)}
     args = ["--quick", "--size-mb", "2", "--runs", "1", "--small-files", "5", "--ls-names", "9"]
+    args += ["--fp-files", "20"]
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks", *args, "--skip-reference", "--json", str(out)],
         cwd=tmp_path,
@@ -40,7 +44,9 @@ def test_quick_benchmark_writes_complete_results(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "store / loopback TLS copy" in result.stdout
     doc = json.loads(out.read_text())
-    assert set(doc) == {"meta", "operations", "ratios", "notes"}
+    assert set(doc) == {"meta", "operations", "ratios", "false_positives", "notes"}
+    assert doc["false_positives"]["files"] == 20
+    assert doc["false_positives"]["flagged"] == []
     assert doc["meta"]["size_bytes"] == 2 * 1024 * 1024
     ops = doc["operations"]
     assert set(ops) == {*SPLITSTORE_OPS, "tls_copy"}  # restic and rclone left out
