@@ -4,6 +4,7 @@ the manifest records the scan, stat shows it, and ``splitstore scan`` reports.""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -513,3 +514,34 @@ def test_a_record_from_a_newer_version_stays_readable() -> None:
     )
     assert finding.category == "custom-rule"
     assert finding.detail == "[phishing] d"
+
+
+@pytest.mark.usefixtures("no_config")
+def test_cli_scan_bug_is_an_error_not_a_finding(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    f = tmp_path / "a.txt"
+    f.write_text("hi\n")
+
+    def broken(self: Scanner, path: object, name: object = None) -> ScanReport:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(Scanner, "scan_path", broken)
+    code, out, err = run(capsys, "scan", "--json", f)
+    assert code == 2  # not 1, "found"
+    assert json.loads(out)[0]["error"].startswith("internal error")
+    assert err.count("\n") == 1
+
+
+def test_known_bad_hash_through_the_scanner_uses_its_one_hash(tmp_path: Path) -> None:
+    """The signature engine reads the scanner's own SHA-256 (one hash per file), across
+    several blocks, and still finds a listed file."""
+    f = tmp_path / "x.bin"
+    f.write_bytes(os.urandom(9 * 1024 * 1024))
+    listed = tmp_path / "bad.txt"
+    digest = hashlib.sha256(f.read_bytes()).hexdigest()
+    listed.write_text(f"{digest}  my-bad-file\n")
+    report = Scanner(ScanSettings(hash_lists=(listed,))).scan_path(f)
+    assert report.verdict == "malicious"
+    assert report.sha256 == digest
+    assert [r.finding.rule for r in report.blocking] == ["my-bad-file"]

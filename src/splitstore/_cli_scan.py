@@ -33,11 +33,12 @@ def cmd_scan(args: argparse.Namespace) -> int:
     for file in args.files:
         try:
             report = scanner.scan_path(file)
-        except SplitStoreError as exc:
+        except Exception as exc:
+            # Any failure is "error" (2), never "found" (1) or clean: a bug included.
+            message = str(exc) if isinstance(exc, SplitStoreError) else f"internal error: {exc!r}"
             failed = True
-            results.append({"name": file, "error": str(exc)})
-            if not args.json:
-                print(f"splitstore: error: {exc}", file=sys.stderr)
+            results.append({"name": file, "error": message})
+            print(f"splitstore: error: {message}", file=sys.stderr)
             continue
         found = found or report.verdict != "clean"
         results.append({**report.to_json(), "name": file})

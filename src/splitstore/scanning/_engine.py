@@ -91,6 +91,11 @@ class EngineSession(Protocol):
         then work from what they were fed, or report ``not-scanned``."""
 
 
+# A session may also offer ``share_sha256(hasher)``: the scanner then hands it the hashlib
+# object it updates with every block, so an engine that needs the file's SHA-256 does not
+# hash the file a second time (it must then not update the hasher itself).
+
+
 class Engine(Protocol):
     #: Short name shown in findings and recorded in manifests ("yara", "clamav", ...).
     name: str

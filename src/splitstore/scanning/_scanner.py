@@ -183,7 +183,12 @@ class ScanStream:
         self._sessions: list[tuple[str, EngineSession]] = []
         for engine in engines:
             try:
-                self._sessions.append((engine.name, engine.session(name, size)))
+                session = engine.session(name, size)
+                share = getattr(session, "share_sha256", None)
+                if share is not None:
+                    # It needs the file's SHA-256 too: one hash of the file, not two.
+                    share(self._sha256)
+                self._sessions.append((engine.name, session))
             except Exception as exc:
                 self._fail(engine.name, exc)
 

@@ -101,11 +101,17 @@ class _SignatureSession:
     def __init__(self, known: dict[str, tuple[str, str]]) -> None:
         self._known = known
         self._sha256 = hashlib.sha256()
+        self._shared = False
         self._head = bytearray()
         self._size = 0
 
+    def share_sha256(self, sha256: hashlib._Hash) -> None:
+        """Use the scanner's hash of the file, which it updates itself, instead of ours."""
+        self._sha256, self._shared = sha256, True
+
     def feed(self, block: memoryview) -> None:
-        self._sha256.update(block)
+        if not self._shared:
+            self._sha256.update(block)
         if self._size <= _EICAR_MAX_SIZE:
             # One byte past the limit is enough to know the file is too long.
             self._head += block[: _EICAR_MAX_SIZE + 1 - len(self._head)]
