@@ -15,7 +15,6 @@ import errno
 import hashlib
 import io
 import os
-import stat as stat_mod
 import tempfile
 import threading
 import time
@@ -39,6 +38,7 @@ from ._errors import (
 from ._http_client import HttpsRemote
 from ._keyring import Keyring
 from ._keys import load_master_key
+from ._localfile import open_regular_file
 from ._manifest import (
     ENCRYPTED_FORMAT,
     MANIFEST_FORMAT,
@@ -259,7 +259,7 @@ class AsyncClient:
         keyring = self.keyring()
         remotes = self.remotes()
         oid = keyring.object_id(name)
-        with _open_source(source_path) as f:
+        with open_regular_file(source_path) as f:
             report = await self._scan_before_store(f, source_path, name, allow_unsafe)
             seen = self._seen_versions()
             if not self._reached:
@@ -1011,35 +1011,6 @@ def _fsync_folder(folder: Path) -> None:
 
 def _when(ns: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ns / 1e9))
-
-
-_O_NONBLOCK: int = getattr(os, "O_NONBLOCK", 0)
-
-
-def _open_source(path: Path) -> io.BufferedReader:
-    try:
-        # Non-blocking: opening a FIFO for reading would otherwise wait for a writer forever.
-        fd = os.open(path, os.O_RDONLY | _O_NONBLOCK)
-    except FileNotFoundError:
-        raise LocalFileError(f"{path} does not exist") from None
-    except IsADirectoryError:
-        raise LocalFileError(f"{path} is a directory, not a file") from None
-    except PermissionError:
-        raise LocalFileError(f"{path} cannot be read (permission denied)") from None
-    except OSError as exc:
-        raise LocalFileError(f"cannot open {path}: {exc.strerror}") from exc
-    try:
-        mode = os.fstat(fd).st_mode
-        if stat_mod.S_ISDIR(mode):
-            raise LocalFileError(f"{path} is a directory, not a file")
-        if not stat_mod.S_ISREG(mode):
-            raise LocalFileError(f"{path} is not a regular file")
-        if _O_NONBLOCK:
-            os.set_blocking(fd, True)
-    except BaseException:
-        os.close(fd)
-        raise
-    return os.fdopen(fd, "rb")
 
 
 def _output_path(name: str, dest: str | os.PathLike[str] | None) -> Path:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import stat
 import threading
 import time
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .._errors import LocalFileError
+from .._localfile import open_regular_file
 from ._engine import Engine, EngineSession, Finding
 from ._policy import Policy
 from ._report import Reason, ScanReport
@@ -119,27 +119,7 @@ class Scanner:
     def scan_path(self, path: str | os.PathLike[str], name: str | None = None) -> ScanReport:
         """Scan a local file (``name``, default its base name, decides extension checks)."""
         source = Path(path)
-        try:
-            # Non-blocking: opening a FIFO would wait for a writer forever (and a device
-            # such as /dev/zero never ends); only regular files are scanned.
-            fd = os.open(source, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-        except IsADirectoryError as exc:
-            raise LocalFileError(f"{source} is a directory, not a file") from exc
-        except OSError as exc:
-            raise LocalFileError(f"cannot read {source}: {exc.strerror or exc}") from exc
-        try:
-            mode = os.fstat(fd).st_mode
-            if stat.S_ISDIR(mode):
-                raise LocalFileError(f"{source} is a directory, not a file")
-            if not stat.S_ISREG(mode):
-                raise LocalFileError(f"{source} is not a regular file")
-            if hasattr(os, "set_blocking"):
-                os.set_blocking(fd, True)
-            f = os.fdopen(fd, "rb")
-        except BaseException:
-            os.close(fd)
-            raise
-        with f:
+        with open_regular_file(source) as f:
             return self.scan_open_file(f, source, name or source.name)
 
     def scan_open_file(self, f: io.BufferedIOBase, path: Path, name: str) -> ScanReport:
