@@ -134,3 +134,26 @@ def test_demo_never_overwrites_a_setup(servers: LiveServers) -> None:
     with pytest.raises(UsageError, match="already holds"):
         run_demo(servers.paths.root, size_mb=0.1)
     assert servers.paths.token.read_text() == before
+
+
+@pytest.mark.parametrize(
+    ("path", "expect"),
+    [("/v1/nowhere", b"\xa0"), ("/v1/ping", b"\xa0"), ("/v1/ping", b"100-continue")],
+)
+def test_expect_headers_never_make_a_500(servers: LiveServers, path: str, expect: bytes) -> None:
+    """aiohttp's default Expect handler echoes the value and fails on non-UTF-8 bytes (a
+    fuzzer found it); ours answers 100 Continue or 417, on every path, routed or not."""
+    token = servers.config.token().encode()
+    request = (
+        b"GET " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Authorization: Bearer " + token + b"\r\nExpect: " + expect + b"\r\n\r\n"
+    )
+    with tls_socket(servers, "https") as sock:
+        sock.sendall(request)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    if expect == b"100-continue":
+        assert reply.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200")
+    else:
+        assert status(reply) == 417, reply[:200]

@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from ._limits import ConnectionGate, check_stripe_length, gated_connection
@@ -225,15 +225,36 @@ def make_app(
     app[_TENANTS] = tenants
     app[_LIMITS] = limits
     oid = "{object_id}"
-    app.router.add_get("/healthz", _healthz)
-    app.router.add_get("/v1/ping", _healthz)
-    app.router.add_get("/v1/objects", _list)
-    app.router.add_put(f"/v1/objects/{oid}/stripes/{{version_id}}", _put_stripe)
-    app.router.add_get(f"/v1/objects/{oid}/stripes/{{version_id}}", _get_stripe)
-    app.router.add_put(f"/v1/objects/{oid}/record", _put_record)
-    app.router.add_get(f"/v1/objects/{oid}/record", _get_record)
-    app.router.add_delete(f"/v1/objects/{oid}", _delete)
+    routes: list[tuple[str, str, Handler]] = [
+        ("GET", "/healthz", _healthz),
+        ("GET", "/v1/ping", _healthz),
+        ("GET", "/v1/objects", _list),
+        ("PUT", f"/v1/objects/{oid}/stripes/{{version_id}}", _put_stripe),
+        ("GET", f"/v1/objects/{oid}/stripes/{{version_id}}", _get_stripe),
+        ("PUT", f"/v1/objects/{oid}/record", _put_record),
+        ("GET", f"/v1/objects/{oid}/record", _get_record),
+        ("DELETE", f"/v1/objects/{oid}", _delete),
+        # Last: whatever matched nothing above still gets our Expect handling (a 404).
+        ("*", "/{tail:.*}", _no_route),
+    ]
+    for method, path, handler in routes:
+        app.router.add_route(method, path, handler, expect_handler=_expect)
     return app
+
+
+async def _expect(request: web.Request) -> None:
+    """Answer an Expect header without echoing it: aiohttp's own handler puts the value
+    in its 417 text and fails with a 500 on bytes that are not UTF-8."""
+    if request.version != HttpVersion11:
+        return
+    if request.headers.get("Expect", "").lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return
+    raise web.HTTPExpectationFailed(text="unsupported Expect header")
+
+
+async def _no_route(request: web.Request) -> web.StreamResponse:
+    raise web.HTTPNotFound()
 
 
 @dataclass
