@@ -73,7 +73,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
-from ._engine import Finding
+from ._engine import Finding, Head
 
 __all__ = ["ArchiveEngine", "ArchiveLimits", "MemberScan"]
 
@@ -154,14 +154,13 @@ class _ArchiveSession:
     def __init__(self, engine: ArchiveEngine, name: str) -> None:
         self._engine = engine
         self._name = name
-        self._head = bytearray()
+        self._head = Head(_HEAD)
 
     def feed(self, block: memoryview) -> None:
-        if len(self._head) < _HEAD:
-            self._head += block[: _HEAD - len(self._head)]
+        self._head.take(block)
 
     def finish(self, path: Path | None) -> list[Finding]:
-        kind = sniff(bytes(self._head))
+        kind = sniff(self._head.bytes())
         if kind is None:
             return []
         engine = self._engine

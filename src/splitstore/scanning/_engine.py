@@ -19,6 +19,7 @@ __all__ = [
     "Engine",
     "EngineSession",
     "Finding",
+    "Head",
 ]
 
 #: Every category an engine may give a finding, with what it means. The policy's keys.
@@ -89,6 +90,25 @@ class EngineSession(Protocol):
         """Return what was found. ``path`` is the complete file on disk, or ``None`` when
         the content was only streamed (an archive member): engines that need random access
         then work from what they were fed, or report ``not-scanned``."""
+
+
+class Head:
+    """The first ``limit`` bytes of a stream fed in blocks of any size (a copy: fed
+    blocks must not be kept), for engines that judge a file by how it starts."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._data = bytearray()
+
+    def take(self, block: memoryview) -> None:
+        if len(self._data) < self._limit:
+            self._data += block[: self._limit - len(self._data)]
+
+    def bytes(self) -> bytes:
+        return bytes(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
 
 
 # A session may also offer ``share_sha256(hasher)``: the scanner then hands it the hashlib

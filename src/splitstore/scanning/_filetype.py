@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .._errors import ConfigError
-from ._engine import Finding
+from ._engine import Finding, Head
 
 __all__ = ["FileTypeEngine"]
 
@@ -206,14 +206,13 @@ class _FileTypeSession:
     def __init__(self, engine: FileTypeEngine, name: str) -> None:
         self._engine = engine
         self._name = name
-        self._head = bytearray()
+        self._head = Head(_HEAD)
 
     def feed(self, block: memoryview) -> None:
-        if len(self._head) < _HEAD:
-            self._head += block[: _HEAD - len(self._head)]
+        self._head.take(block)
 
     def finish(self, path: Path | None) -> list[Finding]:
-        head = bytes(self._head)
+        head = self._head.bytes()
         try:
             return self._engine.check(self._name, head, self._engine.mime_type(head))
         except Exception as exc:  # libmagic's errors on odd input: not a clean verdict
