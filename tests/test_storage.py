@@ -134,3 +134,21 @@ def test_records_from_json_are_validated() -> None:
     ]:
         with pytest.raises(StorageError):
             ObjectRecord.from_json({**good, key: value})
+
+
+def test_listing_is_sorted_and_leaves_out_damaged_records(tmp_path: Path) -> None:
+    store = LocalDiskStore(tmp_path)
+    oids = [f"{i:x}" * 64 for i in (9, 3, 5, 7)]
+    for oid in oids:
+        put(store, oid, V1, b"data")
+        store.commit(oid, record(V1, b"data"))
+    damaged, gutted = oids[2], oids[3]
+    (tmp_path / "objects" / damaged[:2] / damaged / "record.json").write_bytes(b"{not json")
+    (tmp_path / "objects" / gutted[:2] / gutted / "record.json").write_bytes(b'{"x": 1}')
+    (tmp_path / "objects" / "ff").write_bytes(b"a stray file, not a folder")
+    (tmp_path / "objects" / "33" / "not-an-id").mkdir()
+    listed = list(store.list_records())
+    assert [oid for oid, _ in listed] == sorted([oids[0], oids[1]])
+    assert all(rec == record(V1, b"data") for _, rec in listed)
+    with pytest.raises(StorageError):
+        store.get_record(damaged)

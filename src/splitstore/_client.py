@@ -767,39 +767,47 @@ class AsyncClient:
         """
         remotes = self.remotes()
         keyring = self.keyring()
-        listings = await _run_all([_collect(r.list_records()) for r in remotes])
         newest: dict[str, tuple[Manifest, set[str]]] = {}
         wrong_key: WrongKeyError | None = None
         # The same sealed manifest is on both servers: open each one once.
         opened: dict[tuple[str, bytes], Manifest | None] = {}
-        for remote, listing in zip(remotes, listings, strict=True):
-            for oid, record in listing:
-                key = (oid, record.manifest)
-                if key in opened:
-                    known = opened[key]
-                    if known is None:
-                        continue
-                    manifest = known
-                else:
-                    opened[key] = None
-                    try:
-                        manifest = keyring.open(oid, record.manifest, remote.label)
-                    except WrongKeyError as exc:
-                        wrong_key = exc
-                        continue
-                    except (IntegrityError, ConfigError):
-                        continue
-                    if keyring.object_id(manifest.name) != oid:
-                        continue
-                    opened[key] = manifest
-                entry = newest.get(oid)
-                if entry is None or (manifest.created_ns, manifest.version_id) > (
-                    entry[0].created_ns,
-                    entry[0].version_id,
-                ):
-                    newest[oid] = (manifest, {remote.kind})
-                elif entry[0].version_id == manifest.version_id:
-                    entry[1].add(remote.kind)
+
+        def take(remote: Remote, oid: str, record: ObjectRecord) -> None:
+            nonlocal wrong_key
+            key = (oid, record.manifest)
+            if key in opened:
+                known = opened[key]
+                if known is None:
+                    return
+                manifest = known
+            else:
+                opened[key] = None
+                try:
+                    manifest = keyring.open(oid, record.manifest, remote.label)
+                except WrongKeyError as exc:
+                    wrong_key = exc
+                    return
+                except (IntegrityError, ConfigError):
+                    return
+                if keyring.object_id(manifest.name) != oid:
+                    return
+                opened[key] = manifest
+            entry = newest.get(oid)
+            if entry is None or (manifest.created_ns, manifest.version_id) > (
+                entry[0].created_ns,
+                entry[0].version_id,
+            ):
+                newest[oid] = (manifest, {remote.kind})
+            elif entry[0].version_id == manifest.version_id:
+                entry[1].add(remote.kind)
+
+        async def read(remote: Remote) -> None:
+            # Each record is taken as it arrives, so opening manifests here overlaps the
+            # servers reading theirs, rather than following the slower of the two.
+            async for oid, record in remote.list_records():
+                take(remote, oid, record)
+
+        await _run_all([read(r) for r in remotes])
         if not newest and wrong_key is not None:
             raise wrong_key
         infos = [
@@ -982,10 +990,6 @@ async def _none_if_missing(aw: Awaitable[ObjectRecord]) -> ObjectRecord | None:
         return await aw
     except NotFoundError:
         return None
-
-
-async def _collect(it: AsyncIterator[T]) -> list[T]:
-    return [item async for item in it]
 
 
 def _damaged_range(failed: SegmentFailed | None, chunk: int) -> str:

@@ -18,7 +18,7 @@ from ._errors import (
     ServerUnavailableError,
     TLSVerificationError,
 )
-from ._remote import parse_record, parse_reply, raise_for_code
+from ._remote import ListingParser, parse_record, parse_reply, raise_for_code
 from ._storage import MAX_RECORD_BYTES, ObjectRecord
 from ._tls import describe_ssl_error
 
@@ -142,16 +142,11 @@ class HttpsRemote:
             async with self._http().get(f"{self._base}/v1/objects") as resp:
                 if resp.status != 200:
                     await self._json(resp)
-                while True:
-                    line = await resp.content.readline()
-                    if not line:
-                        return
-                    if len(line) > MAX_REPLY_BYTES or not line.endswith(b"\n"):
-                        raise ProtocolError(
-                            f"the {self.label} sent a bad listing", server=self.label
-                        )
-                    doc = parse_reply(line, self.label)
-                    yield str(doc.get("object_id")), parse_record(doc, self.label)
+                listing = ListingParser(self.label)
+                async for piece in resp.content.iter_any():
+                    for item in listing.feed(piece):
+                        yield item
+                listing.close()
 
     async def delete(self, object_id: str) -> None:
         with self._translating():

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, cast
 
+import orjson
+
 from ._manifest import MAX_MANIFEST_BYTES
 from ._names import is_object_id, is_version_id
 from ._tenants import SINGLE_TENANT, is_tenant_name
@@ -335,14 +337,19 @@ class LocalDiskStore:
             raise StorageError("internal", f"stored record is damaged: {exc.message}") from exc
 
     def list_records(self) -> Iterator[tuple[str, ObjectRecord]]:
-        for prefix in sorted(self._objects.iterdir()):
-            if not prefix.is_dir():
-                continue
-            for folder in sorted(prefix.iterdir()):
-                if not is_object_id(folder.name):
+        # Plain strings and os.scandir: pathlib's path objects cost as much as the reads.
+        objects = str(self._objects)
+        for prefix in _sorted_folders(objects):
+            for name in _sorted_folders(os.path.join(objects, prefix)):
+                if not is_object_id(name):
                     continue
-                with contextlib.suppress(StorageError):
-                    yield folder.name, self.get_record(folder.name)
+                try:  # a damaged record is left out; get_record reports it
+                    entry = _read_json_at(os.path.join(objects, prefix, name, "record.json"))
+                    record = None if entry is None else ObjectRecord.from_json(entry["current"])
+                except (StorageError, KeyError):
+                    continue
+                if record is not None:
+                    yield name, record
 
     def delete(self, object_id: str) -> None:
         _check_ids(object_id)
@@ -526,16 +533,30 @@ def _tree_bytes(objects: Path) -> int:
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
+    return _read_json_at(str(path))
+
+
+def _read_json_at(path: str) -> dict[str, Any] | None:
+    """A JSON object from a file (None if the file is missing or holds no object)."""
     try:
-        with path.open("rb") as f:
+        with open(path, "rb") as f:
             raw = f.read(MAX_RECORD_BYTES * 3)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     try:
-        doc = json.loads(raw)
+        doc = orjson.loads(raw)
     except ValueError as exc:
-        raise StorageError("internal", f"{path.name} is damaged") from exc
+        raise StorageError("internal", f"{os.path.basename(path)} is damaged") from exc
     return doc if isinstance(doc, dict) else None
+
+
+def _sorted_folders(folder: str) -> list[str]:
+    """The names of the folders in ``folder``, sorted ([] if it is gone)."""
+    try:
+        with os.scandir(folder) as it:
+            return sorted(e.name for e in it if e.is_dir(follow_symlinks=False))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 def _check_ids(object_id: str, version_id: str | None = None) -> None:

@@ -11,8 +11,8 @@ from typing import Any
 
 from . import _protocol as p
 from ._errors import ProtocolError, ServerUnavailableError, TLSVerificationError
-from ._remote import parse_record, parse_reply, raise_for_code
-from ._storage import MAX_RECORD_BYTES, ObjectRecord
+from ._remote import ListingParser, parse_record, raise_for_code
+from ._storage import ObjectRecord
 from ._tls import describe_ssl_error, find_ssl_error
 
 __all__ = ["TcpRemote"]
@@ -160,19 +160,11 @@ class TcpRemote:
             with self._translating():
                 await link.request("list", {})
                 await link.read_response()
-                pending = b""
+                listing = ListingParser(self.label)
                 async for piece in link.body():
-                    pending += piece
-                    *lines, pending = pending.split(b"\n")
-                    if len(pending) > 2 * MAX_RECORD_BYTES:
-                        raise ProtocolError(
-                            f"the {self.label} sent a bad listing", server=self.label
-                        )
-                    for line in lines:
-                        doc = parse_reply(line, self.label)
-                        yield str(doc.get("object_id")), parse_record(doc, self.label)
-                if pending:
-                    raise ProtocolError(f"the {self.label} sent a bad listing", server=self.label)
+                    for item in listing.feed(piece):
+                        yield item
+                listing.close()
 
     async def delete(self, object_id: str) -> None:
         await self._simple("delete", {"object_id": object_id})
