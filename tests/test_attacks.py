@@ -616,6 +616,16 @@ class Runs:
         return found
 
 
+def _pad_unlike(length: int, avoid: int | bytes, *, at_end: bool) -> bytes:
+    """Random padding whose byte touching the run (its last or first) is not ``avoid``."""
+    pad = bytearray(os.urandom(length))
+    banned = avoid if isinstance(avoid, int) else (avoid[0] if avoid else -1)
+    edge = -1 if at_end else 0
+    if pad and pad[edge] == banned:
+        pad[edge] ^= 0xFF
+    return bytes(pad)
+
+
 def test_leak_search_finds_any_run_of_32_bytes() -> None:
     """The finder itself: a run of RUN bytes anywhere is found, one byte less is not."""
     plaintext = os.urandom(100_000)
@@ -624,7 +634,10 @@ def test_leak_search_finds_any_run_of_32_bytes() -> None:
         for pad in (0, 1, 5, 13):
             run = plaintext[at : at + RUN]
             assert runs.count(os.urandom(pad) + run + os.urandom(pad), 1) == 1
-            assert runs.count(os.urandom(pad) + run[1:] + os.urandom(pad), 1) == 0
+            # The bytes beside the shortened run must not happen to lengthen it again.
+            before = _pad_unlike(pad, plaintext[at], at_end=True)
+            after = _pad_unlike(pad, plaintext[at + RUN : at + RUN + 1], at_end=False)
+            assert runs.count(before + run[1:] + after, 1) == 0
     assert runs.count(os.urandom(200_000), 1) == 0
 
 
