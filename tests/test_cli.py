@@ -875,3 +875,13 @@ def test_progress_in_the_cli(
     ):
         assert run(capsys, "--config", cfg, *argv, "--quiet")[0] == 0
     assert buf.getvalue() == ""
+
+
+def test_commands_that_move_no_data_do_not_import_numpy_or_rich() -> None:
+    """Start-up of ls, stat and rm stays lean: both are imported only to move data."""
+    check = (
+        "import sys, splitstore._cli; "
+        "print(sorted(m for m in ('numpy', 'rich') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
-
 __all__ = [
     "block_size_for",
     "chunk_count",
@@ -59,6 +57,8 @@ def split_block(
     block: bytes | bytearray | memoryview, chunk_size: int, servers: int
 ) -> list[bytes]:
     """Cut a block (starting at a round boundary) into one piece per server."""
+    import numpy as np  # on first use: commands that move no data start ~0.1 s sooner
+
     data = np.frombuffer(block, dtype=np.uint8)
     round_bytes = chunk_size * servers
     full_rounds = len(data) // round_bytes
@@ -85,6 +85,8 @@ def join_block(
     say where the block ends); anything else raises ValueError. With ``into``, the block
     is built in that buffer (grown if need be) and the view is valid until its next use.
     """
+    import numpy as np  # on first use, as in split_block
+
     servers = len(pieces)
     arrays = [np.frombuffer(p, dtype=np.uint8) for p in pieces]
     total = sum(len(a) for a in arrays)
