@@ -9,8 +9,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from splitstore import IntegrityError, InvalidNameError
-from splitstore._manifest import Manifest, StripeInfo
+from splitstore._crypto import ciphertext_size
+from splitstore._manifest import ENCRYPTED_FORMAT, PAYLOAD_ENCRYPTION, Manifest, StripeInfo
 from splitstore._names import is_object_id, object_id_for, validate_name
+from splitstore._stripes import stripe_lengths
 
 H = "ab" * 32
 
@@ -60,6 +62,22 @@ def test_any_printable_name_roundtrips(name: str) -> None:
         lambda d: d.pop("name"),
         lambda d: d["stripes"].pop(),
         lambda d: d["stripes"][0].update(length=5),
+        # Each field's type, now checked in one place (Manifest.__post_init__).
+        lambda d: d.update(format=True),
+        lambda d: d.update(format=1.0),
+        lambda d: d.update(name=5),
+        lambda d: d.update(name="a\x00b"),
+        lambda d: d.update(chunk_size="1024"),
+        lambda d: d.update(created_ns=1.5),
+        lambda d: d.update(encryption=None),
+        lambda d: d.update(stripes={"https": 1}),
+        lambda d: d.update(stripes=[["https", 1976, H], *d["stripes"][1:]]),
+        lambda d: d["stripes"][0].update(length=1976.0),
+        lambda d: d["stripes"][0].update(length=True),
+        lambda d: d["stripes"][0].update(server=5),
+        lambda d: d["stripes"][0].update(sha256=5),
+        lambda d: d["stripes"][0].pop("sha256"),
+        lambda d: d.update(scan=[]),
     ],
 )
 def test_malformed_manifests_are_integrity_errors(mutate: object) -> None:
@@ -92,3 +110,44 @@ def test_invalid_names(name: str) -> None:
 def test_valid_names(name: str) -> None:
     assert validate_name(name) == name
     assert object_id_for(name) != object_id_for(name[:-1] + "~")
+
+
+def encrypted_sample() -> Manifest:
+    size = 3000
+    stored = ciphertext_size(size)
+    return sample(
+        size=size,
+        format=ENCRYPTED_FORMAT,
+        encryption=PAYLOAD_ENCRYPTION,
+        padded_size=size,
+        file_key="11" * 32,
+        stripes=tuple(
+            StripeInfo(kind, length, H)
+            for kind, length in zip(("https", "tcp"), stripe_lengths(stored, 1024, 2), strict=True)
+        ),
+    )
+
+
+def test_encrypted_manifest_roundtrips() -> None:
+    m = encrypted_sample()
+    assert Manifest.from_bytes(m.to_bytes()) == m
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda d: d.update(padded_size="3000"),
+        lambda d: d.update(padded_size=2999),  # smaller than the file
+        lambda d: d.update(padded_size=None),
+        lambda d: d.pop("padded_size"),
+        lambda d: d.update(file_key="11" * 31),
+        lambda d: d.update(file_key=None),
+        lambda d: d.pop("file_key"),
+        lambda d: d.update(encryption="none"),
+    ],
+)
+def test_malformed_encrypted_manifests_are_integrity_errors(mutate: object) -> None:
+    doc = json.loads(encrypted_sample().to_bytes())
+    mutate(doc)  # type: ignore[operator]
+    with pytest.raises(IntegrityError):
+        Manifest.from_bytes(json.dumps(doc).encode())

@@ -18,7 +18,7 @@ import sys
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -196,18 +196,28 @@ def _cmd_ls(args: argparse.Namespace) -> int:
         if args.json:
             _print_json([i.to_json() for i in infos])
             return EXIT_OK
-        sizes = [_size(info.size) for info in infos]
-        width = max((len(s) for s in sizes), default=0)
-        kinds = [s.kind for s in client.config.servers]
-        for info, size in zip(infos, sizes, strict=True):
-            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(info.stored_at))
-            partial = ""
-            if set(info.committed_on) != set(kinds):
-                partial = f"  (incomplete: only on {', '.join(info.committed_on) or 'no server'})"
-            print(f"{size:>{width}}  {when}  {info.name}{partial}")
+        sys.stdout.writelines(_ls_lines(infos, [s.kind for s in client.config.servers]))
         return EXIT_OK
 
     return _with_client(args, job)
+
+
+def _ls_lines(infos: list[FileInfo], kinds: list[str]) -> Iterator[str]:
+    """One line per file: size, time stored, name, and where it is missing if anywhere."""
+    sizes = [_size(info.size) for info in infos]
+    width = max((len(s) for s in sizes), default=0)
+    every = tuple(kinds)
+    # Files stored together share their second: format each second once, not each line.
+    seconds: dict[int, str] = {}
+    for info, size in zip(infos, sizes, strict=True):
+        second = int(info.stored_at)
+        when = seconds.get(second)
+        if when is None:
+            when = seconds[second] = time.strftime("%Y-%m-%d %H:%M", time.localtime(second))
+        partial = ""
+        if info.committed_on != every and set(info.committed_on) != set(every):
+            partial = f"  (incomplete: only on {', '.join(info.committed_on) or 'no server'})"
+        yield f"{size:>{width}}  {when}  {info.name}{partial}\n"
 
 
 def _cmd_rm(args: argparse.Namespace) -> int:

@@ -15,13 +15,13 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import orjson
 
 from ._config import MAX_CHUNK_SIZE
 from ._crypto import KEY_SIZE, ciphertext_size
-from ._errors import IntegrityError
+from ._errors import IntegrityError, InvalidNameError
 from ._names import MAX_NAME_BYTES, is_version_id, validate_name
 from ._stripes import stripe_lengths
 from .scanning import ScanReport
@@ -87,6 +87,8 @@ class Manifest:
         return ciphertext_size(self.padded_size)
 
     def __post_init__(self) -> None:
+        # The one place every field's type and range is checked: from_bytes relies on it
+        # rather than checking each field twice (listing 10,000 names parses 10,000 of these).
         validate_name(self.name)
         if not _is_uint(self.size) or self.size > MAX_FILE_SIZE:
             raise ValueError("size out of range")
@@ -98,6 +100,8 @@ class Manifest:
             raise ValueError("bad hash or version id")
         if not _is_uint(self.created_ns):
             raise ValueError("bad creation time")
+        if type(self.format) is not int:
+            raise ValueError("unsupported manifest format")
         if self.format == MANIFEST_FORMAT:
             if self.encryption != "none" or (self.padded_size, self.file_key) != (None, None):
                 raise ValueError("format 1 stores files unencrypted")
@@ -105,20 +109,22 @@ class Manifest:
             if self.encryption != PAYLOAD_ENCRYPTION:
                 raise ValueError("unsupported encryption")
             padded = self.padded_size
-            if not isinstance(padded, int) or not _is_uint(padded):
-                raise ValueError("padded_size out of range")
-            if not self.size <= padded <= MAX_FILE_SIZE:
+            if not _is_uint(padded) or not self.size <= padded <= MAX_FILE_SIZE:
                 raise ValueError("padded_size out of range")
             if not _is_hex(self.file_key, 2 * KEY_SIZE):
                 raise ValueError("bad file key")
         else:
             raise ValueError("unsupported manifest format")
+        if type(self.stripes) is not tuple:
+            raise ValueError("stripes must be a tuple")
         expected = stripe_lengths(self.stored_size, self.chunk_size, len(self.stripes))
-        if [s.length for s in self.stripes] != expected:
-            raise ValueError("stripe lengths do not match the size and chunk size")
-        for s in self.stripes:
-            if not _is_sha256(s.sha256) or not isinstance(s.server, str):
+        for s, length in zip(self.stripes, expected, strict=True):
+            if type(s) is not StripeInfo or type(s.length) is not int or s.length != length:
+                raise ValueError("stripe lengths do not match the size and chunk size")
+            if not _is_sha256(s.sha256) or type(s.server) is not str:
                 raise ValueError("bad stripe entry")
+        if self.scan is not None and not isinstance(self.scan, ScanReport):
+            raise ValueError("bad scan record")
 
     def stripe_for(self, server: str) -> StripeInfo:
         for stripe in self.stripes:
@@ -156,40 +162,38 @@ class Manifest:
             raise IntegrityError(f"the manifest{where} is too large", server=server)
         try:
             doc = orjson.loads(data)  # UTF-8 only, no NaN; fast for listings
-            if not isinstance(doc, dict):
+            if type(doc) is not dict:
                 raise TypeError("not an object")
             fmt = doc["format"]
-            if fmt not in (MANIFEST_FORMAT, ENCRYPTED_FORMAT):
+            if type(fmt) is not int or fmt not in (MANIFEST_FORMAT, ENCRYPTED_FORMAT):
                 raise IntegrityError(
                     f"the manifest{where} has format {fmt!r}, which this version of "
                     "splitstore cannot read; upgrade splitstore",
                     server=server,
                 )
-            stripes = tuple(
-                StripeInfo(
-                    server=_get(s, "server", str),
-                    length=_get(s, "length", int),
-                    sha256=_get(s, "sha256", str),
-                )
-                for s in _get(doc, "stripes", list)
-            )
+            stripes = doc["stripes"]
+            if type(stripes) is not list:
+                raise TypeError("'stripes' has the wrong type")
+            encrypted = fmt == ENCRYPTED_FORMAT
+            # Only shapes are taken here; __post_init__ checks every value's type and range.
             return cls(
-                name=_get(doc, "name", str),
-                size=_get(doc, "size", int),
-                chunk_size=_get(doc, "chunk_size", int),
-                sha256=_get(doc, "sha256", str),
-                version_id=_get(doc, "version_id", str),
-                created_ns=_get(doc, "created_ns", int),
-                encryption=_get(doc, "encryption", str),
-                stripes=stripes,
+                name=doc["name"],
+                size=doc["size"],
+                chunk_size=doc["chunk_size"],
+                sha256=doc["sha256"],
+                version_id=doc["version_id"],
+                created_ns=doc["created_ns"],
+                encryption=doc["encryption"],
+                stripes=tuple(_stripe_info(s) for s in stripes),
                 format=fmt,
-                padded_size=_get(doc, "padded_size", int) if fmt == ENCRYPTED_FORMAT else None,
-                file_key=_get(doc, "file_key", str) if fmt == ENCRYPTED_FORMAT else None,
+                padded_size=doc["padded_size"] if encrypted else None,
+                file_key=doc["file_key"] if encrypted else None,
                 scan=_scan_record(doc),
             )
         except IntegrityError:
             raise
-        except (ValueError, TypeError, KeyError, UnicodeDecodeError) as exc:
+        except (ValueError, TypeError, KeyError, UnicodeDecodeError, InvalidNameError) as exc:
+            # A bad name inside a manifest is damage to the manifest, not a usage mistake.
             raise IntegrityError(
                 f"the manifest{where} is malformed ({exc})", server=server
             ) from exc
@@ -204,17 +208,14 @@ def _scan_record(doc: dict[str, Any]) -> ScanReport | None:
     return ScanReport.from_json({**record, "name": doc["name"]})
 
 
-def _get(doc: Any, key: str, kind: type) -> Any:
-    if not isinstance(doc, dict):
-        raise TypeError("expected an object")
-    value = doc[key]
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise TypeError(f"{key!r} has the wrong type")
-    return value
+def _stripe_info(entry: object) -> StripeInfo:
+    if type(entry) is not dict:
+        raise TypeError("a stripe entry is not an object")
+    return StripeInfo(server=entry["server"], length=entry["length"], sha256=entry["sha256"])
 
 
-def _is_uint(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+def _is_uint(value: object) -> TypeGuard[int]:
+    return type(value) is int and value >= 0  # not bool, which is an int
 
 
 def _is_sha256(value: object) -> bool:
@@ -222,6 +223,4 @@ def _is_sha256(value: object) -> bool:
 
 
 def _is_hex(value: object, length: int) -> bool:
-    return (
-        isinstance(value, str) and len(value) == length and _LOWER_HEX.fullmatch(value) is not None
-    )
+    return type(value) is str and len(value) == length and _LOWER_HEX.fullmatch(value) is not None

@@ -21,6 +21,7 @@ A folder of format 1 (``objects/`` at the top, one user) is moved into the tenan
 from __future__ import annotations
 
 import base64
+import binascii
 import contextlib
 import errno
 import hashlib
@@ -116,7 +117,8 @@ class ObjectRecord:
         if not isinstance(manifest, str) or len(manifest) > MAX_RECORD_BYTES:
             raise StorageError("bad_request", "manifest must be base64 text of bounded size")
         try:
-            raw = base64.b64decode(manifest, validate=True)
+            # Strict: only the base64 alphabet and correct padding (as b64decode's validate).
+            raw = binascii.a2b_base64(manifest, strict_mode=True)
         except ValueError as exc:
             raise StorageError("bad_request", "manifest is not valid base64") from exc
         return cls(cast(str, vid), cast(int, length), cast(str, digest), raw)

@@ -50,7 +50,8 @@ def stripe_lengths(size: int, chunk_size: int, servers: int) -> list[int]:
 def stripe_chunk_counts(size: int, chunk_size: int, servers: int) -> list[int]:
     """How many chunks each server holds."""
     total = chunk_count(size, chunk_size)
-    return [len(range(i, total, servers)) for i in range(servers)]
+    # Server i holds chunks i, i + servers, ...: ceil((total - i) / servers), never negative.
+    return [max(0, -(-(total - i) // servers)) for i in range(servers)]
 
 
 def split_block(
