@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -21,9 +22,10 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from splitstore import _cli as cli_module
 from splitstore import _progress
 from splitstore._cli import main
-from splitstore._client import AsyncClient
+from splitstore._client import AsyncClient, FileInfo
 from splitstore._progress import TransferProgress
 from splitstore._setup import free_loopback_port as free_port
 from splitstore._setup import init_setup
@@ -152,6 +154,9 @@ def test_put_json_and_name(
     assert doc["sha256"] == hashlib.sha256(data).hexdigest()
     assert doc["committed_on"] == ["https", "tcp"]
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", doc["stored_at"])
+    assert doc["encrypted"] is True
+    # Every field of FileInfo is in the JSON, and nothing else.
+    assert set(doc) == {f.name for f in dataclasses.fields(FileInfo)}
 
 
 def test_ls(
@@ -885,3 +890,24 @@ def test_commands_that_move_no_data_do_not_import_numpy_or_rich() -> None:
     )
     out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        {"name": "dir/a b ü.bin", "size": 3, "scan": None, "nested": [{"seconds": 0.25}, []]},
+        {"path": "undecodable \udcff name"},  # orjson refuses lone surrogates: stdlib then
+    ],
+)
+def test_json_output_is_the_stdlib_layout(doc: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    cli_module._print_json(doc)
+    assert out.getvalue() == json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
+
+
+def test_json_output_keeps_small_floats_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    cli_module._print_json({"seconds": 1e-05})  # written 0.00001, not 1e-05: the same number
+    assert json.loads(out.getvalue()) == {"seconds": 1e-05}

@@ -740,8 +740,13 @@ def _allow_unsafe(p: argparse.ArgumentParser, help: str) -> None:
 
 
 def _print_json(doc: Any) -> None:
-    json.dump(doc, sys.stdout, indent=2, ensure_ascii=False)
-    sys.stdout.write("\n")
+    import orjson  # the stdlib's encoder is pure Python once indenting: ls --json of 10,000
+
+    try:
+        text = orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode()
+    except TypeError:  # what orjson refuses, such as an undecodable local file name
+        text = json.dumps(doc, indent=2, ensure_ascii=False)
+    sys.stdout.write(text + "\n")
 
 
 def _size(n: int) -> str:

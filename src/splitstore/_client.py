@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar, cast
 
@@ -118,11 +118,21 @@ class FileInfo:
         )
 
     def to_json(self) -> dict[str, Any]:
-        doc = asdict(self)
-        doc["committed_on"] = list(self.committed_on)
-        doc["scan"] = None if self.scan is None else self.scan.to_json()
-        doc["stored_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.stored_at))
-        return doc
+        # Field by field rather than asdict(), which deep-copies: ls --json makes thousands.
+        return {
+            "name": self.name,
+            "size": self.size,
+            "chunk_size": self.chunk_size,
+            "chunks": self.chunks,
+            "chunks_per_server": dict(self.chunks_per_server),
+            "bytes_per_server": dict(self.bytes_per_server),
+            "sha256": self.sha256,
+            "version_id": self.version_id,
+            "stored_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.stored_at)),
+            "committed_on": list(self.committed_on),
+            "encrypted": self.encrypted,
+            "scan": None if self.scan is None else self.scan.to_json(),
+        }
 
 
 @dataclass(frozen=True)
