@@ -23,6 +23,7 @@ from ._storage import (
     ObjectRecord,
     StorageError,
     StripeStore,
+    StripeUpload,
 )
 from ._tenants import Tenant
 
@@ -157,9 +158,8 @@ class StorageService:
                     batch, batched = [], 0
             if writing is not None:
                 await asyncio.shield(writing)
-            if batch:
-                await asyncio.to_thread(_write_all, upload, batch)
-            digest = await asyncio.to_thread(upload.finish)
+            # The rest and the fsync in one hop: a small stripe is all in this last batch.
+            digest = await asyncio.to_thread(_write_all_and_finish, upload, batch)
         except BaseException:
             if writing is not None:
                 # Let a write still running in its thread end before the file is closed
@@ -179,14 +179,18 @@ class StorageService:
         f, length = await asyncio.to_thread(store.open_stripe, object_id, version_id)
 
         async def chunks() -> AsyncIterator[bytes]:
+            # Up to the length announced, and no further read to find the end: a small
+            # stripe is one hop to a worker thread, not two.
+            left = length
             try:
-                while True:
+                while left > 0:
                     try:
-                        data = await asyncio.to_thread(f.read, IO_BATCH_BYTES)
+                        data = await asyncio.to_thread(f.read, min(IO_BATCH_BYTES, left))
                     except OSError as exc:  # a failing disk: say so rather than just hang up
                         raise StorageError("internal", f"cannot read the stripe: {exc}") from exc
                     if not data:
-                        return
+                        return  # cut short under us: the client finds the stripe short
+                    left -= len(data)
                     yield data
             finally:
                 f.close()
@@ -222,9 +226,14 @@ class StorageService:
             yield batch
 
 
-def _write_all(upload: Any, pieces: list[bytes]) -> None:
+def _write_all(upload: StripeUpload, pieces: list[bytes]) -> None:
     for piece in pieces:
         upload.write(piece)
+
+
+def _write_all_and_finish(upload: StripeUpload, pieces: list[bytes]) -> str:
+    _write_all(upload, pieces)
+    return upload.finish()
 
 
 def _next_lines(records: Iterator[tuple[str, ObjectRecord]], max_bytes: int) -> bytes:
