@@ -9,6 +9,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from ._budget import STEP_LABELS
+
 __all__ = ["print_report", "write_json"]
 
 # Rows of the two tables, in order; operations that were not measured are left out.
@@ -62,6 +64,17 @@ def print_report(results: dict[str, Any], console: Console | None = None) -> Non
         table.add_row(r["name"], value, target, meets)
     console.print(table)
 
+    table = Table(title="The issue's other targets")
+    for column in ("target", "value", "limit", "meets it"):
+        table.add_column(column, justify="left" if column == "target" else "right")
+    for t in results["targets"]:
+        value = "not measured" if t["value"] is None else f"{t['value']:,.2f}"
+        limit = f"{'>=' if t['kind'] == 'min' else '<'} {t['target']:g}"
+        table.add_row(t["name"], value, limit, {True: "yes", False: "NO", None: ""}[t["meets"]])
+    console.print(table)
+    if results["cpu_budget"]:
+        _print_budget(results["cpu_budget"], console)
+
     about = [f"splitstore {meta['commit'] or meta['splitstore']}", f"{meta['cpus']} CPUs"]
     about += [f"Python {meta['python']}", meta["openssl"], meta["tls"]]
     console.print(", ".join([*about, *meta["tools"].values()]), highlight=False)
@@ -78,6 +91,31 @@ def print_report(results: dict[str, Any], console: Console | None = None) -> Non
             console.print(f"  {item['path']}: {item['why']}", highlight=False)
     for note in results["notes"]:
         console.print(f"- {note}", highlight=False)
+
+
+def _print_budget(budget: dict[str, Any], console: Console) -> None:
+    """Each essential step's rate on one core, and what a GiB costs in all of them."""
+    mb = budget["step_mb_s"]
+    table = Table(title="CPU budget: the steps a store and a fetch cannot skip, each alone")
+    table.add_column("step", no_wrap=True)
+    for column in ("MB/s, one core", "store s/GiB", "fetch s/GiB"):
+        table.add_column(column, justify="right")
+    for name, label in STEP_LABELS.items():
+        per_gib = 2**30 / (mb[name] * 1e6)
+        uses = [budget[op]["steps"].count(name) for op in ("store", "fetch")]
+        cells = [f"{n * per_gib:.2f}" if n else "-" for n in uses]
+        table.add_row(label, f"{mb[name]:,.0f}", *cells)
+    store, fetch = budget["store"], budget["fetch"]
+    table.add_row("all of them", "", *(f"{op['cpu_seconds_per_gib']:.2f}" for op in (store, fetch)))
+    measured = [op.get("measured_cpu_seconds_per_gib") for op in (store, fetch)]
+    table.add_row("used by the encrypted runs", "", *(_num(m, "{:.2f}") for m in measured))
+    cores = budget["cores"]
+    table.add_row(
+        f"ceiling on {cores} cores, MB/s",
+        "",
+        *(f"{op['ceiling_mb_s']:,.0f}" for op in (store, fetch)),
+    )
+    console.print(table)
 
 
 def _memory_columns(table: Table) -> None:

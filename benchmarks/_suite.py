@@ -21,6 +21,7 @@ from splitstore import __version__
 from splitstore._config import ENCRYPTION_ON
 from splitstore._setup import SetupPaths
 
+from ._budget import cpu_budget
 from ._data import make_file, make_small_files
 from ._measure import ClientRunner, Run, summarise
 from ._proc import ToolFailed
@@ -34,6 +35,8 @@ from ._tls_copy import tls_copy
 __all__ = ["Options", "run_suite"]
 
 SMALL_FILE_BYTES = 4096
+# Bytes each step of the CPU budget is timed over (each of a few tries).
+BUDGET_BYTES = 256 * MIB
 LISTED_FILE_BYTES = 64
 MB = 1e6  # rates are in MB/s, 10^6 bytes a second, as dd and most tools print them
 
@@ -89,6 +92,7 @@ class _Suite:
         self.phases: dict[str, float] = {}
         self.tls = ""
         self.fp: dict[str, Any] = {}
+        self.budget: dict[str, Any] = {}
 
     def run(self) -> dict[str, Any]:
         started, clock = dt.datetime.now(dt.UTC), time.perf_counter()
@@ -107,6 +111,9 @@ class _Suite:
                 self._scan_speed(encrypted, big)
             with self._phase("tls copy", f"loopback TLS copy of {mib} (the reference)"):
                 self._tls_copy(encrypted.paths)
+            with self._phase("cpu budget", "each step of a store and fetch alone, on one core"):
+                amount = min(self.o.size, BUDGET_BYTES)
+                self.budget = cpu_budget(encrypted.paths, big, self.work, amount)
             n = self.o.small_files
             with self._phase("small files", f"store, then fetch, {n} files of 4 KiB"):
                 self._small_files(encrypted)
@@ -133,6 +140,8 @@ class _Suite:
             "meta": meta,
             "operations": self.ops,
             "ratios": ratios(self.ops),
+            "targets": targets(self.ops),
+            "cpu_budget": with_measured(self.budget, self.ops, self.o.size),
             "false_positives": self.fp,
             "notes": self.notes,
         }
@@ -314,7 +323,7 @@ REFERENCE_KEYS = {
 RATIOS: list[tuple[str, str, str, float | None]] = [
     ("store: encryption on / off", "store_encrypted", "store_plain", 0.8),
     ("fetch: encryption on / off", "fetch_encrypted", "fetch_plain", 0.8),
-    ("store / loopback TLS copy", "store_encrypted", "tls_copy", None),
+    ("store / loopback TLS copy", "store_encrypted", "tls_copy", 0.5),
     ("fetch / loopback TLS copy", "fetch_encrypted", "tls_copy", None),
     ("store / restic backup", "store_encrypted", "restic_backup", 3.0),
     ("store / rclone copy to crypt", "store_encrypted", "rclone_copy_to", None),
@@ -336,4 +345,60 @@ def ratios(ops: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         out.append(
             {"name": name, "of": [top, bottom], "value": value, "target": target, "meets": meets}
         )
+    return out
+
+
+# (name, operation, figure, target, "min" or "max"): the issue's targets in absolute terms.
+LIMITS: list[tuple[str, str, str, float, str]] = [
+    ("4 KiB files stored, files/s", "small_store", "rate", 300, "min"),
+    ("4 KiB files fetched, files/s", "small_fetch", "rate", 300, "min"),
+    ("ls, seconds", "ls", "seconds", 2.0, "max"),
+    ("client peak MiB, store", "store_encrypted", "client_peak_mib", 150, "max"),
+    ("client peak MiB, fetch", "fetch_encrypted", "client_peak_mib", 150, "max"),
+    ("servers' peak MiB, store", "store_encrypted", "server_peak_mib", 100, "max"),
+    ("servers' peak MiB, fetch", "fetch_encrypted", "server_peak_mib", 100, "max"),
+]
+
+
+def targets(ops: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The absolute targets: rates and times by their median, peaks by their largest."""
+    out = []
+    for name, key, figure, target, kind in LIMITS:
+        value = None
+        if key in ops:
+            found = ops[key][figure]
+            value = found["median"] if isinstance(found, dict) else found
+        meets = None
+        if value is not None:
+            meets = value >= target if kind == "min" else value < target
+        out.append(
+            {
+                "name": name,
+                "of": key,
+                "value": value,
+                "target": target,
+                "kind": kind,
+                "meets": meets,
+            }
+        )
+    return out
+
+
+def with_measured(
+    budget: dict[str, Any], ops: dict[str, dict[str, Any]], size: int
+) -> dict[str, Any]:
+    """The budget, with what the encrypted runs used per GiB and the ceiling it implies:
+    the rate if only the essential steps ran, spread perfectly over every core."""
+    if not budget:
+        return budget
+    cores = os.cpu_count() or 1
+    out = {**budget, "cores": cores}
+    for op in ("store", "fetch"):
+        entry = dict(budget[op])
+        run = ops.get(f"{op}_encrypted")
+        if run is not None:
+            used = run["client_cpu_seconds"] + (run["server_cpu_seconds"] or 0.0)
+            entry["measured_cpu_seconds_per_gib"] = used * 2**30 / size
+        entry["ceiling_mb_s"] = cores * 2**30 / entry["cpu_seconds_per_gib"] / MB
+        out[op] = entry
     return out

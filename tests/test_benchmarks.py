@@ -11,6 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from benchmarks._budget import STEP_LABELS
+
 ROOT = Path(__file__).resolve().parent.parent
 
 SPLITSTORE_OPS = [
@@ -44,7 +47,15 @@ def test_quick_benchmark_writes_complete_results(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "store / loopback TLS copy" in result.stdout
     doc = json.loads(out.read_text())
-    assert set(doc) == {"meta", "operations", "ratios", "false_positives", "notes"}
+    assert set(doc) == {
+        "meta",
+        "operations",
+        "ratios",
+        "targets",
+        "cpu_budget",
+        "false_positives",
+        "notes",
+    }
     assert doc["false_positives"]["files"] == 20
     assert doc["false_positives"]["flagged"] == []
     assert doc["meta"]["size_bytes"] == 2 * 1024 * 1024
@@ -64,5 +75,22 @@ def test_quick_benchmark_writes_complete_results(tmp_path: Path) -> None:
     for name in ("store: encryption on / off", "store / loopback TLS copy"):
         assert ratios[name]["value"] > 0
     assert ratios["store / restic backup"]["value"] is None
+    assert ratios["store / loopback TLS copy"]["target"] == 0.5
+    targets = {t["of"]: t for t in doc["targets"]}
+    assert targets["small_store"]["value"] == ops["small_store"]["rate"]["median"]
+    assert targets["ls"]["value"] == ops["ls"]["seconds"]["median"]
+    assert all(t["meets"] in (True, False) for t in doc["targets"])
+    assert "CPU budget" in result.stdout
+    budget = doc["cpu_budget"]
+    assert set(budget["step_mb_s"]) == set(STEP_LABELS)
+    assert all(rate > 0 for rate in budget["step_mb_s"].values())
+    for op in ("store", "fetch"):
+        # The sum of its steps, and what the runs used, which cannot be less (with a
+        # margin for a step timed in a quieter moment than the runs).
+        entry = budget[op]
+        expected = sum(2**30 / (budget["step_mb_s"][s] * 1e6) for s in entry["steps"])
+        assert entry["cpu_seconds_per_gib"] == pytest.approx(expected)
+        assert entry["measured_cpu_seconds_per_gib"] > 0
+        assert entry["ceiling_mb_s"] > 0
     # Everything it made is gone: only our results file is left in its temp folder.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
