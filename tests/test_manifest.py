@@ -151,3 +151,32 @@ def test_malformed_encrypted_manifests_are_integrity_errors(mutate: object) -> N
     mutate(doc)  # type: ignore[operator]
     with pytest.raises(IntegrityError):
         Manifest.from_bytes(json.dumps(doc).encode())
+
+
+DEEP = "[" * 1000 + "]" * 1000  # nested deep enough to exhaust the stack when printed
+SCAN = {"verdict": "clean", "findings": [], "engines": {}, "size": 3000, "sha256": H}
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda d: d.update(name="DEEP", scan=SCAN),
+        lambda d: d.update(format="DEEP"),
+        lambda d: d.update(scan={**SCAN, "verdict": "DEEP"}),
+        lambda d: d.update(stripes=[]),
+    ],
+    ids=["deep name with a scan record", "deep format", "deep verdict", "no stripes"],
+)
+def test_hostile_manifests_are_integrity_errors(mutate: object) -> None:
+    doc = json.loads(sample().to_bytes())
+    mutate(doc)  # type: ignore[operator]
+    raw = json.dumps(doc).replace('"DEEP"', DEEP).encode()
+    with pytest.raises(IntegrityError):
+        Manifest.from_bytes(raw)
+
+
+def test_a_format_of_the_wrong_type_is_malformed_not_newer() -> None:
+    doc = json.loads(sample().to_bytes())
+    doc["format"] = True
+    with pytest.raises(IntegrityError, match="malformed"):
+        Manifest.from_bytes(json.dumps(doc).encode())

@@ -115,11 +115,13 @@ class Manifest:
                 raise ValueError("bad file key")
         else:
             raise ValueError("unsupported manifest format")
-        if type(self.stripes) is not tuple:
-            raise ValueError("stripes must be a tuple")
+        if type(self.stripes) is not tuple or not self.stripes:
+            raise ValueError("stripes must be a non-empty tuple")
         expected = stripe_lengths(self.stored_size, self.chunk_size, len(self.stripes))
         for s, length in zip(self.stripes, expected, strict=True):
-            if type(s) is not StripeInfo or type(s.length) is not int or s.length != length:
+            if type(s) is not StripeInfo or type(s.length) is not int:
+                raise ValueError("bad stripe entry")
+            if s.length != length:
                 raise ValueError("stripe lengths do not match the size and chunk size")
             if not _is_sha256(s.sha256) or type(s.server) is not str:
                 raise ValueError("bad stripe entry")
@@ -165,19 +167,23 @@ class Manifest:
             if type(doc) is not dict:
                 raise TypeError("not an object")
             fmt = doc["format"]
-            if type(fmt) is not int or fmt not in (MANIFEST_FORMAT, ENCRYPTED_FORMAT):
+            if type(fmt) is not int:
+                raise TypeError("'format' has the wrong type")
+            if fmt not in (MANIFEST_FORMAT, ENCRYPTED_FORMAT):
                 raise IntegrityError(
                     f"the manifest{where} has format {fmt!r}, which this version of "
                     "splitstore cannot read; upgrade splitstore",
                     server=server,
                 )
-            stripes = doc["stripes"]
+            stripes, name = doc["stripes"], doc["name"]
             if type(stripes) is not list:
                 raise TypeError("'stripes' has the wrong type")
+            if type(name) is not str:  # before the scan record, which takes the name
+                raise TypeError("'name' has the wrong type")
             encrypted = fmt == ENCRYPTED_FORMAT
             # Only shapes are taken here; __post_init__ checks every value's type and range.
             return cls(
-                name=doc["name"],
+                name=name,
                 size=doc["size"],
                 chunk_size=doc["chunk_size"],
                 sha256=doc["sha256"],
@@ -192,8 +198,16 @@ class Manifest:
             )
         except IntegrityError:
             raise
-        except (ValueError, TypeError, KeyError, UnicodeDecodeError, InvalidNameError) as exc:
-            # A bad name inside a manifest is damage to the manifest, not a usage mistake.
+        except (
+            ValueError,
+            TypeError,
+            KeyError,
+            UnicodeDecodeError,
+            InvalidNameError,
+            RecursionError,
+        ) as exc:
+            # A bad name inside a manifest is damage to the manifest, not a usage mistake;
+            # so is a value nested deep enough to exhaust the stack when turned into text.
             raise IntegrityError(
                 f"the manifest{where} is malformed ({exc})", server=server
             ) from exc
