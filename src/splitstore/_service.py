@@ -145,6 +145,7 @@ class StorageService:
         # One batch is written (and hashed) in a worker thread while the next one arrives,
         # so the network and the disk work at the same time.
         writing: asyncio.Future[None] | None = None
+        finishing: asyncio.Future[str] | None = None
         try:
             batch: list[bytes] = []
             batched = 0
@@ -159,14 +160,19 @@ class StorageService:
             if writing is not None:
                 await asyncio.shield(writing)
             # The rest and the fsync in one hop: a small stripe is all in this last batch.
-            digest = await asyncio.to_thread(_write_all_and_finish, upload, batch)
+            finishing = asyncio.ensure_future(
+                asyncio.to_thread(_write_all_and_finish, upload, batch)
+            )
+            digest = await asyncio.shield(finishing)
         except BaseException:
-            if writing is not None:
-                # Let a write still running in its thread end before the file is closed
-                # (awaited through a shield, so a cancellation left ``writing`` running).
-                await asyncio.wait([writing])
-                if not writing.cancelled():
-                    writing.exception()
+            # Let a write still running in its thread end before the file is closed
+            # (awaited through a shield, so a cancellation left it running).
+            running = [f for f in (writing, finishing) if f is not None]
+            if running:
+                await asyncio.wait(running)
+                for future in running:
+                    if not future.cancelled():
+                        future.exception()
             await asyncio.to_thread(upload.abort)
             raise
         return length, digest
