@@ -355,8 +355,9 @@ LIMITS: list[tuple[str, str, str, float, str]] = [
     ("ls, seconds", "ls", "seconds", 2.0, "max"),
     ("client peak MiB, store", "store_encrypted", "client_peak_mib", 150, "max"),
     ("client peak MiB, fetch", "fetch_encrypted", "client_peak_mib", 150, "max"),
-    ("servers' peak MiB, store", "store_encrypted", "server_peak_mib", 100, "max"),
-    ("servers' peak MiB, fetch", "fetch_encrypted", "server_peak_mib", 100, "max"),
+    # Both servers run in one process here: the target is per server, so this is strict.
+    ("both servers' peak MiB, store", "store_encrypted", "server_peak_mib", 100, "max"),
+    ("both servers' peak MiB, fetch", "fetch_encrypted", "server_peak_mib", 100, "max"),
 ]
 
 
@@ -391,7 +392,7 @@ def with_measured(
     the rate if only the essential steps ran, spread perfectly over every core."""
     if not budget:
         return budget
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0))  # the cores this process may use, not the machine's
     out = {**budget, "cores": cores}
     for op in ("store", "fetch"):
         entry = dict(budget[op])
