@@ -47,6 +47,7 @@ from ._manifest import (
     StripeInfo,
 )
 from ._names import new_version_id, validate_name
+from ._outfile import SyncingWriter
 from ._payload import SegmentFailed, StreamOpener, StreamSealer
 from ._pipeline import PieceSink, PieceSource
 from ._remote import Remote, StripeReader
@@ -431,12 +432,15 @@ class AsyncClient:
             raise LocalFileError(f"cannot write in {target.parent}: {exc.strerror}") from exc
         tmp = Path(tmp_name)
         try:
-            with os.fdopen(fd, "wb") as raw:
-                out = raw if scanner is None else _ScanningWriter(raw, scanner, target.name)
+            with os.fdopen(fd, "wb") as raw, SyncingWriter(raw) as disk:
+                written = cast(BinaryIO, disk)
+                out = disk if scanner is None else _ScanningWriter(written, scanner, target.name)
                 sink = cast(BinaryIO, out)
                 manifest = await self._read_newest(name, versions, sink, progress)
-                raw.flush()
-                os.fsync(raw.fileno())
+                try:
+                    await asyncio.to_thread(disk.finish)
+                except OSError as exc:
+                    raise LocalFileError(f"cannot write {tmp}: {exc.strerror}") from exc
             if isinstance(out, _ScanningWriter):
                 report = await asyncio.to_thread(out.finish, tmp)
                 if report.verdict == "malicious" and not allow_unsafe:

@@ -1,0 +1,93 @@
+"""The fetched file on its way to disk: flushed as it is written, not all at the end.
+
+A fetched file must be fsynced before it is renamed into place. Left to itself, the
+kernel keeps a large file's pages dirty until then (they stay under its background
+writeback threshold), and the final fsync writes all of it while the fetch waits: about
+an eighth of a 1 GiB fetch on the machine measured. Here, every SYNC_EVERY_BYTES, the
+written part is handed to fdatasync in a thread of its own, so the disk works while the
+fetch goes on and the final fsync has only the tail left. An error from a background
+sync is raised at the next write or at the end: after a failed fsync the kernel may
+forget the error, so it must not be dropped.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+from types import TracebackType
+from typing import BinaryIO
+
+__all__ = ["SYNC_EVERY_BYTES", "SyncingWriter"]
+
+SYNC_EVERY_BYTES = 16 * 1024 * 1024
+
+_SYNCER: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _syncer() -> concurrent.futures.ThreadPoolExecutor:
+    global _SYNCER
+    if _SYNCER is None:
+        _SYNCER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="splitstore-sync")
+    return _SYNCER
+
+
+class SyncingWriter:
+    """Writes to ``raw`` (a buffered binary file) and syncs it to disk in the background.
+
+    Use as a context manager inside the one that closes ``raw``: leaving it waits for a
+    sync still running, so the file is never closed under it.
+    """
+
+    def __init__(self, raw: BinaryIO, sync_every: int = SYNC_EVERY_BYTES) -> None:
+        self._raw = raw
+        self._every = sync_every
+        self._unsynced = 0
+        self._syncing: concurrent.futures.Future[None] | None = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        n = self._raw.write(data)
+        self._unsynced += n
+        if self._unsynced >= self._every and self._sync_done():
+            self._raw.flush()
+            self._syncing = _syncer().submit(os.fdatasync, self._raw.fileno())
+            self._unsynced = 0
+        return n
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._raw.seek(offset, whence)
+
+    def truncate(self, size: int | None = None) -> int:
+        self._wait()  # not while a sync of the old content runs
+        return self._raw.truncate(size)
+
+    def finish(self) -> None:
+        """Make everything written durable (raises what a background sync raised)."""
+        self._wait()
+        self._raw.flush()
+        os.fsync(self._raw.fileno())
+
+    def __enter__(self) -> SyncingWriter:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._syncing is not None:
+            concurrent.futures.wait([self._syncing])
+            if kind is None:
+                self._syncing.result()
+
+    def _sync_done(self) -> bool:
+        """True if no sync is running; raises the error of one that failed."""
+        if self._syncing is None:
+            return True
+        if not self._syncing.done():
+            return False
+        self._wait()
+        return True
+
+    def _wait(self) -> None:
+        # Forgotten before it is raised: one failure is reported once, not again on exit.
+        syncing, self._syncing = self._syncing, None
+        if syncing is not None:
+            syncing.result()

@@ -1,0 +1,104 @@
+"""The fetched file's writer: synced to disk as it goes, its sync errors never dropped."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from splitstore import Client, LocalFileError
+from splitstore._outfile import SyncingWriter
+
+PIECE = 64 * 1024
+
+
+def test_data_is_intact_and_synced_as_it_goes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[int] = []
+    real = os.fdatasync
+
+    def counting(fd: int) -> None:
+        real(fd)
+        synced.append(os.fstat(fd).st_size)
+
+    monkeypatch.setattr(os, "fdatasync", counting)
+    data = os.urandom(40 * PIECE)
+    with (tmp_path / "out").open("wb") as raw, SyncingWriter(raw, sync_every=4 * PIECE) as w:
+        for i in range(0, len(data), PIECE):
+            w.write(data[i : i + PIECE])
+            time.sleep(0.001)  # room for a background sync to end before the next is due
+        w.finish()
+    assert (tmp_path / "out").read_bytes() == data
+    assert len(synced) >= 2  # in the background, before the end
+    assert min(synced) < len(data)
+
+
+@pytest.mark.parametrize("raised_at", ["write", "finish"])
+def test_a_failed_background_sync_is_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, raised_at: str
+) -> None:
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", failing)
+    with (tmp_path / "out").open("wb") as raw, SyncingWriter(raw, sync_every=PIECE) as w:
+        w.write(os.urandom(PIECE))  # starts the sync that fails
+        time.sleep(0.05)
+        then = (lambda: w.write(os.urandom(PIECE))) if raised_at == "write" else w.finish
+        with pytest.raises(OSError, match="Input/output"):
+            then()
+
+
+def test_leaving_waits_for_a_sync_still_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ended = threading.Event()
+
+    def slow(fd: int) -> None:
+        time.sleep(0.3)
+        os.fstat(fd)  # still open: the file was not closed under the sync
+        ended.set()
+
+    monkeypatch.setattr(os, "fdatasync", slow)
+
+    def fetch_that_fails() -> None:
+        with (tmp_path / "out").open("wb") as raw, SyncingWriter(raw, sync_every=PIECE) as w:
+            w.write(os.urandom(PIECE))
+            raise RuntimeError("the fetch failed")
+
+    with pytest.raises(RuntimeError):
+        fetch_that_fails()
+    assert ended.is_set()
+
+
+def test_starting_again_truncates(tmp_path: Path) -> None:
+    with (tmp_path / "out").open("wb") as raw, SyncingWriter(raw, sync_every=PIECE) as w:
+        w.write(os.urandom(3 * PIECE))
+        w.seek(0)
+        w.truncate()
+        w.write(b"older version")
+        w.finish()
+    assert (tmp_path / "out").read_bytes() == b"older version"
+
+
+def test_a_fetch_whose_fsync_fails_says_so_and_leaves_nothing(
+    client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = os.urandom(5000)
+    (tmp_path / "in").write_bytes(data)
+    client.store(tmp_path / "in", "doc")
+    out = tmp_path / "fetched"
+    out.mkdir()
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing)
+    with pytest.raises(LocalFileError, match=r"cannot write .*Input/output error"):
+        client.fetch("doc", out / "doc")
+    assert list(out.iterdir()) == []
