@@ -47,13 +47,13 @@ from ._manifest import (
     StripeInfo,
 )
 from ._names import new_version_id, validate_name
-from ._outfile import SyncingWriter
 from ._payload import SegmentFailed, StreamOpener, StreamSealer
 from ._pipeline import PieceSink, PieceSource
 from ._remote import Remote, StripeReader
 from ._state import Seen, SeenVersions
 from ._storage import ObjectRecord
 from ._stripes import block_size_for, stripe_chunk_counts, stripe_lengths
+from ._syncing import SyncingWriter
 from ._tcp_client import TcpRemote
 from ._tls import client_ssl_context
 from .scanning import Scanner, ScanReport, ScanStream

@@ -40,6 +40,7 @@ import orjson
 
 from ._manifest import MAX_MANIFEST_BYTES
 from ._names import is_object_id, is_version_id
+from ._syncing import SyncingWriter
 from ._tenants import SINGLE_TENANT, is_tenant_name
 
 __all__ = [
@@ -61,9 +62,6 @@ DATA_FORMAT = "splitstore-server-data 2"
 DATA_FORMAT_1 = "splitstore-server-data 1"
 # One stripe of a 2**53-byte file; the per-tenant quotas of later versions sit below this.
 MAX_STRIPE_BYTES = 2**53 - 1
-# Bytes of an upload written between two fdatasync calls: large enough that a sync costs
-# little, small enough that the final fsync of a large stripe is short.
-SYNC_EVERY_BYTES = 16 * 1024 * 1024
 # A record is a few hashes and an encoded manifest.
 MAX_RECORD_BYTES = 2 * MAX_MANIFEST_BYTES
 # The .meta file beside each stripe ({"length": N, "sha256": HEX} is under 100 bytes):
@@ -408,11 +406,13 @@ class _DiskUpload:
         self._final = final
         self._length = length
         self._received = 0
-        self._unsynced = 0
         self._hash = hashlib.sha256()
         fd, name = tempfile.mkstemp(dir=store._tmp, suffix=".part")
         self._tmp = Path(name)
         self._file: BinaryIO | None = os.fdopen(fd, "wb", buffering=0)
+        # Synced as it goes, in the background: the final fsync then has little left to
+        # write, and the writes do not stop for the disk every SYNC_EVERY_BYTES.
+        self._disk = SyncingWriter(self._file)
 
     def write(self, data: bytes | memoryview) -> None:
         if self._file is None:
@@ -422,14 +422,7 @@ class _DiskUpload:
             raise StorageError("bad_request", f"more than the declared {self._length} bytes sent")
         self._hash.update(data)
         with _translate_os_errors():
-            self._file.write(data)
-            self._unsynced += len(data)
-            if self._unsynced >= SYNC_EVERY_BYTES:
-                # Flush as we go: the final fsync then has little left to write, instead of
-                # the whole stripe at once after the last byte (the kernel would otherwise
-                # hold it all in the page cache until then).
-                os.fdatasync(self._file.fileno())
-                self._unsynced = 0
+            self._disk.write(data)
 
     def finish(self) -> str:
         if self._file is None:
@@ -441,7 +434,7 @@ class _DiskUpload:
             )
         digest = self._hash.hexdigest()
         with _translate_os_errors():
-            os.fsync(self._file.fileno())
+            self._disk.finish()
             self._file.close()
             self._file = None
             self._store._install(self._tmp, self._final, self._length, digest)
@@ -449,6 +442,7 @@ class _DiskUpload:
 
     def abort(self) -> None:
         if self._file is not None:
+            self._disk.abandon()  # never close the file under a sync still running
             self._file.close()
             self._file = None
         with contextlib.suppress(FileNotFoundError):

@@ -1,4 +1,4 @@
-"""The fetched file's writer: synced to disk as it goes, its sync errors never dropped."""
+"""Files synced to disk as they are written: the data intact, sync errors never dropped."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from splitstore import Client, LocalFileError
-from splitstore._outfile import SyncingWriter
+from splitstore._syncing import SyncingWriter
 
 PIECE = 64 * 1024
 

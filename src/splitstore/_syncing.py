@@ -1,13 +1,13 @@
-"""The fetched file on its way to disk: flushed as it is written, not all at the end.
+"""A large file on its way to disk: synced as it is written, not all at the end.
 
-A fetched file must be fsynced before it is renamed into place. Left to itself, the
-kernel keeps a large file's pages dirty until then (they stay under its background
-writeback threshold), and the final fsync writes all of it while the fetch waits: about
-an eighth of a 1 GiB fetch on the machine measured. Here, every SYNC_EVERY_BYTES, the
-written part is handed to fdatasync in a thread of its own, so the disk works while the
-fetch goes on and the final fsync has only the tail left. An error from a background
-sync is raised at the next write or at the end: after a failed fsync the kernel may
-forget the error, so it must not be dropped.
+Both a fetched file and a stripe a server receives are fsynced before they are renamed
+into place. Left to itself, the kernel keeps a large file's pages dirty until then (they
+stay under its background writeback threshold), and the final fsync writes all of it
+while everything waits: about an eighth of a 1 GiB fetch on the machine measured.
+Here, every SYNC_EVERY_BYTES, the written part is handed to fdatasync in a thread of
+its own, so the disk works while the transfer goes on and the final fsync has only the
+tail left. An error from a background sync is raised at the next write or at the end:
+after a failed fsync the kernel may forget the error, so it must not be dropped.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from typing import BinaryIO
 
 __all__ = ["SYNC_EVERY_BYTES", "SyncingWriter"]
 
+# Bytes written between two background syncs: large enough that a sync costs little,
+# small enough that the final fsync of a large file is short.
 SYNC_EVERY_BYTES = 16 * 1024 * 1024
 
 _SYNCER: concurrent.futures.ThreadPoolExecutor | None = None
@@ -32,7 +34,7 @@ def _syncer() -> concurrent.futures.ThreadPoolExecutor:
 
 
 class SyncingWriter:
-    """Writes to ``raw`` (a buffered binary file) and syncs it to disk in the background.
+    """Writes to ``raw`` (a binary file) and syncs it to disk in the background.
 
     Use as a context manager inside the one that closes ``raw``: leaving it waits for a
     sync still running, so the file is never closed under it.
@@ -69,13 +71,19 @@ class SyncingWriter:
     def __enter__(self) -> SyncingWriter:
         return self
 
+    def abandon(self) -> None:
+        """Wait for a sync still running, whatever its outcome: the file is thrown away."""
+        syncing, self._syncing = self._syncing, None
+        if syncing is not None:
+            concurrent.futures.wait([syncing])
+
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._syncing is not None:
-            concurrent.futures.wait([self._syncing])
-            if kind is None:
-                self._syncing.result()
+        if kind is None:
+            self._wait()
+        else:
+            self.abandon()
 
     def _sync_done(self) -> bool:
         """True if no sync is running; raises the error of one that failed."""
