@@ -10,6 +10,7 @@ import resource
 import shutil
 import ssl
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from splitstore._setup import SetupPaths
 from ._budget import cpu_budget
 from ._data import make_file, make_small_files
 from ._measure import ClientRunner, Run, summarise
-from ._proc import ToolFailed
+from ._proc import ToolFailed, run_measured
 from ._reference import Rclone, Restic, Tools, find_tools
 from ._runner import FILL_CONCURRENCY
 from ._scan import false_positives
@@ -238,6 +239,17 @@ class _Suite:
                 raise RuntimeError(f"ls listed {runs[-1].extra['names']} names, not {n}")
             say(f"  run {i + 1}/{self.o.runs}: {runs[-1].seconds:.2f} s")
         self.ops["ls"] = summarise(f"ls of {n} names", runs, n, "names/s")
+        # What a user waits for: the command, its start-up and printing included.
+        command = [sys.executable, "-m", "splitstore", "ls", "--config", str(servers.config)]
+        runs = []
+        for i in range(self.o.runs):
+            servers.mark()
+            done = run_measured(command, log=self.work / "ls-command.log")
+            peak, cpu = servers.usage()
+            runs.append(Run(done.seconds, done.peak_bytes or None, done.cpu_seconds, peak, cpu))
+            say(f"  run {i + 1}/{self.o.runs}, the splitstore ls command: {done.seconds:.2f} s")
+        label = f"splitstore ls of {n} names (start-up included)"
+        self.ops["ls_command"] = summarise(label, runs, n, "names/s")
 
     def _reference(self, name: str, exe: str, big: Path) -> None:
         tool = Restic if name == "restic" else Rclone
@@ -352,7 +364,8 @@ def ratios(ops: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 LIMITS: list[tuple[str, str, str, float, str]] = [
     ("4 KiB files stored, files/s", "small_store", "rate", 300, "min"),
     ("4 KiB files fetched, files/s", "small_fetch", "rate", 300, "min"),
-    ("ls, seconds", "ls", "seconds", 2.0, "max"),
+    ("ls through the API, seconds", "ls", "seconds", 2.0, "max"),
+    ("the splitstore ls command, seconds", "ls_command", "seconds", 2.0, "max"),
     ("client peak MiB, store", "store_encrypted", "client_peak_mib", 150, "max"),
     ("client peak MiB, fetch", "fetch_encrypted", "client_peak_mib", 150, "max"),
     # Both servers run in one process here: the target is per server, so this is strict.

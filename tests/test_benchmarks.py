@@ -28,6 +28,7 @@ SPLITSTORE_OPS = [
     "small_fetch",
     "ls_fill",
     "ls",
+    "ls_command",
 ]
 
 
@@ -72,6 +73,7 @@ def test_quick_benchmark_writes_complete_results(tmp_path: Path) -> None:
         assert ops[key]["server_peak_mib"] > 0, key
     ratios = {r["name"]: r for r in doc["ratios"]}
     assert ops["ls"]["amount"] == 9  # the large file, 5 small ones, and 3 more
+    assert ops["ls_command"]["amount"] == 9
     for name in ("store: encryption on / off", "store / loopback TLS copy"):
         assert ratios[name]["value"] > 0
     assert ratios["store / restic backup"]["value"] is None
