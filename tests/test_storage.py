@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
 
+from splitstore._service import IO_BATCH_BYTES, StripeChunks
 from splitstore._storage import DataFolder, LocalDiskStore, ObjectRecord, StorageError
 
 OID, OID2 = "1" * 64, "2" * 64
@@ -152,3 +156,34 @@ def test_listing_is_sorted_and_leaves_out_damaged_records(tmp_path: Path) -> Non
     assert all(rec == record(V1, b"data") for _, rec in listed)
     with pytest.raises(StorageError):
         store.get_record(damaged)
+
+
+@pytest.mark.parametrize("size", [0, 5, IO_BATCH_BYTES, IO_BATCH_BYTES + 1, 3 * IO_BATCH_BYTES])
+def test_stripe_chunks_read_to_the_length_and_close(tmp_path: Path, size: int) -> None:
+    store = LocalDiskStore(tmp_path)
+    data = os.urandom(size)
+    put(store, OID, V1, data)
+
+    async def read_all() -> tuple[bytes, bool]:
+        f, length = store.open_stripe(OID, V1)
+        chunks = StripeChunks(f, length)
+        async with contextlib.aclosing(chunks):
+            got = b"".join([piece async for piece in chunks])
+        return got, f.closed
+
+    assert asyncio.run(read_all()) == (data, True)
+
+
+def test_stripe_chunks_closed_before_reading_close_the_file(tmp_path: Path) -> None:
+    """A response that fails before its first byte must not leave the stripe open."""
+    store = LocalDiskStore(tmp_path)
+    put(store, OID, V1, b"hello")
+    f, length = store.open_stripe(OID, V1)
+
+    async def fail_before_reading() -> None:
+        async with contextlib.aclosing(StripeChunks(f, length)):
+            raise ConnectionResetError("the client went away")
+
+    with pytest.raises(ConnectionResetError):
+        asyncio.run(fail_before_reading())
+    assert f.closed

@@ -17,6 +17,7 @@ uvicorn with its default parser (figures in the README).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import json
 import logging
@@ -164,12 +165,13 @@ async def _get_stripe(request: web.Request) -> web.StreamResponse:
     length, chunks = await request.app[_SERVICE].open_stripe(
         _TENANT.get(), request.match_info["object_id"], request.match_info["version_id"]
     )
-    response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
-    response.content_length = length
-    await response.prepare(request)
-    async for piece in chunks:
-        await response.write(piece)
-    await response.write_eof()
+    async with contextlib.aclosing(chunks):
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        response.content_length = length
+        await response.prepare(request)
+        async for piece in chunks:
+            await response.write(piece)
+        await response.write_eof()
     return response
 
 

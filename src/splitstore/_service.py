@@ -13,7 +13,7 @@ import json
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import orjson
 
@@ -179,29 +179,11 @@ class StorageService:
 
     async def open_stripe(
         self, tenant: Tenant, object_id: str, version_id: str
-    ) -> tuple[int, AsyncIterator[bytes]]:
-        """Open a stripe for reading; return its length and an iterator over its bytes."""
+    ) -> tuple[int, StripeChunks]:
+        """Open a stripe for reading; return its length and its bytes, to be closed."""
         store = await self._store(tenant)
         f, length = await asyncio.to_thread(store.open_stripe, object_id, version_id)
-
-        async def chunks() -> AsyncIterator[bytes]:
-            # Up to the length announced, and no further read to find the end: a small
-            # stripe is one hop to a worker thread, not two.
-            left = length
-            try:
-                while left > 0:
-                    try:
-                        data = await asyncio.to_thread(f.read, min(IO_BATCH_BYTES, left))
-                    except OSError as exc:  # a failing disk: say so rather than just hang up
-                        raise StorageError("internal", f"cannot read the stripe: {exc}") from exc
-                    if not data:
-                        return  # cut short under us: the client finds the stripe short
-                    left -= len(data)
-                    yield data
-            finally:
-                f.close()
-
-        return length, chunks()
+        return length, StripeChunks(f, length)
 
     async def commit(self, tenant: Tenant, object_id: str, fields: dict[str, Any]) -> None:
         record = ObjectRecord.from_json(fields)
@@ -230,6 +212,42 @@ class StorageService:
             if not batch:
                 return
             yield batch
+
+
+class StripeChunks:
+    """A stored stripe's bytes, IO_BATCH_BYTES at a time, up to its announced length.
+
+    Up to the length and no further read to find the end: a small stripe is one hop to a
+    worker thread, not two. ``aclose`` closes the file whether or not reading began (an
+    async generator that never started would leave that to the garbage collector), so
+    callers hold it in ``contextlib.aclosing``.
+    """
+
+    def __init__(self, f: BinaryIO, length: int) -> None:
+        self._f = f
+        self._left = length
+
+    def __aiter__(self) -> StripeChunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._left <= 0 or self._f.closed:
+            await self.aclose()
+            raise StopAsyncIteration
+        try:
+            data = await asyncio.to_thread(self._f.read, min(IO_BATCH_BYTES, self._left))
+        except OSError as exc:  # a failing disk: say so rather than just hang up
+            await self.aclose()
+            raise StorageError("internal", f"cannot read the stripe: {exc}") from exc
+        if not data:  # cut short under us: the client finds the stripe short
+            await self.aclose()
+            raise StopAsyncIteration
+        self._left -= len(data)
+        return data
+
+    async def aclose(self) -> None:
+        # A read still running in its thread holds the file's lock: close waits for it.
+        self._f.close()
 
 
 def _write_all(upload: StripeUpload, pieces: list[bytes]) -> None:

@@ -197,10 +197,11 @@ class _Session:
             length, chunks = await svc.open_stripe(
                 tenant, _str(fields, "object_id"), _str(fields, "version_id")
             )
-            await self._send(p.Response({"status": "ok", "length": length}))
-            async for piece in chunks:
-                self.writer.writelines(self.conn.send_data(piece))
-                await self._drain()
+            async with contextlib.aclosing(chunks):
+                await self._send(p.Response({"status": "ok", "length": length}))
+                async for piece in chunks:
+                    self.writer.writelines(self.conn.send_data(piece))
+                    await self._drain()
             await self._send(p.End({}))
         elif op == "commit":
             await svc.commit(tenant, _str(fields, "object_id"), fields)
