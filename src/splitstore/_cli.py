@@ -22,6 +22,8 @@ from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+import orjson
+
 from ._cli_scan import cmd_scan, print_reasons, stored_scan_line, warn_about
 from ._client import AsyncClient, FileInfo
 from ._config import ENCRYPTION_MODES, ENCRYPTION_OFF, ENCRYPTION_ON, load_config
@@ -740,8 +742,7 @@ def _allow_unsafe(p: argparse.ArgumentParser, help: str) -> None:
 
 
 def _print_json(doc: Any) -> None:
-    import orjson  # the stdlib's encoder is pure Python once indenting: ls --json of 10,000
-
+    # orjson: the stdlib's encoder runs in pure Python once it indents (ls --json of 10,000).
     try:
         text = orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode()
     except TypeError:  # what orjson refuses, such as an undecodable local file name

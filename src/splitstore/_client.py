@@ -433,10 +433,9 @@ class AsyncClient:
         tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb") as raw, SyncingWriter(raw) as disk:
-                written = cast(BinaryIO, disk)
-                out = disk if scanner is None else _ScanningWriter(written, scanner, target.name)
-                sink = cast(BinaryIO, out)
-                manifest = await self._read_newest(name, versions, sink, progress)
+                file = cast(BinaryIO, disk)
+                out = file if scanner is None else _ScanningWriter(file, scanner, target.name)
+                manifest = await self._read_newest(name, versions, cast(BinaryIO, out), progress)
                 try:
                     await asyncio.to_thread(disk.finish)
                 except OSError as exc:

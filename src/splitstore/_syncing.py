@@ -29,7 +29,9 @@ _SYNCER: concurrent.futures.ThreadPoolExecutor | None = None
 def _syncer() -> concurrent.futures.ThreadPoolExecutor:
     global _SYNCER
     if _SYNCER is None:
-        _SYNCER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="splitstore-sync")
+        # A few threads: a server syncs several uploads at once, and one slow disk must not
+        # hold back the others' syncs. Each file still has at most one sync at a time.
+        _SYNCER = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="splitstore-sync")
     return _SYNCER
 
 
