@@ -187,3 +187,33 @@ def test_stripe_chunks_closed_before_reading_close_the_file(tmp_path: Path) -> N
     with pytest.raises(ConnectionResetError):
         asyncio.run(fail_before_reading())
     assert f.closed
+
+
+def test_commit_makes_every_rename_in_the_object_folder_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stripe's and .meta's renames are synced by the commit's folder fsync, not before:
+    so after a commit returns, no rename into the object folder is still only in memory."""
+    store = LocalDiskStore(tmp_path)
+    events: list[tuple[str, str]] = []
+    real_replace, real_fsync = os.replace, os.fsync
+
+    def replace(src: str | Path, dst: str | Path) -> None:
+        real_replace(src, dst)
+        events.append(("rename into", os.path.dirname(os.path.realpath(dst))))
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "fsync", fsync)
+    folder = os.path.realpath(tmp_path / "objects" / OID[:2] / OID)
+    put(store, OID, V1, b"hello")
+    installed = len(events)
+    assert ("rename into", folder) in events
+    assert ("fsync", folder) not in events  # the install owes the folder fsync
+    store.commit(OID, record(V1, b"hello"))
+    last_rename = max(i for i, e in enumerate(events) if e == ("rename into", folder))
+    assert last_rename >= installed  # the record's own rename
+    assert ("fsync", folder) in events[last_rename + 1 :]
