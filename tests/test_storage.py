@@ -6,12 +6,21 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from splitstore._service import IO_BATCH_BYTES, StripeChunks
-from splitstore._storage import DataFolder, LocalDiskStore, ObjectRecord, StorageError
+from splitstore._service import IO_BATCH_BYTES, StorageService, StripeChunks
+from splitstore._storage import (
+    DataFolder,
+    LocalDiskStore,
+    ObjectRecord,
+    StorageError,
+    StripeUpload,
+)
+from splitstore._tenants import Tenant
 
 OID, OID2 = "1" * 64, "2" * 64
 V1, V2, V3 = "a" * 32, "b" * 32, "c" * 32
@@ -217,3 +226,37 @@ def test_commit_makes_every_rename_in_the_object_folder_durable(
     last_rename = max(i for i, e in enumerate(events) if e == ("rename into", folder))
     assert last_rename >= installed  # the record's own rename
     assert ("fsync", folder) in events[last_rename + 1 :]
+
+
+def test_upload_cancelled_while_its_file_opens_leaves_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection dropped during begin_stripe's thread hop: the file opened late is
+    closed and removed, not left open to the garbage collector and on disk."""
+    data = DataFolder(tmp_path)
+    store = data.tenant("alice")
+    entered, release = threading.Event(), threading.Event()
+    real_begin = store.begin_stripe
+
+    def slow_begin(oid: str, vid: str, length: int) -> StripeUpload:
+        entered.set()
+        release.wait(10)
+        return real_begin(oid, vid, length)
+
+    monkeypatch.setattr(store, "begin_stripe", slow_begin)
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"never read"
+
+    async def scenario() -> None:
+        service = StorageService(data)
+        task = asyncio.create_task(service.put_stripe(Tenant("alice"), OID, V1, 10, body()))
+        await asyncio.to_thread(entered.wait, 10)
+        task.cancel()
+        await asyncio.sleep(0.05)
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+    assert list((tmp_path / "tmp").iterdir()) == []

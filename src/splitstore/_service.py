@@ -141,7 +141,7 @@ class StorageService:
         length: int,
         body: AsyncIterator[bytes],
     ) -> tuple[int, str]:
-        upload = await asyncio.to_thread(store.begin_stripe, object_id, version_id, length)
+        upload = await _begin(store, object_id, version_id, length)
         # One batch is written (and hashed) in a worker thread while the next one arrives,
         # so the network and the disk work at the same time.
         writing: asyncio.Future[None] | None = None
@@ -212,6 +212,24 @@ class StorageService:
             if not batch:
                 return
             yield batch
+
+
+async def _begin(store: StripeStore, object_id: str, version_id: str, length: int) -> StripeUpload:
+    """``store.begin_stripe`` off the loop, its temp file removed if the caller is cancelled.
+
+    A connection dropped while the worker thread opens the file cancels the await, not
+    the thread: the file it opens then belongs to no one, so it is aborted here.
+    """
+    starting = asyncio.ensure_future(
+        asyncio.to_thread(store.begin_stripe, object_id, version_id, length)
+    )
+    try:
+        return await asyncio.shield(starting)
+    except BaseException:
+        await asyncio.wait([starting])
+        if not starting.cancelled() and starting.exception() is None:
+            await asyncio.to_thread(starting.result().abort)
+        raise
 
 
 class StripeChunks:
