@@ -394,12 +394,7 @@ class LocalDiskStore:
             before = _file_bytes(final) + _file_bytes(meta)
             _make_folders(final.parent, self._objects)
             os.replace(tmp, final)
-            # The folder is not fsynced here: the commit's record write, in this folder,
-            # makes both names durable with its own folder fsync. A stripe lost in a crash
-            # before its commit was never committed, so nothing is lost but a retry.
-            _atomic_write(
-                meta, json.dumps({"length": length, "sha256": digest}).encode(), sync_folder=False
-            )
+            _atomic_write(meta, json.dumps({"length": length, "sha256": digest}).encode())
             self._used += length + _file_bytes(meta) - before
 
 
@@ -464,12 +459,8 @@ def _translate_os_errors() -> Iterator[None]:
         raise StorageError("internal", f"storage error: {exc.strerror}") from exc
 
 
-def _atomic_write(path: Path, data: bytes, *, sync_folder: bool = True) -> None:
-    """Write ``data`` to ``path`` so that readers see the old content or the new, never a mix.
-
-    The content is always fsynced before the rename; the rename itself is durable once
-    the folder is fsynced, here unless ``sync_folder`` is False (the caller then owes one).
-    """
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old content or the new, never a mix."""
     with _translate_os_errors():
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
         try:
@@ -482,8 +473,7 @@ def _atomic_write(path: Path, data: bytes, *, sync_folder: bool = True) -> None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-        if sync_folder:
-            _fsync_dir(path.parent)
+        _fsync_dir(path.parent)
 
 
 def _make_folders(folder: Path, top: Path) -> None:
