@@ -9,6 +9,7 @@ run in worker threads), and raises StorageError with a wire error code on every 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -218,7 +219,8 @@ async def _begin(store: StripeStore, object_id: str, version_id: str, length: in
     """``store.begin_stripe`` off the loop, its temp file removed if the caller is cancelled.
 
     A connection dropped while the worker thread opens the file cancels the await, not
-    the thread: the file it opens then belongs to no one, so it is aborted here.
+    the thread: the file it opens then belongs to no one. A callback on the thread's
+    future aborts it whenever it arrives, so no further cancellation can skip that.
     """
     starting = asyncio.ensure_future(
         asyncio.to_thread(store.begin_stripe, object_id, version_id, length)
@@ -226,10 +228,16 @@ async def _begin(store: StripeStore, object_id: str, version_id: str, length: in
     try:
         return await asyncio.shield(starting)
     except BaseException:
-        await asyncio.wait([starting])
-        if not starting.cancelled() and starting.exception() is None:
-            await asyncio.to_thread(starting.result().abort)
+        starting.add_done_callback(_abort_unclaimed)
         raise
+
+
+def _abort_unclaimed(starting: asyncio.Future[StripeUpload]) -> None:
+    if starting.cancelled() or starting.exception() is not None:
+        return
+    # Nothing was written yet: closing and unlinking an empty file does not stall the loop.
+    with contextlib.suppress(OSError, StorageError):
+        starting.result().abort()
 
 
 class StripeChunks:
