@@ -264,3 +264,51 @@ def test_upload_cancelled_while_its_file_opens_leaves_no_file(
 
     asyncio.run(scenario())
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_upload_cancelled_twice_mid_write_still_leaves_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The clean-up waits for a write still running in its thread, then aborts: a second
+    cancellation during that wait must not skip the abort."""
+    data = DataFolder(tmp_path)
+    store = data.tenant("alice")
+    writing, release = threading.Event(), threading.Event()
+    real_begin = store.begin_stripe
+
+    def begin(oid: str, vid: str, length: int) -> StripeUpload:
+        upload = real_begin(oid, vid, length)
+        real_write = upload.write
+
+        def slow_write(piece: bytes | memoryview) -> None:
+            writing.set()
+            release.wait(10)
+            real_write(piece)
+
+        monkeypatch.setattr(upload, "write", slow_write)
+        return upload
+
+    monkeypatch.setattr(store, "begin_stripe", begin)
+    size = 2 * IO_BATCH_BYTES
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"x" * IO_BATCH_BYTES  # a whole batch: written while the next is awaited
+        await asyncio.Event().wait()  # and the next never comes
+
+    async def scenario() -> None:
+        service = StorageService(data)
+        task = asyncio.create_task(service.put_stripe(Tenant("alice"), OID, V1, size, body()))
+        await asyncio.to_thread(writing.wait, 10)
+        task.cancel()
+        await asyncio.sleep(0.05)  # now waiting for the write in its thread
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        release.set()
+        for _ in range(500):
+            if not list((tmp_path / "tmp").iterdir()):
+                break
+            await asyncio.sleep(0.01)
+
+    asyncio.run(scenario())
+    assert list((tmp_path / "tmp").iterdir()) == []

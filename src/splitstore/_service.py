@@ -42,6 +42,8 @@ LISTING_BATCH_BYTES = 512 * 1024
 # handing the GIL back and forth, taking three times as long as one after the other. One
 # thread for all listings of the process runs them in turn, batch by batch.
 _LISTING_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitstore-listing")
+# Clean-ups of failed uploads, held here so they run to their end however their caller ends.
+_CLEANUPS: set[asyncio.Future[None]] = set()
 
 
 @dataclass(frozen=True)
@@ -166,15 +168,11 @@ class StorageService:
             )
             digest = await asyncio.shield(finishing)
         except BaseException:
-            # Let a write still running in its thread end before the file is closed
-            # (awaited through a shield, so a cancellation left it running).
-            running = [f for f in (writing, finishing) if f is not None]
-            if running:
-                await asyncio.wait(running)
-                for future in running:
-                    if not future.cancelled():
-                        future.exception()
-            await asyncio.to_thread(upload.abort)
+            # A task of its own, shielded: a further cancellation cannot skip the abort.
+            cleanup = asyncio.ensure_future(_abort_after(upload, writing, finishing))
+            _CLEANUPS.add(cleanup)
+            cleanup.add_done_callback(_CLEANUPS.discard)
+            await asyncio.shield(cleanup)
             raise
         return length, digest
 
@@ -230,6 +228,18 @@ async def _begin(store: StripeStore, object_id: str, version_id: str, length: in
     except BaseException:
         starting.add_done_callback(_abort_unclaimed)
         raise
+
+
+async def _abort_after(upload: StripeUpload, *pending: asyncio.Future[Any] | None) -> None:
+    """Abort ``upload`` once the writes still running in their threads have ended (they
+    were awaited through a shield, so a cancellation left them running)."""
+    running = [f for f in pending if f is not None]
+    if running:
+        await asyncio.wait(running)
+        for future in running:
+            if not future.cancelled():
+                future.exception()
+    await asyncio.to_thread(upload.abort)
 
 
 def _abort_unclaimed(starting: asyncio.Future[StripeUpload]) -> None:
