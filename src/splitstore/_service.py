@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Protocol
@@ -169,10 +169,7 @@ class StorageService:
             digest = await asyncio.shield(finishing)
         except BaseException:
             # A task of its own, shielded: a further cancellation cannot skip the abort.
-            cleanup = asyncio.ensure_future(_abort_after(upload, writing, finishing))
-            _CLEANUPS.add(cleanup)
-            cleanup.add_done_callback(_CLEANUPS.discard)
-            await asyncio.shield(cleanup)
+            await asyncio.shield(_clean_up(_abort_after(upload, writing, finishing)))
             raise
         return length, digest
 
@@ -217,8 +214,7 @@ async def _begin(store: StripeStore, object_id: str, version_id: str, length: in
     """``store.begin_stripe`` off the loop, its temp file removed if the caller is cancelled.
 
     A connection dropped while the worker thread opens the file cancels the await, not
-    the thread: the file it opens then belongs to no one. A callback on the thread's
-    future aborts it whenever it arrives, so no further cancellation can skip that.
+    the thread: the file it opens then belongs to no one, so a clean-up task aborts it.
     """
     starting = asyncio.ensure_future(
         asyncio.to_thread(store.begin_stripe, object_id, version_id, length)
@@ -226,8 +222,24 @@ async def _begin(store: StripeStore, object_id: str, version_id: str, length: in
     try:
         return await asyncio.shield(starting)
     except BaseException:
-        starting.add_done_callback(_abort_unclaimed)
+        _clean_up(_abort_when_opened(starting))
         raise
+
+
+def _clean_up(work: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
+    """Run ``work`` as a task held in _CLEANUPS: it runs to its end however its caller ends."""
+    task = asyncio.ensure_future(work)
+    _CLEANUPS.add(task)
+    task.add_done_callback(_CLEANUPS.discard)
+    return task
+
+
+async def _abort_when_opened(starting: asyncio.Future[StripeUpload]) -> None:
+    await asyncio.wait([starting])
+    if starting.cancelled() or starting.exception() is not None:
+        return
+    with contextlib.suppress(OSError, StorageError):  # no one is left to tell
+        await asyncio.to_thread(starting.result().abort)
 
 
 async def _abort_after(upload: StripeUpload, *pending: asyncio.Future[Any] | None) -> None:
@@ -240,14 +252,6 @@ async def _abort_after(upload: StripeUpload, *pending: asyncio.Future[Any] | Non
             if not future.cancelled():
                 future.exception()
     await asyncio.to_thread(upload.abort)
-
-
-def _abort_unclaimed(starting: asyncio.Future[StripeUpload]) -> None:
-    if starting.cancelled() or starting.exception() is not None:
-        return
-    # Nothing was written yet: closing and unlinking an empty file does not stall the loop.
-    with contextlib.suppress(OSError, StorageError):
-        starting.result().abort()
 
 
 class StripeChunks:
