@@ -226,6 +226,51 @@ def test_a_finished_upload_is_durable_before_it_is_answered(
     assert ("fsync", folder) in events[renames[-1] + 1 :]
 
 
+def test_a_batch_is_durable_before_it_is_answered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch's fsyncs are grouped, not skipped: every stripe, .meta and record file is
+    fsynced before its rename, and every folder renamed into (or made) after it."""
+    store = LocalDiskStore(tmp_path)
+    events: list[tuple[str, str]] = []
+    real_replace, real_fsync = os.replace, os.fsync
+    lock = threading.Lock()  # the fsyncs run in several threads
+
+    def replace(src: str | Path, dst: str | Path) -> None:
+        with lock:
+            events.append(("renamed", os.path.realpath(src)))
+            real_replace(src, dst)
+            events.append(("rename into", os.path.dirname(os.path.realpath(dst))))
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        with lock:
+            events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "fsync", fsync)
+    oids = [f"{i:02x}" * 32 for i in range(5)]
+    vids = [f"{i:02x}" * 16 for i in range(5)]
+    digests = store.put_stripes(
+        [(o, v, bytes([i]) * 100) for i, (o, v) in enumerate(zip(oids, vids, strict=True))]
+    )
+    records = [
+        (o, ObjectRecord(v, 100, d, b"m")) for o, v, d in zip(oids, vids, digests, strict=True)
+    ]
+    assert store.commit_many(records) == [None] * 5
+    assert [store.get_record(o).version_id for o in oids] == vids
+    for i, event in enumerate(events):
+        if event[0] == "renamed":
+            assert ("fsync", event[1]) in events[:i]  # the file's bytes first
+    last = {e[1]: i for i, e in enumerate(events) if e[0] == "rename into"}
+    made = {os.path.realpath(tmp_path / "objects" / o[:2]) for o in oids}
+    for folder, i in last.items():
+        assert ("fsync", folder) in events[i + 1 :]
+    for folder in made:  # a new folder's entry in its parent
+        assert ("fsync", os.path.dirname(folder)) in events
+    assert len(last) == 5
+
+
 def test_upload_cancelled_while_its_file_opens_leaves_no_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

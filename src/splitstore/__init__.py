@@ -17,6 +17,7 @@ from ._client import AsyncClient, Client, FileInfo, ProgressCallback
 from ._config import Config, ServerConfig, find_config, load_config
 from ._errors import (
     AuthenticationError,
+    BatchError,
     ConfigError,
     ConflictError,
     IntegrityError,
@@ -40,6 +41,7 @@ from ._version import __version__
 __all__ = [
     "AsyncClient",
     "AuthenticationError",
+    "BatchError",
     "Client",
     "Config",
     "ConfigError",

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 __all__ = [
     "AuthenticationError",
+    "BatchError",
     "ConfigError",
     "ConflictError",
     "IntegrityError",
@@ -55,6 +56,24 @@ class SplitStoreError(Exception):
 
     #: Exit status the command-line tool uses for this kind of failure.
     exit_code: int = 1
+
+
+class BatchError(SplitStoreError):
+    """Some files of ``store_many`` or ``fetch_many`` failed; the others went through.
+
+    ``results`` holds one entry per file, in the order given: what that file's single
+    operation returns, or the SplitStoreError it raised.
+    """
+
+    def __init__(self, message: str, results: list[object]) -> None:
+        super().__init__(message)
+        self.results = results
+
+    @property
+    def exit_code(self) -> int:  # type: ignore[override]
+        """The first failure's: the command-line tool exits as that file's would."""
+        failed = [r for r in self.results if isinstance(r, SplitStoreError)]
+        return failed[0].exit_code if failed else 1
 
 
 class UsageError(SplitStoreError):

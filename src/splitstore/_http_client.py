@@ -6,24 +6,39 @@ import asyncio
 import errno
 import json
 import ssl
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import aiohttp
 from aiohttp.http_exceptions import HttpProcessingError
 
+from ._batch import MAX_BATCH_BYTES, MAX_BATCH_ITEMS
 from ._errors import (
     ProtocolError,
     ServerUnavailableError,
+    SplitStoreError,
     TLSVerificationError,
 )
-from ._remote import ListingParser, parse_record, parse_reply, raise_for_code
+from ._remote import (
+    MAX_LISTING_LINE,
+    ListingParser,
+    parse_record,
+    parse_reply,
+    raise_for_code,
+    read_commit_results,
+    read_put_stripes_reply,
+    read_record_lines,
+    record_lines_body,
+    split_stripes,
+    stripe_index,
+)
 from ._storage import MAX_RECORD_BYTES, ObjectRecord
 from ._tls import describe_ssl_error
 
 __all__ = ["HttpsRemote"]
 
+_BINARY = {"Content-Type": "application/octet-stream"}
 # A JSON reply from our server is a record or a short status; anything longer is not ours.
 MAX_REPLY_BYTES = 2 * MAX_RECORD_BYTES
 
@@ -112,7 +127,9 @@ class HttpsRemote:
             return await self._json(resp)
 
     @asynccontextmanager
-    async def get_stripe(self, object_id: str, version_id: str) -> AsyncIterator[_HttpStripe]:
+    async def get_stripe(
+        self, object_id: str, version_id: str, *, expected_length: int | None = None
+    ) -> AsyncIterator[_HttpStripe]:
         url = f"{self._base}/v1/objects/{object_id}/stripes/{version_id}"
         with self._translating():
             async with self._http().get(url) as resp:
@@ -152,6 +169,67 @@ class HttpsRemote:
         with self._translating():
             async with self._http().delete(f"{self._base}/v1/objects/{object_id}") as resp:
                 await self._json(resp)
+
+    # -- batches -------------------------------------------------------------------------
+
+    async def put_stripes(self, stripes: Sequence[tuple[str, str, bytes]]) -> list[str]:
+        index = json.dumps({"stripes": stripe_index(stripes)}).encode()
+        body = b"".join([index, b"\n", *(data for _, _, data in stripes)])
+        url = f"{self._base}/v1/batch/put-stripes"
+        with self._translating():
+            async with asyncio.timeout(self._io_timeout):
+                async with self._http().post(url, data=body, headers=_BINARY) as resp:
+                    reply = await self._json(resp)
+        return read_put_stripes_reply(reply, [len(d) for _, _, d in stripes], self.label)
+
+    async def commit_records(
+        self, records: Sequence[tuple[str, ObjectRecord]]
+    ) -> list[SplitStoreError | None]:
+        url = f"{self._base}/v1/batch/commit"
+        with self._translating():
+            async with asyncio.timeout(self._io_timeout):
+                async with self._http().post(url, data=record_lines_body(records)) as resp:
+                    reply = await self._json(resp)
+        return read_commit_results(reply, len(records), self.label)
+
+    async def get_records(self, object_ids: Sequence[str]) -> list[ObjectRecord | SplitStoreError]:
+        body = await self._post_for_body(
+            "get-records", {"object_ids": list(object_ids)}, MAX_BATCH_ITEMS * MAX_LISTING_LINE
+        )
+        return read_record_lines(body, object_ids, self.label)
+
+    async def get_stripes(
+        self, stripes: Sequence[tuple[str, str]]
+    ) -> list[bytes | SplitStoreError | None]:
+        index = [{"object_id": o, "version_id": v} for o, v in stripes]
+        # The answer is a JSON line, then the stripes' bytes.
+        body = await self._post_for_body(
+            "get-stripes", {"stripes": index}, MAX_REPLY_BYTES + MAX_BATCH_BYTES
+        )
+        head, newline, data = body.partition(b"\n")
+        if not newline:
+            raise ProtocolError(f"the {self.label} sent a malformed batch", server=self.label)
+        return split_stripes(parse_reply(head, self.label), data, len(stripes), self.label)
+
+    async def _post_for_body(self, what: str, doc: dict[str, Any], limit: int) -> bytes:
+        url = f"{self._base}/v1/batch/{what}"
+        with self._translating():
+            async with asyncio.timeout(self._io_timeout):
+                async with self._http().post(url, json=doc) as resp:
+                    if resp.status != 200:
+                        await self._json(resp)
+                    if resp.content_length is not None and resp.content_length > limit:
+                        raise ProtocolError(
+                            f"the {self.label} sent an oversized batch", server=self.label
+                        )
+                    body = await resp.content.read(limit + 1)
+                    while len(body) <= limit and (piece := await resp.content.read(limit + 1)):
+                        body += piece
+                    if len(body) > limit:
+                        raise ProtocolError(
+                            f"the {self.label} sent an oversized batch", server=self.label
+                        )
+                    return body
 
     # -- helpers -------------------------------------------------------------------------
 

@@ -8,6 +8,10 @@
     PUT    /v1/objects/{object_id}/record             commit a version (JSON record)
     GET    /v1/objects/{object_id}/record             the committed record
     DELETE /v1/objects/{object_id}                    delete an object
+    POST   /v1/batch/put-stripes                      upload many small stripes
+    POST   /v1/batch/get-stripes                      download many small stripes
+    POST   /v1/batch/commit                           commit many records
+    POST   /v1/batch/get-records                      read many records
 
 aiohttp was chosen because it streams request and response bodies with back-pressure
 and, measured on our kind of machine, moves about twice the bytes per second of
@@ -28,6 +32,7 @@ from typing import Any
 from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from . import _batch
 from ._limits import ConnectionGate, check_stripe_length, gated_connection
 from ._service import ServerLimits, StorageService
 from ._storage import MAX_RECORD_BYTES, StorageError
@@ -200,6 +205,94 @@ async def _list(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def _put_stripes(request: web.Request) -> web.Response:
+    if request.content_length is None:
+        return _error("length_required", "a batch upload needs a Content-Length header")
+    body = _BodyReader(request)
+    index = _parse_json_object(await body.read_line(_batch.MAX_INDEX_BYTES))
+    items = _batch.parse_stripe_items(index.get("stripes"), with_lengths=True)
+    total = sum(item.length or 0 for item in items)
+    if request.content_length != body.consumed + total:
+        raise StorageError("bad_request", "Content-Length differs from the stripes' lengths")
+    stored = await request.app[_SERVICE].put_stripes(
+        _TENANT.get(), items, lambda: body.read_rest(total)
+    )
+    stripes = [{"length": n, "sha256": digest} for n, digest in stored]
+    return web.json_response({"status": "ok", "stripes": stripes}, status=201)
+
+
+async def _get_stripes(request: web.Request) -> web.StreamResponse:
+    index = _parse_json_object(await _BodyReader(request).read_rest(_batch.MAX_INDEX_BYTES))
+    items = _batch.parse_stripe_items(index.get("stripes"), with_lengths=False)
+    answers, found = await request.app[_SERVICE].get_stripes(_TENANT.get(), items)
+    head = json.dumps({"status": "ok", "stripes": answers}).encode() + b"\n"
+    return web.Response(body=b"".join([head, *found]), content_type="application/octet-stream")
+
+
+async def _commit_records(request: web.Request) -> web.Response:
+    raw = await _BodyReader(request).read_rest(_batch.MAX_BATCH_RECORD_BYTES)
+    entries = _batch.parse_record_lines(raw)
+    results = await request.app[_SERVICE].commit_records(_TENANT.get(), entries)
+    return web.json_response({"status": "ok", "results": results})
+
+
+async def _get_records(request: web.Request) -> web.Response:
+    index = _parse_json_object(await _BodyReader(request).read_rest(_batch.MAX_INDEX_BYTES))
+    ids = _batch.parse_object_ids(index.get("object_ids"))
+    lines = await request.app[_SERVICE].get_records(_TENANT.get(), ids)
+    return web.Response(body=lines, content_type="application/x-ndjson")
+
+
+class _BodyReader:
+    """A request body read to bounds, each wait under the idle time-out."""
+
+    def __init__(self, request: web.Request) -> None:
+        self._request = request
+        self._idle = request.app[_LIMITS].idle_timeout
+        self._buffer = b""
+        self.consumed = 0  # bytes handed out so far
+
+    async def read_line(self, limit: int) -> bytes:
+        """Up to and without the first newline, which must come within ``limit`` bytes."""
+        while (end := self._buffer.find(b"\n")) < 0:
+            if len(self._buffer) > limit or not await self._more():
+                raise StorageError("bad_request", "the body must start with a JSON line")
+        if end > limit:
+            raise StorageError("bad_request", "the body must start with a JSON line")
+        line, self._buffer = self._buffer[:end], self._buffer[end + 1 :]
+        self.consumed += end + 1
+        return line
+
+    async def read_rest(self, limit: int) -> bytes:
+        """The rest of the body, refused once it goes over ``limit`` bytes."""
+        while len(self._buffer) <= limit and await self._more():
+            pass
+        if len(self._buffer) > limit:
+            raise StorageError("too_large", f"the body is over its limit of {limit} bytes")
+        rest, self._buffer = self._buffer, b""
+        self.consumed += len(rest)
+        return rest
+
+    async def _more(self) -> bool:
+        try:
+            async with asyncio.timeout(self._idle):
+                piece = await self._request.content.readany()
+        except ConnectionResetError as exc:  # the client went away; nothing to answer
+            raise StorageError("bad_request", "the client closed the connection") from exc
+        self._buffer += piece
+        return bool(piece)
+
+
+def _parse_json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        doc = json.loads(raw)
+    except ValueError as exc:
+        raise StorageError("bad_request", "the body is not valid JSON") from exc
+    if not isinstance(doc, dict):
+        raise StorageError("bad_request", "the body must be a JSON object")
+    return doc
+
+
 async def _read_json(request: web.Request) -> dict[str, Any]:
     if request.content_length is not None and request.content_length > MAX_RECORD_BYTES:
         raise StorageError("too_large", f"a record can be at most {MAX_RECORD_BYTES} bytes")
@@ -210,13 +303,7 @@ async def _read_json(request: web.Request) -> dict[str, Any]:
         raise StorageError(
             "too_large", f"a record can be at most {MAX_RECORD_BYTES} bytes"
         ) from exc
-    try:
-        doc = json.loads(raw)
-    except ValueError as exc:
-        raise StorageError("bad_request", "the body is not valid JSON") from exc
-    if not isinstance(doc, dict):
-        raise StorageError("bad_request", "the body must be a JSON object")
-    return doc
+    return _parse_json_object(raw)
 
 
 def make_app(
@@ -236,6 +323,10 @@ def make_app(
         ("PUT", f"/v1/objects/{oid}/record", _put_record),
         ("GET", f"/v1/objects/{oid}/record", _get_record),
         ("DELETE", f"/v1/objects/{oid}", _delete),
+        ("POST", "/v1/batch/put-stripes", _put_stripes),
+        ("POST", "/v1/batch/get-stripes", _get_stripes),
+        ("POST", "/v1/batch/commit", _commit_records),
+        ("POST", "/v1/batch/get-records", _get_records),
         # Last: whatever matched nothing above still gets our Expect handling (a 404).
         ("*", "/{tail:.*}", _no_route),
     ]

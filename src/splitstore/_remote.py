@@ -7,7 +7,7 @@ refusal reads the same whichever server sent it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, NoReturn, Protocol
 
@@ -20,6 +20,7 @@ from ._errors import (
     ProtocolError,
     QuotaExceededError,
     ServerError,
+    SplitStoreError,
     StorageFullError,
 )
 from ._storage import MAX_RECORD_BYTES, ObjectRecord, StorageError
@@ -28,9 +29,16 @@ __all__ = [
     "ListingParser",
     "Remote",
     "StripeReader",
+    "error_for_code",
     "parse_record",
     "parse_reply",
     "raise_for_code",
+    "read_commit_results",
+    "read_put_stripes_reply",
+    "read_record_lines",
+    "record_lines_body",
+    "split_stripes",
+    "stripe_index",
 ]
 
 # One listing line is an object id and a record.
@@ -60,28 +68,53 @@ class Remote(Protocol):
         """Upload a stripe; return the SHA-256 the server computed."""
 
     def get_stripe(
-        self, object_id: str, version_id: str
-    ) -> AbstractAsyncContextManager[StripeReader]: ...
+        self, object_id: str, version_id: str, *, expected_length: int | None = None
+    ) -> AbstractAsyncContextManager[StripeReader]:
+        """Download a stripe; ``expected_length`` (the manifest's) lets a small one be
+        batched with others (``CoalescingRemote``); the adapters need no such hint."""
+
     async def commit(self, object_id: str, record: ObjectRecord) -> None: ...
     async def get_record(self, object_id: str) -> ObjectRecord: ...
     def list_records(self) -> AsyncIterator[tuple[str, ObjectRecord]]: ...
     async def delete(self, object_id: str) -> None: ...
     async def close(self) -> None: ...
 
+    # Batches of small items (docs/protocol.md, "Batches"): each as its single operation.
+    async def put_stripes(self, stripes: Sequence[tuple[str, str, bytes]]) -> list[str]:
+        """Upload (object_id, version_id, bytes) stripes; their SHA-256s as the server saw."""
+
+    async def get_stripes(
+        self, stripes: Sequence[tuple[str, str]]
+    ) -> list[bytes | SplitStoreError | None]:
+        """Each stripe's bytes, its error, or None: too large for a batch, ask alone."""
+
+    async def commit_records(
+        self, records: Sequence[tuple[str, ObjectRecord]]
+    ) -> list[SplitStoreError | None]:
+        """Commit each (object_id, record); each one's error, or None where it committed."""
+
+    async def get_records(self, object_ids: Sequence[str]) -> list[ObjectRecord | SplitStoreError]:
+        """Each object's current record, or its error (NotFoundError where it has none)."""
+
 
 def raise_for_code(code: str, message: str, label: str) -> NoReturn:
     """Raise the SplitStoreError for a server's error code."""
+    raise error_for_code(code, message, label)
+
+
+def error_for_code(code: str, message: str, label: str) -> SplitStoreError:
+    """The SplitStoreError for a server's error code."""
     if code == "unauthorized":
-        raise AuthenticationError(f"the {label} refused the access token", server=label)
+        return AuthenticationError(f"the {label} refused the access token", server=label)
     if code == "not_found":
-        raise NotFoundError(f"the {label} has no such object")
+        return NotFoundError(f"the {label} has no such object")
     if code == "conflict":
-        raise ConflictError(f"the {label} refused: {message}", server=label)
+        return ConflictError(f"the {label} refused: {message}", server=label)
     if code == "insufficient_storage":
-        raise StorageFullError(f"the {label} is out of space: {message}", server=label)
+        return StorageFullError(f"the {label} is out of space: {message}", server=label)
     if code == "quota_exceeded":
-        raise QuotaExceededError(f"the {label}: {message}", server=label)
-    raise ServerError(f"the {label} failed: {message} ({code})", server=label)
+        return QuotaExceededError(f"the {label}: {message}", server=label)
+    return ServerError(f"the {label} failed: {message} ({code})", server=label)
 
 
 def parse_reply(raw: bytes, label: str) -> dict[str, Any]:
@@ -134,3 +167,95 @@ class ListingParser:
 
     def _bad(self) -> NoReturn:
         raise ProtocolError(f"the {self._label} sent a bad listing", server=self._label)
+
+
+# -- batch replies, as strictly checked as single ones ----------------------------------
+
+
+def stripe_index(stripes: Sequence[tuple[str, str, bytes]]) -> list[dict[str, Any]]:
+    return [{"object_id": o, "version_id": v, "length": len(d)} for o, v, d in stripes]
+
+
+def record_lines_body(records: Sequence[tuple[str, ObjectRecord]]) -> bytes:
+    return b"".join(orjson.dumps({"object_id": o, **r.to_json()}) + b"\n" for o, r in records)
+
+
+def _items(reply: dict[str, Any], key: str, n: int, label: str) -> list[dict[str, Any]]:
+    items = reply.get(key)
+    if (
+        not isinstance(items, list)
+        or len(items) != n
+        or not all(isinstance(i, dict) for i in items)
+    ):
+        raise ProtocolError(f"the {label} sent a malformed batch reply", server=label)
+    return items
+
+
+def _item_error(item: dict[str, Any], label: str) -> SplitStoreError | None:
+    error = item.get("error")
+    if error is None:
+        return None
+    if not isinstance(error, dict):
+        raise ProtocolError(f"the {label} sent a malformed batch reply", server=label)
+    return error_for_code(str(error.get("code")), str(error.get("message"))[:500], label)
+
+
+def read_put_stripes_reply(reply: dict[str, Any], lengths: Sequence[int], label: str) -> list[str]:
+    digests = []
+    for item, length in zip(_items(reply, "stripes", len(lengths), label), lengths, strict=True):
+        digest = item.get("sha256")
+        if item.get("length") != length or not isinstance(digest, str):
+            raise ProtocolError(f"the {label} sent a malformed upload reply", server=label)
+        digests.append(digest)
+    return digests
+
+
+def read_commit_results(reply: dict[str, Any], n: int, label: str) -> list[SplitStoreError | None]:
+    results: list[SplitStoreError | None] = []
+    for item in _items(reply, "results", n, label):
+        error = _item_error(item, label)
+        if error is None and item.get("status") != "ok":
+            raise ProtocolError(f"the {label} sent a malformed batch reply", server=label)
+        results.append(error)
+    return results
+
+
+def read_record_lines(
+    raw: bytes, object_ids: Sequence[str], label: str
+) -> list[ObjectRecord | SplitStoreError]:
+    """A get_records body: one line per asked id, in order."""
+    lines = raw.split(b"\n")
+    if lines.pop() != b"" or len(lines) != len(object_ids):
+        raise ProtocolError(f"the {label} sent a malformed batch of records", server=label)
+    out: list[ObjectRecord | SplitStoreError] = []
+    for line, object_id in zip(lines, object_ids, strict=True):
+        doc = parse_reply(line, label)
+        if doc.get("object_id") != object_id:
+            raise ProtocolError(f"the {label} answered for another object", server=label)
+        error = _item_error(doc, label)
+        out.append(error if error is not None else parse_record(doc, label))
+    return out
+
+
+def split_stripes(
+    reply: dict[str, Any], body: bytes, n: int, label: str
+) -> list[bytes | SplitStoreError | None]:
+    """A get_stripes answer: each stripe's bytes (cut from ``body``), error, or None."""
+    out: list[bytes | SplitStoreError | None] = []
+    done = 0
+    for item in _items(reply, "stripes", n, label):
+        error = _item_error(item, label)
+        if error is not None:
+            too_large = isinstance(item["error"], dict) and item["error"].get("code") == "too_large"
+            out.append(None if too_large else error)
+            continue
+        length = item.get("length")
+        if not isinstance(length, int) or isinstance(length, bool) or length < 0:
+            raise ProtocolError(f"the {label} sent a bad stripe length", server=label)
+        if done + length > len(body):
+            break
+        out.append(body[done : done + length])
+        done += length
+    if len(out) != n or done != len(body):
+        raise ProtocolError(f"the {label}'s batch of stripes does not add up", server=label)
+    return out

@@ -11,13 +11,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Protocol
 
 import orjson
 
+from . import _batch
+from ._batch import StripeItem
 from ._storage import (
     MAX_STRIPE_BYTES,
     STRIPE_OVERHEAD_BYTES,
@@ -125,16 +127,75 @@ class StorageService:
             raise StorageError("bad_request", "length must be a whole number of bytes")
         store = await self._store(tenant)
         claim = length + STRIPE_OVERHEAD_BYTES
-        self._admit(tenant, store, claim, "this stripe")
+        with self._reserving(tenant, store, claim, "this stripe"):
+            return await self._receive(store, object_id, version_id, length, body)
+
+    @contextlib.contextmanager
+    def _reserving(
+        self, tenant: Tenant, store: StripeStore, claim: int, what: str
+    ) -> Iterator[None]:
+        """Admit ``claim`` bytes against the quota and count them as in flight meanwhile."""
+        self._admit(tenant, store, claim, what)
         self._in_flight[tenant.name] = self._in_flight.get(tenant.name, 0) + claim
         try:
-            return await self._receive(store, object_id, version_id, length, body)
+            yield
         finally:
             left = self._in_flight[tenant.name] - claim
             if left:
                 self._in_flight[tenant.name] = left
             else:
                 del self._in_flight[tenant.name]
+
+    async def put_stripes(
+        self,
+        tenant: Tenant,
+        items: list[StripeItem],
+        read_body: Callable[[], Awaitable[bytes]],
+    ) -> list[tuple[int, str]]:
+        """Store a batch of stripes (their bytes back to back); each one's (length, sha256).
+
+        The batch is admitted against the quota as a whole before its body is read.
+        """
+        store = await self._store(tenant)
+        claim = sum((item.length or 0) + STRIPE_OVERHEAD_BYTES for item in items)
+        with self._reserving(tenant, store, claim, f"this batch of {len(items)} stripes"):
+            body = await read_body()
+            # One hop for the whole batch; a cancelled caller leaves the thread to end
+            # by itself, and it drops the stripe it was writing if it fails.
+            digests = await asyncio.to_thread(_batch.write_stripes, store, items, body)
+        return [(item.length or 0, d) for item, d in zip(items, digests, strict=True)]
+
+    async def get_stripes(
+        self, tenant: Tenant, items: list[StripeItem]
+    ) -> tuple[list[dict[str, Any]], list[bytes]]:
+        """A batch of stripes: each one's answer, and the bytes of those found."""
+        store = await self._store(tenant)
+        return await asyncio.to_thread(_batch.read_stripes, store, items)
+
+    async def commit_records(
+        self, tenant: Tenant, entries: list[tuple[str, dict[str, Any]]]
+    ) -> list[dict[str, Any]]:
+        """Commit each record of a batch as ``commit`` would; each one's answer, in order."""
+        store = await self._store(tenant)
+        records: list[tuple[str, ObjectRecord | StorageError]] = []
+        admitted = 0
+        for object_id, fields in entries:
+            try:
+                record = ObjectRecord.from_json(fields)
+                size = len(json.dumps(record.to_json()))
+                # Each record is admitted with those admitted before it counted in.
+                self._admit(tenant, store, admitted + size, "this batch of records")
+            except StorageError as exc:
+                records.append((object_id, exc))
+                continue
+            admitted += size
+            records.append((object_id, record))
+        return await asyncio.to_thread(_batch.commit_each, store, records)
+
+    async def get_records(self, tenant: Tenant, object_ids: list[str]) -> bytes:
+        """The current records of a batch of objects as NDJSON, one line per id."""
+        store = await self._store(tenant)
+        return await asyncio.to_thread(_batch.record_lines, store, object_ids)
 
     async def _receive(
         self,

@@ -31,7 +31,8 @@ import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, cast
@@ -136,6 +137,13 @@ class StripeStore(Protocol):
     def begin_stripe(self, object_id: str, version_id: str, length: int) -> StripeUpload: ...
     def open_stripe(self, object_id: str, version_id: str) -> tuple[BinaryIO, int]: ...
     def commit(self, object_id: str, record: ObjectRecord) -> None: ...
+    def put_stripes(self, stripes: Sequence[tuple[str, str, bytes | memoryview]]) -> list[str]:
+        """Store several (object_id, version_id, bytes) stripes, each as one complete
+        upload would be; their SHA-256s. On a failure, none or only some are stored."""
+
+    def commit_many(self, records: Sequence[tuple[str, ObjectRecord]]) -> list[StorageError | None]:
+        """Commit each record as ``commit`` would; each one's error, or None."""
+
     def get_record(self, object_id: str) -> ObjectRecord: ...
     def list_records(self) -> Iterator[tuple[str, ObjectRecord]]: ...
     def delete(self, object_id: str) -> None: ...
@@ -299,32 +307,132 @@ class LocalDiskStore:
     # -- records -------------------------------------------------------------------------
 
     def commit(self, object_id: str, record: ObjectRecord) -> None:
-        _check_ids(object_id, record.version_id)
         folder = self._object_dir(object_id)
         with self._lock:  # the check and the write as one step: a commit may drop stripes
-            meta = _read_json(folder / f"{record.version_id}.meta")
-            if meta is None:
-                raise StorageError("conflict", "the stripe of that version is not stored here")
-            if (meta.get("length"), meta.get("sha256")) != (
-                record.stripe_length,
-                record.stripe_sha256,
-            ):
-                raise StorageError(
-                    "conflict",
-                    "the stored stripe's length or SHA-256 differs from the declared one",
-                )
-            current = self._read_entry(object_id)
-            previous = current.get("current") if current else None
-            if previous and previous.get("version_id") == record.version_id:
-                previous = current.get("previous") if current else None
-            doc = {"current": record.to_json(), "previous": previous}
+            doc, keep = self._next_entry(object_id, record)
             before = _file_bytes(folder / "record.json")
-            _atomic_write(folder / "record.json", json.dumps(doc).encode())
+            _atomic_write(folder / "record.json", doc)
             self._used += _file_bytes(folder / "record.json") - before
-            keep = {record.version_id}
-            if previous:
-                keep.add(previous["version_id"])
             self._drop_versions(folder, keep)
+
+    def _next_entry(self, object_id: str, record: ObjectRecord) -> tuple[bytes, set[str]]:
+        """The record file that commits ``record``, and the versions it keeps (locked)."""
+        _check_ids(object_id, record.version_id)
+        folder = self._object_dir(object_id)
+        meta = _read_json(folder / f"{record.version_id}.meta")
+        if meta is None:
+            raise StorageError("conflict", "the stripe of that version is not stored here")
+        if (meta.get("length"), meta.get("sha256")) != (
+            record.stripe_length,
+            record.stripe_sha256,
+        ):
+            raise StorageError(
+                "conflict",
+                "the stored stripe's length or SHA-256 differs from the declared one",
+            )
+        current = self._read_entry(object_id)
+        previous = current.get("current") if current else None
+        if previous and previous.get("version_id") == record.version_id:
+            previous = current.get("previous") if current else None
+        keep = {record.version_id}
+        if previous:
+            keep.add(previous["version_id"])
+        return json.dumps({"current": record.to_json(), "previous": previous}).encode(), keep
+
+    # -- batches: the same steps, their fsyncs issued together ---------------------------
+
+    def put_stripes(self, stripes: Sequence[tuple[str, str, bytes | memoryview]]) -> list[str]:
+        total = 0
+        for object_id, version_id, data in stripes:
+            _check_ids(object_id, version_id)
+            total += len(data)
+        free = shutil.disk_usage(self.root).free
+        if total + self.reserve_bytes > free:
+            raise StorageError(
+                "insufficient_storage",
+                f"not enough disk space for {total} bytes of stripes ({free} bytes free)",
+            )
+        staged: list[Path] = []  # temp files not yet renamed into place
+        try:
+            with _translate_os_errors():
+                # Each stripe and its .meta to tmp/, unsynced; then all synced at once.
+                digests = []
+                for _, _, data in stripes:
+                    digest = hashlib.sha256(data).hexdigest()
+                    meta = json.dumps({"length": len(data), "sha256": digest}).encode()
+                    staged += [_stage(self._tmp, data, ".part"), _stage(self._tmp, meta, ".meta")]
+                    digests.append(digest)
+                _fsync_all(staged)
+                with self._lock:
+                    made: set[Path] = set()
+                    for (object_id, version_id, data), i in zip(
+                        stripes, range(0, len(staged), 2), strict=True
+                    ):
+                        final = self._object_dir(object_id) / f"{version_id}.stripe"
+                        meta_path = final.with_suffix(".meta")
+                        made |= _make_folders(final.parent, self._objects, sync=False)
+                        before = _file_bytes(final) + _file_bytes(meta_path)
+                        os.replace(staged[i], final)  # the stripe, then the .meta that
+                        os.replace(staged[i + 1], meta_path)  # says it is complete
+                        self._used += len(data) + _file_bytes(meta_path) - before
+                    # New folders' entries in their parents, and the renames: all durable
+                    # before the answer, as for one upload.
+                    folders = {self._object_dir(o) for o, _, _ in stripes}
+                    _fsync_all([*made, *folders], folders=True)
+        finally:
+            for path in staged:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+        return digests
+
+    def commit_many(self, records: Sequence[tuple[str, ObjectRecord]]) -> list[StorageError | None]:
+        results: list[StorageError | None] = [None] * len(records)
+        # An object named twice is committed in two rounds: the second builds on the first.
+        rounds: list[dict[str, int]] = []
+        for index, (object_id, _) in enumerate(records):
+            for batch in rounds:
+                if object_id not in batch:
+                    batch[object_id] = index
+                    break
+            else:
+                rounds.append({object_id: index})
+        for batch in rounds:
+            self._commit_round(records, list(batch.values()), results)
+        return results
+
+    def _commit_round(
+        self,
+        records: Sequence[tuple[str, ObjectRecord]],
+        indexes: list[int],
+        results: list[StorageError | None],
+    ) -> None:
+        with self._lock:
+            staged: dict[int, tuple[Path, set[str]]] = {}
+            try:
+                for index in indexes:
+                    object_id, record = records[index]
+                    try:
+                        doc, keep = self._next_entry(object_id, record)
+                        with _translate_os_errors():
+                            folder = self._object_dir(object_id)
+                            staged[index] = (_stage(folder, doc, ".tmp", prefix="."), keep)
+                    except StorageError as exc:
+                        results[index] = exc
+                folders = {path.parent for path, _ in staged.values()}
+                with _translate_os_errors():
+                    _fsync_all([path for path, _ in staged.values()])
+                    for index, (path, keep) in list(staged.items()):
+                        folder = path.parent
+                        before = _file_bytes(folder / "record.json")
+                        os.replace(path, folder / "record.json")
+                        del staged[index]
+                        self._used += _file_bytes(folder / "record.json") - before
+                        self._drop_versions(folder, keep)
+                    _fsync_all(list(folders), folders=True)
+            finally:
+                for path, _ in staged.values():
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
 
     def get_record(self, object_id: str) -> ObjectRecord:
         _check_ids(object_id)
@@ -476,16 +584,64 @@ def _atomic_write(path: Path, data: bytes) -> None:
         _fsync_dir(path.parent)
 
 
-def _make_folders(folder: Path, top: Path) -> None:
+def _make_folders(folder: Path, top: Path, *, sync: bool = True) -> set[Path]:
     """Create ``folder`` and any missing parents below ``top``, each one durably: a new
-    folder's entry in its parent is fsynced, or a crash could lose the object it holds."""
+    folder's entry in its parent is fsynced, or a crash could lose the object it holds.
+    With ``sync=False`` that is left to the caller: the folders to fsync are returned."""
     missing = []
     while not folder.exists() and folder != top:
         missing.append(folder)
         folder = folder.parent
+    parents = set()
     for new in reversed(missing):
         new.mkdir(exist_ok=True)
-        _fsync_dir(new.parent)
+        if sync:
+            _fsync_dir(new.parent)
+        parents.add(new.parent)
+    return parents
+
+
+def _stage(folder: Path, data: bytes | memoryview, suffix: str, prefix: str = "") -> Path:
+    """``data`` in a new temp file in ``folder``, written but not yet fsynced."""
+    fd, name = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=suffix)
+    try:
+        with os.fdopen(fd, "wb", buffering=0) as f:
+            view = memoryview(data)
+            while view:
+                view = view[f.write(view) or 0 :]
+    except BaseException:
+        os.unlink(name)
+        raise
+    return Path(name)
+
+
+# A batch's fsyncs are issued together: the file system's journal then commits them in
+# groups, 2-4x faster per file than one after another on the disk measured.
+_FSYNC_POOL = ThreadPoolExecutor(8, thread_name_prefix="splitstore-fsync")
+
+
+def _fsync_all(paths: Sequence[Path], *, folders: bool = False) -> None:
+    """fsync every path (files, or folders), several at a time; raise the first error."""
+    sync = _fsync_dir if folders else _fsync_file
+    errors = [e for e in _FSYNC_POOL.map(_attempt, [sync] * len(paths), paths) if e]
+    if errors:
+        raise errors[0]
+
+
+def _attempt(sync: Callable[[Path], None], path: Path) -> OSError | None:
+    try:
+        sync(path)
+    except OSError as exc:
+        return exc
+    return None
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -5,13 +5,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 from . import _protocol as p
-from ._errors import ProtocolError, ServerUnavailableError, TLSVerificationError
-from ._remote import ListingParser, parse_record, raise_for_code
+from ._batch import MAX_BATCH_BYTES, MAX_BATCH_ITEMS
+from ._errors import ProtocolError, ServerUnavailableError, SplitStoreError, TLSVerificationError
+from ._remote import (
+    MAX_LISTING_LINE,
+    ListingParser,
+    parse_record,
+    raise_for_code,
+    read_commit_results,
+    read_put_stripes_reply,
+    read_record_lines,
+    record_lines_body,
+    split_stripes,
+    stripe_index,
+)
 from ._storage import ObjectRecord
 from ._tls import describe_ssl_error, find_ssl_error
 
@@ -134,7 +146,9 @@ class TcpRemote:
         return digest
 
     @asynccontextmanager
-    async def get_stripe(self, object_id: str, version_id: str) -> AsyncIterator[_TcpStripe]:
+    async def get_stripe(
+        self, object_id: str, version_id: str, *, expected_length: int | None = None
+    ) -> AsyncIterator[_TcpStripe]:
         async with self._link() as link:
             with self._translating():
                 await link.request("get_stripe", {"object_id": object_id, "version_id": version_id})
@@ -168,6 +182,64 @@ class TcpRemote:
 
     async def delete(self, object_id: str) -> None:
         await self._simple("delete", {"object_id": object_id})
+
+    # -- batches -------------------------------------------------------------------------
+
+    async def put_stripes(self, stripes: Sequence[tuple[str, str, bytes]]) -> list[str]:
+        request = p.Request("put_stripes", {"stripes": stripe_index(stripes)})
+        reply = await self._with_body(request, b"".join(data for _, _, data in stripes))
+        return read_put_stripes_reply(reply, [len(d) for _, _, d in stripes], self.label)
+
+    async def commit_records(
+        self, records: Sequence[tuple[str, ObjectRecord]]
+    ) -> list[SplitStoreError | None]:
+        reply = await self._with_body(p.Request("commit_records", {}), record_lines_body(records))
+        return read_commit_results(reply, len(records), self.label)
+
+    async def get_records(self, object_ids: Sequence[str]) -> list[ObjectRecord | SplitStoreError]:
+        _, body = await self._fetch_body(
+            "get_records", {"object_ids": list(object_ids)}, MAX_BATCH_ITEMS * MAX_LISTING_LINE
+        )
+        return read_record_lines(body, object_ids, self.label)
+
+    async def get_stripes(
+        self, stripes: Sequence[tuple[str, str]]
+    ) -> list[bytes | SplitStoreError | None]:
+        index = [{"object_id": o, "version_id": v} for o, v in stripes]
+        reply, body = await self._fetch_body("get_stripes", {"stripes": index}, MAX_BATCH_BYTES)
+        return split_stripes(reply, body, len(stripes), self.label)
+
+    async def _with_body(self, request: p.Request, body: bytes) -> dict[str, Any]:
+        """One exchange with a request body held in memory; the reply."""
+        async with self._link() as link:
+            with self._translating():
+                await link.send(request)
+                try:
+                    if body:
+                        await link.send_data(body)
+                    await link.send(p.End({}))
+                except (ConnectionError, OSError):
+                    await link.read_reply()  # the server's ERROR says why, if it sent one
+                    raise
+                return await link.read_reply()
+
+    async def _fetch_body(
+        self, op: str, fields: dict[str, Any], limit: int
+    ) -> tuple[dict[str, Any], bytes]:
+        """One exchange whose response body is read whole, up to ``limit`` bytes."""
+        async with self._link() as link:
+            with self._translating():
+                await link.request(op, fields)
+                reply = await link.read_response()
+                parts, size = [], 0
+                async for piece in link.body():
+                    size += len(piece)
+                    if size > limit:
+                        raise ProtocolError(
+                            f"the {self.label} sent an oversized batch", server=self.label
+                        )
+                    parts.append(piece)
+        return reply, b"".join(parts)
 
     # -- helpers -------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import _batch
 from . import _protocol as p
 from ._limits import ConnectionGate, check_stripe_length
 from ._service import ServerLimits, StorageService
@@ -192,8 +193,33 @@ class _Session:
             )
             await self._reply({"status": "ok", "length": length, "sha256": digest})
             return
+        if op == "put_stripes":
+            items = _batch.parse_stripe_items(fields.get("stripes"), with_lengths=True)
+            total = sum(item.length or 0 for item in items)
+            stored = await svc.put_stripes(tenant, items, lambda: self._read_body(total))
+            stripes = [{"length": n, "sha256": digest} for n, digest in stored]
+            await self._reply({"status": "ok", "stripes": stripes})
+            return
+        if op == "commit_records":
+            raw = await self._read_body(_batch.MAX_BATCH_RECORD_BYTES)
+            results = await svc.commit_records(tenant, _batch.parse_record_lines(raw))
+            await self._reply({"status": "ok", "results": results})
+            return
         await self._expect_end()
-        if op == "get_stripe":
+        if op == "get_stripes":
+            items = _batch.parse_stripe_items(fields.get("stripes"), with_lengths=False)
+            answers, found = await svc.get_stripes(tenant, items)
+            await self._send(p.Response({"status": "ok", "stripes": answers}))
+            if found:
+                self.writer.writelines(self.conn.send_data(b"".join(found)))
+            await self._send(p.End({}))
+        elif op == "get_records":
+            ids = _batch.parse_object_ids(fields.get("object_ids"))
+            lines = await svc.get_records(tenant, ids)
+            await self._send(p.Response({"status": "ok"}))
+            self.writer.writelines(self.conn.send_data(lines))
+            await self._send(p.End({}))
+        elif op == "get_stripe":
             length, chunks = await svc.open_stripe(
                 tenant, _str(fields, "object_id"), _str(fields, "version_id")
             )
@@ -238,6 +264,17 @@ class _Session:
                 raise _Closed
             else:
                 raise p.ProtocolViolation("expected DATA or END")
+
+    async def _read_body(self, limit: int) -> bytes:
+        """The whole request body, refused (closing) once it goes over ``limit`` bytes."""
+        parts: list[bytes] = []
+        size = 0
+        async for piece in self._body():
+            size += len(piece)
+            if size > limit:
+                raise StorageError("too_large", f"the body is over its limit of {limit} bytes")
+            parts.append(piece)
+        return b"".join(parts)
 
     async def _expect_end(self) -> None:
         async for _ in self._body():

@@ -1,0 +1,103 @@
+"""Many files at once: ``store_many`` and ``fetch_many`` of ``AsyncClient``.
+
+Each file goes through the single ``store`` or ``fetch``, with all its checks. Small
+files run many at a time, so that their requests share batches (``_coalesce``); large
+ones run one at a time, since each already keeps both servers busy and holds its own
+buffers. One file's failure does not stop the others: all are tried, and then a
+BatchError lists each outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+from ._coalesce import BATCHED_STRIPE_BYTES
+from ._errors import BatchError, InvalidNameError, LocalFileError, SplitStoreError
+from ._names import validate_name
+
+if TYPE_CHECKING:
+    from ._client import AsyncClient, FileInfo
+
+__all__ = ["FileSpec", "fetch_many", "store_many"]
+
+#: A local file, or (local file, name to store it under).
+FileSpec = str | os.PathLike[str] | tuple[str | os.PathLike[str], str]
+
+#: Files up to this size are stored many at a time (their stripes fit a batch).
+SMALL_FILE_BYTES = BATCHED_STRIPE_BYTES
+#: Small files in progress at once: enough to fill batches, few enough to stay light.
+SMALL_AT_ONCE = 32
+#: Fetches in progress at once (their sizes are not known beforehand).
+FETCHES_AT_ONCE = 16
+
+T = TypeVar("T")
+
+
+async def store_many(
+    client: AsyncClient, files: Iterable[FileSpec], *, allow_unsafe: bool = False
+) -> list[FileInfo]:
+    jobs: list[tuple[Path, str]] = []
+    for spec in files:
+        path, name = (Path(spec[0]), spec[1]) if isinstance(spec, tuple) else (Path(spec), None)
+        jobs.append((path, validate_name(path.name if name is None else name)))
+    _refuse_repeats([name for _, name in jobs], "name", InvalidNameError)
+    small, large = asyncio.Semaphore(SMALL_AT_ONCE), asyncio.Semaphore(1)
+
+    async def one(path: Path, name: str) -> FileInfo:
+        try:
+            size = path.stat().st_size
+        except OSError:
+            size = 0  # store itself says what is wrong with the file
+        async with small if size <= SMALL_FILE_BYTES else large:
+            return await client.store(path, name, allow_unsafe=allow_unsafe)
+
+    return await _all([one(path, name) for path, name in jobs], "stored")
+
+
+async def fetch_many(
+    client: AsyncClient,
+    names: Iterable[str],
+    folder: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    allow_unsafe: bool = False,
+) -> list[Path]:
+    target = Path(folder)
+    if not target.is_dir():
+        raise LocalFileError(f"{target} is not a folder")
+    wanted = [validate_name(name) for name in names]
+    _refuse_repeats([name.rsplit("/", 1)[-1] for name in wanted], "file name", LocalFileError)
+    gate = asyncio.Semaphore(FETCHES_AT_ONCE)
+
+    async def one(name: str) -> Path:
+        async with gate:
+            return await client.fetch(name, target, force=force, allow_unsafe=allow_unsafe)
+
+    return await _all([one(name) for name in wanted], "fetched")
+
+
+def _refuse_repeats(values: Sequence[str], what: str, error: type[SplitStoreError]) -> None:
+    seen: set[str] = set()
+    for value in values:
+        if value in seen:
+            raise error(f"the {what} {value!r} appears more than once; nothing was done")
+        seen.add(value)
+
+
+async def _all(work: list[Awaitable[T]], done: str) -> list[T]:
+    """Run every file's operation to its end; raise BatchError if any failed."""
+    outcomes = await asyncio.gather(*work, return_exceptions=True)
+    for outcome in outcomes:  # anything but a SplitStoreError is not a file's failure
+        if isinstance(outcome, BaseException) and not isinstance(outcome, SplitStoreError):
+            raise outcome
+    failed = [o for o in outcomes if isinstance(o, SplitStoreError)]
+    if failed:
+        raise BatchError(
+            f"{len(failed)} of {len(outcomes)} files were not {done}; the first: {failed[0]}",
+            list(outcomes),
+        )
+    return list(outcomes)  # type: ignore[arg-type]
