@@ -28,7 +28,15 @@ TRANSFERS = [
     "rclone_copy_to",
     "rclone_copy_back",
 ]
-MANY = ["small_store", "small_fetch", "ls_fill", "ls", "ls_command"]
+MANY = [
+    "small_store",
+    "small_fetch",
+    "small_store_one",
+    "small_fetch_one",
+    "ls_fill",
+    "ls",
+    "ls_command",
+]
 
 
 def print_report(results: dict[str, Any], console: Console | None = None) -> None:

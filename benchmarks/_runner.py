@@ -46,15 +46,28 @@ def _fetch(client: Client, name: str, dest: str) -> dict[str, Any]:
     return {"bytes": path.stat().st_size}
 
 
-def _small(client: Client, source_dir: str, dest_dir: str, prefix: str) -> dict[str, Any]:
-    """Store every file of ``source_dir``, then fetch them all: one session for both."""
+def _small(
+    client: Client, source_dir: str, dest_dir: str, prefix: str, mode: str
+) -> dict[str, Any]:
+    """Store every file of ``source_dir``, then fetch them all: one session for both.
+
+    ``mode`` "many": through store_many and fetch_many (their requests share batches);
+    "one": one store, then one fetch, after another.
+    """
     files = sorted(Path(source_dir).iterdir())
+    names = [f"{prefix}/{f.name}" for f in files]
     start = time.perf_counter()
-    for f in files:
-        client.store(f, f"{prefix}/{f.name}")
+    if mode == "many":
+        client.store_many(list(zip(files, names, strict=True)))
+    else:
+        for f, name in zip(files, names, strict=True):
+            client.store(f, name)
     stored = time.perf_counter()
-    for f in files:
-        client.fetch(f"{prefix}/{f.name}", Path(dest_dir) / f.name)
+    if mode == "many":
+        client.fetch_many(names, dest_dir)
+    else:
+        for f, name in zip(files, names, strict=True):
+            client.fetch(name, Path(dest_dir) / f.name)
     fetched = time.perf_counter()
     return {
         "files": len(files),

@@ -36,6 +36,8 @@ from ._tls_copy import tls_copy
 __all__ = ["Options", "run_suite"]
 
 SMALL_FILE_BYTES = 4096
+# How the small files go: the label each way is printed with.
+SMALL_MODES = {"many": "store_many/fetch_many", "one": "one at a time"}
 # Bytes each step of the CPU budget is timed over (each of a few tries).
 BUDGET_BYTES = 256 * MIB
 LISTED_FILE_BYTES = 64
@@ -119,7 +121,7 @@ class _Suite:
             with self._phase("small files", f"store, then fetch, {n} files of 4 KiB"):
                 self._small_files(encrypted)
             # The listing reuses what is stored already: the large file and the small ones.
-            stored = 1 + self.o.runs * self.o.small_files
+            stored = 1 + 2 * self.o.runs * self.o.small_files
             more = max(0, self.o.ls_names - stored)
             with self._phase("ls fill", f"store {more} more names, {FILL_CONCURRENCY} at a time"):
                 self._fill(encrypted, more)
@@ -206,21 +208,30 @@ class _Suite:
         self.ops["tls_copy"] = summarise("loopback TLS copy", runs, self.o.size / MB, "MB/s")
 
     def _small_files(self, servers: ServerProcess) -> None:
+        """1,000 files of 4 KiB through one session: in batches, and one after another."""
         n = self.o.small_files
         source = make_small_files(self.work / "small", n, SMALL_FILE_BYTES)
         dest = self.work / "small-fetched"
-        runs = []
+        runs: dict[str, list[Run]] = {"many": [], "one": []}
         for i in range(self.o.runs):
-            dest.mkdir()
-            run = self.runner.run(servers, "small", source, dest, f"small/{i}")
-            runs.append(run)
-            shutil.rmtree(dest)
-            up, down = (n / run.extra[f"{op}_seconds"] for op in ("store", "fetch"))
-            say(f"  run {i + 1}/{self.o.runs}: store {up:.0f} files/s, fetch {down:.0f} files/s")
-        for op in ("store", "fetch"):
-            seconds = [r.extra[f"{op}_seconds"] for r in runs]
-            label = f"{op} {n} x 4 KiB"
-            self.ops[f"small_{op}"] = summarise(label, runs, n, "files/s", seconds=seconds)
+            # Alternating, so that a machine that slows down midway tilts neither.
+            for mode in ("many", "one"):
+                dest.mkdir()
+                run = self.runner.run(servers, "small", source, dest, f"small-{mode}/{i}", mode)
+                runs[mode].append(run)
+                shutil.rmtree(dest)
+                up, down = (n / run.extra[f"{op}_seconds"] for op in ("store", "fetch"))
+                say(
+                    f"  run {i + 1}/{self.o.runs}, {SMALL_MODES[mode]}: store {up:.0f} "
+                    f"files/s, fetch {down:.0f} files/s"
+                )
+        for mode, suffix in (("many", ""), ("one", "_one")):
+            for op in ("store", "fetch"):
+                seconds = [r.extra[f"{op}_seconds"] for r in runs[mode]]
+                label = f"{op} {n} x 4 KiB, {SMALL_MODES[mode]}"
+                self.ops[f"small_{op}{suffix}"] = summarise(
+                    label, runs[mode], n, "files/s", seconds=seconds
+                )
 
     def _fill(self, servers: ServerProcess, n: int) -> None:
         if n == 0:

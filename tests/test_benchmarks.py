@@ -26,6 +26,8 @@ SPLITSTORE_OPS = [
     "scan",
     "small_store",
     "small_fetch",
+    "small_store_one",
+    "small_fetch_one",
     "ls_fill",
     "ls",
     "ls_command",
@@ -35,7 +37,7 @@ SPLITSTORE_OPS = [
 def test_quick_benchmark_writes_complete_results(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path)}
-    args = ["--quick", "--size-mb", "2", "--runs", "1", "--small-files", "5", "--ls-names", "9"]
+    args = ["--quick", "--size-mb", "2", "--runs", "1", "--small-files", "5", "--ls-names", "15"]
     args += ["--fp-files", "20"]
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks", *args, "--skip-reference", "--json", str(out)],
@@ -72,8 +74,8 @@ def test_quick_benchmark_writes_complete_results(tmp_path: Path) -> None:
         assert ops[key]["client_peak_mib"] > 0, key
         assert ops[key]["server_peak_mib"] > 0, key
     ratios = {r["name"]: r for r in doc["ratios"]}
-    assert ops["ls"]["amount"] == 9  # the large file, 5 small ones, and 3 more
-    assert ops["ls_command"]["amount"] == 9
+    assert ops["ls"]["amount"] == 15  # the large file, 5 small ones each way, and 4 more
+    assert ops["ls_command"]["amount"] == 15
     for name in ("store: encryption on / off", "store / loopback TLS copy"):
         assert ratios[name]["value"] > 0
     assert ratios["store / restic backup"]["value"] is None
