@@ -20,10 +20,10 @@ def test_data_is_intact_and_synced_as_it_goes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     synced: list[int] = []
-    real = os.fdatasync
 
     def counting(fd: int) -> None:
-        real(fd)
+        # Counted, not done: a real sync on a busy disk can outlast the whole write, and
+        # then only one is due (a file has one sync at a time). The timing is not the point.
         synced.append(os.fstat(fd).st_size)
 
     monkeypatch.setattr(os, "fdatasync", counting)
