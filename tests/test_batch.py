@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import secrets
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from splitstore import (
     BatchError,
@@ -18,15 +21,28 @@ from splitstore import (
     InvalidNameError,
     LocalFileError,
     NotFoundError,
+    ProtocolError,
     QuotaExceededError,
     ServerError,
 )
-from splitstore._batch import MAX_BATCH_BYTES, MAX_BATCH_ITEMS
+from splitstore._batch import (
+    MAX_BATCH_BYTES,
+    MAX_BATCH_ITEMS,
+    parse_object_ids,
+    parse_record_lines,
+    parse_stripe_items,
+)
 from splitstore._coalesce import CoalescingRemote
 from splitstore._config import load_config
 from splitstore._http_client import HttpsRemote
-from splitstore._remote import Remote
-from splitstore._storage import ObjectRecord
+from splitstore._remote import (
+    Remote,
+    read_commit_results,
+    read_put_stripes_reply,
+    read_record_lines,
+    split_stripes,
+)
+from splitstore._storage import ObjectRecord, StorageError
 from splitstore._tcp_client import TcpRemote
 from splitstore._tenant_admin import add_setup_tenant
 
@@ -238,3 +254,66 @@ def test_a_batch_is_admitted_against_the_quota_as_a_whole(
         failed = [r for r in caught.value.results if not isinstance(r, FileInfo)]
         assert failed
         assert all(isinstance(r, QuotaExceededError) for r in failed)
+
+
+# -- parsers of batches, on either side, fed anything ------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=70),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner),
+    max_leaves=12,
+)
+
+
+@given(json_values, st.booleans())
+def test_server_side_batch_parsers_refuse_anything_malformed(doc: Any, lengths: bool) -> None:
+    for parse in (
+        lambda: parse_stripe_items(doc, with_lengths=lengths),
+        lambda: parse_object_ids(doc),
+        lambda: parse_record_lines(json.dumps(doc).encode() + b"\n"),
+    ):
+        codes = []
+        try:
+            parse()
+        except StorageError as exc:
+            codes.append(exc.code)
+        assert set(codes) <= {"bad_request", "too_large"}
+
+
+@given(json_values, st.binary(max_size=200), st.integers(1, 5))
+def test_client_side_batch_parsers_only_raise_protocol_errors(
+    doc: Any, body: bytes, n: int
+) -> None:
+    reply = {"stripes": doc, "results": doc} if not isinstance(doc, dict) else doc
+    ids = [secrets.token_hex(32) for _ in range(n)]
+    for parse in (
+        lambda: read_put_stripes_reply(reply, [1] * n, "srv"),
+        lambda: read_commit_results(reply, n, "srv"),
+        lambda: split_stripes(reply, body, n, "srv"),
+        lambda: read_record_lines(body, ids, "srv"),
+        lambda: read_record_lines(json.dumps(doc).encode() + b"\n", ids[:1], "srv"),
+    ):
+        try:
+            out = parse()
+        except ProtocolError:
+            continue
+        assert len(out) == n or len(out) == 1
+
+
+def test_split_stripes_takes_each_stripe_where_the_answer_says() -> None:
+    missing = {"error": {"code": "not_found", "message": "x"}}
+    alone = {"error": {"code": "too_large", "message": "y"}}
+    reply = {"stripes": [{"length": 2}, missing, alone, {"length": 3}]}
+    out = split_stripes(reply, b"abcde", 4, "srv")
+    assert out[0] == b"ab"
+    assert isinstance(out[1], NotFoundError)
+    assert out[2] is None
+    assert out[3] == b"cde"
+    with pytest.raises(ProtocolError, match="does not add up"):
+        split_stripes(reply, b"abcdef", 4, "srv")  # a byte more than announced
+    with pytest.raises(ProtocolError):
+        split_stripes({"stripes": [{"length": True}]}, b"a", 1, "srv")
+    oid, other = secrets.token_hex(32), secrets.token_hex(32)
+    line = json.dumps({"object_id": other, "error": {"code": "not_found", "message": ""}})
+    with pytest.raises(ProtocolError, match="another object"):
+        read_record_lines(line.encode() + b"\n", [oid], "srv")

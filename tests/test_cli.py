@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from splitstore import _cli as cli_module
 from splitstore import _progress
 from splitstore._cli import main
+from splitstore._cli_output import print_json
 from splitstore._client import AsyncClient, FileInfo
 from splitstore._progress import TransferProgress
 from splitstore._setup import free_loopback_port as free_port
@@ -123,6 +123,57 @@ def test_put_then_get(
     code, _, err = run(capsys, "--config", cfg, "get", "in.bin", "-o", out_path, "--force")
     assert (code, err) == (0, "")
     assert out_path.read_bytes() == data
+
+
+def test_put_and_get_of_several_files(
+    servers: LiveServers, cfg: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    files = [tmp_path / f"n{i}.txt" for i in range(12)]
+    data = [write_file(f, 3000 + i) for i, f in enumerate(files)]
+    code, out, err = run(capsys, "--config", cfg, "put", *files)
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    wanted = [f"stored {f.name!r}: {(3000 + i) / 1024:.1f} KiB" for i, f in enumerate(files)]
+    assert sorted(lines[:-1]) == sorted(wanted)  # in the order they end
+    assert re.fullmatch(r"stored 12 of 12 files \(35\.2 KiB\) in [\d.]+ s, .*", lines[-1])
+
+    out_dir = tmp_path / "restored"
+    out_dir.mkdir()
+    names = [f.name for f in files]
+    code, out, err = run(capsys, "--config", cfg, "get", *names, "-o", out_dir)
+    assert (code, err) == (0, "")
+    assert out.splitlines()[-1].startswith("fetched 12 of 12 files in ")
+    assert [(out_dir / n).read_bytes() for n in names] == data
+
+    # One bad file of several: the others go through, each failure gets its own line.
+    code, out, err = run(capsys, "--config", cfg, "put", files[0], tmp_path / "nope", files[1])
+    assert code == 2
+    errors = err.splitlines()
+    assert len(errors) == 2
+    assert "nope" in errors[0]
+    assert errors[1] == "splitstore: error: 1 of 3 files were not stored (each is named above)"
+    assert out.splitlines()[-1].startswith("stored 2 of 3 files")
+    code, out, err = run(capsys, "--config", cfg, "get", "n0.txt", "never", "-o", out_dir)
+    assert code == 2  # n0.txt exists already there: refused without --force
+    assert len(err.splitlines()) == 3
+    code, out, err = run(
+        capsys, "--config", cfg, "get", "n0.txt", "never", "-o", out_dir, "--force"
+    )
+    assert code == 3  # not found
+    assert "never" in err.splitlines()[0]
+
+    code, out, err = run(capsys, "--config", cfg, "put", *files[:2], "--name", "x")
+    assert code == 2
+    one_error(err, "--name", "single FILE")
+    code, out, err = run(capsys, "--config", cfg, "get", "n0.txt", "n1.txt", "-o", files[0])
+    assert code == 2
+    one_error(err, "not a folder")
+
+    code, out, err = run(capsys, "--config", cfg, "put", *files[:2], tmp_path / "nope", "--json")
+    doc = json.loads(out)
+    assert [d.get("name") for d in doc[:2]] == ["n0.txt", "n1.txt"]
+    assert doc[2]["file"].endswith("nope")
+    assert "error" in doc[2]
 
 
 def test_get_into_current_folder(
@@ -902,12 +953,12 @@ def test_commands_that_move_no_data_do_not_import_numpy_or_rich() -> None:
 def test_json_output_is_the_stdlib_layout(doc: object, monkeypatch: pytest.MonkeyPatch) -> None:
     out = io.StringIO()
     monkeypatch.setattr(sys, "stdout", out)
-    cli_module._print_json(doc)
+    print_json(doc)
     assert out.getvalue() == json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
 
 
 def test_json_output_keeps_small_floats_exact(monkeypatch: pytest.MonkeyPatch) -> None:
     out = io.StringIO()
     monkeypatch.setattr(sys, "stdout", out)
-    cli_module._print_json({"seconds": 1e-05})  # written 0.00001, not 1e-05: the same number
+    print_json({"seconds": 1e-05})  # written 0.00001, not 1e-05: the same number
     assert json.loads(out.getvalue()) == {"seconds": 1e-05}

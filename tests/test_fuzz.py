@@ -70,6 +70,7 @@ FUZZ_LIMITS = replace(TEST_LIMITS, header_timeout=1.0, idle_timeout=2.0)
 HANG_BOUND = 15.0
 OID, VID = "ab" * 32, "cd" * 16
 OPS = ["put_stripe", "get_stripe", "commit", "get_record", "list", "delete", "ping"]
+OPS += ["put_stripes", "get_stripes", "commit_records", "get_records"]
 HELLO, READY, REQUEST, RESPONSE, DATA, END, ERROR = (int(t) for t in FrameType)
 PREFACE = b"SPST\x01\x01\x00\x00"
 
@@ -112,12 +113,24 @@ record_fields = st.fixed_dictionaries(
         "manifest": st.sampled_from(["", "AAAA", "!!"]) | st.text(max_size=30),
     },
 )
+stripe_entries = st.fixed_dictionaries(
+    {}, optional={"object_id": ids, "version_id": ids, "length": lengths}
+)
+# What the batch operations take: lists of stripes or ids, sometimes past their bounds.
+batch_fields = st.fixed_dictionaries(
+    {},
+    optional={
+        "stripes": st.lists(stripe_entries, max_size=4)
+        | st.lists(st.just({"object_id": OID, "version_id": VID, "length": 1}), max_size=70)
+        | json_values,
+        "object_ids": st.lists(ids, max_size=4) | st.lists(st.just(OID), max_size=70) | json_values,
+    },
+)
 request_docs = st.builds(
-    lambda op, fields, extra: {**extra, **fields, "op": op},
+    lambda op, fields, batch, extra: {**extra, **fields, **batch, "op": op},
     st.sampled_from(OPS) | st.text(max_size=12),
-    st.fixed_dictionaries(
-        {}, optional={"object_id": ids, "version_id": ids, "length": lengths}
-    ).flatmap(lambda d: record_fields.map(lambda r: {**r, **d})),
+    stripe_entries.flatmap(lambda d: record_fields.map(lambda r: {**r, **d})),
+    batch_fields,
     st.dictionaries(st.text(max_size=8), json_values, max_size=3),
 )
 
@@ -515,6 +528,7 @@ METHODS = ["GET", "PUT", "DELETE", "POST", "HEAD", "OPTIONS", "PATCH"]
 SEGMENTS = [
     "v1", "objects", "stripes", "record", "healthz", "ping", OID, VID, "..", ".", "%2e%2e",
     "%2F", "%00", "%C3%A9", "A" * 64, "\\", "", "~",
+    "batch", "put-stripes", "get-stripes", "commit", "get-records",
 ]  # fmt: skip
 PATH_CHARS = "abcdefABCDEF0123456789-._~%/!$&'()*+,;=:@?#[]"
 HEADER_NAMES = ["Accept", "Content-Type", "Expect", "Range", "X-Any", "Cookie", "User-Agent"]
@@ -545,6 +559,13 @@ def http_requests(draw: st.DrawFn, token: str) -> bytes:
         | st.binary(max_size=2000)
         | record_fields.map(lambda r: json.dumps(r).encode())
         | json_values.map(lambda v: json.dumps(v).encode())
+        # The batch routes' bodies: an index line then bytes, or NDJSON records.
+        | st.tuples(batch_fields, st.binary(max_size=300)).map(
+            lambda t: json.dumps(t[0]).encode() + b"\n" + t[1]
+        )
+        | st.lists(record_fields.map(lambda r: {**r, "object_id": OID}), max_size=3).map(
+            lambda rs: b"".join(json.dumps(r).encode() + b"\n" for r in rs)
+        )
     )
     lines = [f"{method} {path} HTTP/1.1", "Host: x", "Connection: close"]
     if auth:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import sys
@@ -22,8 +21,9 @@ from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-import orjson
-
+from ._cli_many import get_many, put_many
+from ._cli_output import print_json as _print_json
+from ._cli_output import size_text as _size
 from ._cli_scan import cmd_scan, print_reasons, stored_scan_line, warn_about
 from ._client import AsyncClient, FileInfo
 from ._config import ENCRYPTION_MODES, ENCRYPTION_OFF, ENCRYPTION_ON, load_config
@@ -126,7 +126,9 @@ def _progress(args: argparse.Namespace, description: str) -> TransferProgress:
 
 
 def _cmd_put(args: argparse.Namespace) -> int:
-    source = Path(args.file)
+    if len(args.files) > 1:
+        return put_many(args, _with_client)
+    source = Path(args.files[0])
     # Local mistakes first, before any connection (and "put ." names the real problem).
     if source.is_dir():
         raise LocalFileError(f"{source} is a directory, not a file")
@@ -167,6 +169,10 @@ def _cmd_put(args: argparse.Namespace) -> int:
 
 
 def _cmd_get(args: argparse.Namespace) -> int:
+    if len(args.names) > 1:
+        return get_many(args, _with_client)
+    args.name = args.names[0]
+
     async def job(client: AsyncClient) -> int:
         stored_scan: list[str] = []
 
@@ -567,18 +573,30 @@ def _build_parser() -> argparse.ArgumentParser:
     )
 
     p = command(
-        "put", _cmd_put, "store a file", "splitstore put holiday.mp4 --name videos/holiday.mp4"
+        "put",
+        _cmd_put,
+        "store a file, or several (small ones share requests)",
+        "splitstore put holiday.mp4 --name videos/holiday.mp4\n  splitstore put notes/*.txt",
     )
-    p.add_argument("file", help="the local file to store")
-    p.add_argument("--name", help="name to store it under (default: the file's base name)")
+    p.add_argument("files", nargs="+", metavar="FILE", help="the local files to store")
+    p.add_argument(
+        "--name", help="name to store a single FILE under (default: each file's base name)"
+    )
     p.add_argument("--json", action="store_true", help="print what was stored as JSON")
     _allow_unsafe(p, "store a file the malicious-file checks block (after a warning)")
 
     p = command(
-        "get", _cmd_get, "fetch a stored file", "splitstore get holiday.mp4 -o restored.mp4"
+        "get",
+        _cmd_get,
+        "fetch a stored file, or several",
+        "splitstore get holiday.mp4 -o restored.mp4\n  splitstore get a.txt b.txt -o restored/",
     )
-    p.add_argument("name", help="the stored name")
-    p.add_argument("-o", "--output", help="file or folder to write (default: ./BASENAME)")
+    p.add_argument("names", nargs="+", metavar="NAME", help="the stored names")
+    p.add_argument(
+        "-o",
+        "--output",
+        help="file or folder to write (default: ./BASENAME); with several names, a folder",
+    )
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     _allow_unsafe(p, "deliver a file the malicious-file checks block (after a warning)")
 
@@ -739,24 +757,6 @@ def _common_options(*, suppress: bool) -> argparse.ArgumentParser:
 
 def _allow_unsafe(p: argparse.ArgumentParser, help: str) -> None:
     p.add_argument("--allow-unsafe", action="store_true", help=help)
-
-
-def _print_json(doc: Any) -> None:
-    # orjson: the stdlib's encoder runs in pure Python once it indents (ls --json of 10,000).
-    try:
-        text = orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode()
-    except TypeError:  # what orjson refuses, such as an undecodable local file name
-        text = json.dumps(doc, indent=2, ensure_ascii=False)
-    sys.stdout.write(text + "\n")
-
-
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
 
 
 if __name__ == "__main__":  # pragma: no cover

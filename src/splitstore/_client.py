@@ -47,7 +47,7 @@ from ._manifest import (
     Manifest,
     StripeInfo,
 )
-from ._many import FileSpec, fetch_many, store_many
+from ._many import FileCallback, FileSpec, ManyScanCallback, fetch_many, store_many
 from ._names import new_version_id, validate_name
 from ._payload import SegmentFailed, StreamOpener, StreamSealer
 from ._pipeline import PieceSink, PieceSource
@@ -406,7 +406,11 @@ class AsyncClient:
         return report
 
     async def store_many(
-        self, files: Iterable[FileSpec], *, allow_unsafe: bool = False
+        self,
+        files: Iterable[FileSpec],
+        *,
+        allow_unsafe: bool = False,
+        on_file: FileCallback | None = None,
     ) -> list[FileInfo]:
         """Store many files, each as ``store`` would; what was stored, in the given order.
 
@@ -414,8 +418,9 @@ class AsyncClient:
         time, their requests to each server sharing batches, which makes them several
         times faster than one ``store`` after another. Every file is tried; if any
         failed, BatchError says which (``results``) after the rest are stored.
+        ``on_file(index, outcome)`` is told of each file as it ends.
         """
-        return await store_many(self, files, allow_unsafe=allow_unsafe)
+        return await store_many(self, files, allow_unsafe=allow_unsafe, on_file=on_file)
 
     async def fetch_many(
         self,
@@ -424,11 +429,23 @@ class AsyncClient:
         *,
         force: bool = False,
         allow_unsafe: bool = False,
+        on_file: FileCallback | None = None,
+        on_scan: ManyScanCallback | None = None,
     ) -> list[Path]:
         """Fetch many files into ``folder`` (each under its base name), each as ``fetch``
         would; the paths written, in the given order. As ``store_many``, small files
-        share batches, every file is tried, and BatchError reports those that failed."""
-        return await fetch_many(self, names, folder, force=force, allow_unsafe=allow_unsafe)
+        share batches, every file is tried, BatchError reports those that failed, and
+        ``on_file`` is told of each as it ends; ``on_scan`` gets each file's name and scans.
+        """
+        return await fetch_many(
+            self,
+            names,
+            folder,
+            force=force,
+            allow_unsafe=allow_unsafe,
+            on_file=on_file,
+            on_scan=on_scan,
+        )
 
     # -- fetch and verify ----------------------------------------------------------------
 
@@ -964,9 +981,14 @@ class Client:
         )
 
     def store_many(
-        self, files: Iterable[FileSpec], *, allow_unsafe: bool = False
+        self,
+        files: Iterable[FileSpec],
+        *,
+        allow_unsafe: bool = False,
+        on_file: FileCallback | None = None,
     ) -> list[FileInfo]:
-        return self._run(self._async.store_many(files, allow_unsafe=allow_unsafe))
+        """As AsyncClient.store_many; ``on_file`` is called from the client's own thread."""
+        return self._run(self._async.store_many(files, allow_unsafe=allow_unsafe, on_file=on_file))
 
     def fetch_many(
         self,
@@ -975,9 +997,19 @@ class Client:
         *,
         force: bool = False,
         allow_unsafe: bool = False,
+        on_file: FileCallback | None = None,
+        on_scan: ManyScanCallback | None = None,
     ) -> list[Path]:
+        """As AsyncClient.fetch_many; the callbacks are called from the client's thread."""
         return self._run(
-            self._async.fetch_many(names, folder, force=force, allow_unsafe=allow_unsafe)
+            self._async.fetch_many(
+                names,
+                folder,
+                force=force,
+                allow_unsafe=allow_unsafe,
+                on_file=on_file,
+                on_scan=on_scan,
+            )
         )
 
     def verify(self, name: str, *, progress: ProgressCallback | None = None) -> FileInfo:

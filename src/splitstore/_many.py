@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._coalesce import BATCHED_STRIPE_BYTES
 from ._errors import BatchError, InvalidNameError, LocalFileError, SplitStoreError
@@ -21,11 +21,17 @@ from ._names import validate_name
 
 if TYPE_CHECKING:
     from ._client import AsyncClient, FileInfo
+    from .scanning import ScanReport
 
-__all__ = ["FileSpec", "fetch_many", "store_many"]
+__all__ = ["FileCallback", "FileSpec", "ManyScanCallback", "fetch_many", "store_many"]
 
 #: A local file, or (local file, name to store it under).
 FileSpec = str | os.PathLike[str] | tuple[str | os.PathLike[str], str]
+#: Told of each file as it ends: its index in the given order, and its outcome (what the
+#: single operation returned, or the SplitStoreError it raised).
+FileCallback = Callable[[int, Any], None]
+#: fetch_many's ``on_scan``: the stored name, its scan now, and the one made at store time.
+ManyScanCallback = Callable[[str, "ScanReport", "ScanReport | None"], None]
 
 #: Files up to this size are stored many at a time (their stripes fit a batch).
 SMALL_FILE_BYTES = BATCHED_STRIPE_BYTES
@@ -38,7 +44,11 @@ T = TypeVar("T")
 
 
 async def store_many(
-    client: AsyncClient, files: Iterable[FileSpec], *, allow_unsafe: bool = False
+    client: AsyncClient,
+    files: Iterable[FileSpec],
+    *,
+    allow_unsafe: bool = False,
+    on_file: FileCallback | None = None,
 ) -> list[FileInfo]:
     jobs: list[tuple[Path, str]] = []
     for spec in files:
@@ -55,7 +65,7 @@ async def store_many(
         async with small if size <= SMALL_FILE_BYTES else large:
             return await client.store(path, name, allow_unsafe=allow_unsafe)
 
-    return await _all([one(path, name) for path, name in jobs], "stored")
+    return await _all([one(path, name) for path, name in jobs], "stored", on_file)
 
 
 async def fetch_many(
@@ -65,6 +75,8 @@ async def fetch_many(
     *,
     force: bool = False,
     allow_unsafe: bool = False,
+    on_file: FileCallback | None = None,
+    on_scan: ManyScanCallback | None = None,
 ) -> list[Path]:
     target = Path(folder)
     if not target.is_dir():
@@ -74,10 +86,16 @@ async def fetch_many(
     gate = asyncio.Semaphore(FETCHES_AT_ONCE)
 
     async def one(name: str) -> Path:
-        async with gate:
-            return await client.fetch(name, target, force=force, allow_unsafe=allow_unsafe)
+        def scanned(report: ScanReport, at_store: ScanReport | None) -> None:
+            if on_scan is not None:
+                on_scan(name, report, at_store)
 
-    return await _all([one(name) for name in wanted], "fetched")
+        async with gate:
+            return await client.fetch(
+                name, target, force=force, allow_unsafe=allow_unsafe, on_scan=scanned
+            )
+
+    return await _all([one(name) for name in wanted], "fetched", on_file)
 
 
 def _refuse_repeats(values: Sequence[str], what: str, error: type[SplitStoreError]) -> None:
@@ -88,9 +106,22 @@ def _refuse_repeats(values: Sequence[str], what: str, error: type[SplitStoreErro
         seen.add(value)
 
 
-async def _all(work: list[Awaitable[T]], done: str) -> list[T]:
+async def _all(work: list[Awaitable[T]], done: str, on_file: FileCallback | None) -> list[T]:
     """Run every file's operation to its end; raise BatchError if any failed."""
-    outcomes = await asyncio.gather(*work, return_exceptions=True)
+
+    async def reported(index: int, job: Awaitable[T]) -> T:
+        try:
+            outcome = await job
+        except SplitStoreError as exc:
+            if on_file is not None:
+                on_file(index, exc)
+            raise
+        if on_file is not None:
+            on_file(index, outcome)
+        return outcome
+
+    jobs = [reported(i, job) for i, job in enumerate(work)]
+    outcomes = await asyncio.gather(*jobs, return_exceptions=True)
     for outcome in outcomes:  # anything but a SplitStoreError is not a file's failure
         if isinstance(outcome, BaseException) and not isinstance(outcome, SplitStoreError):
             raise outcome
