@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
 import secrets
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,9 @@ from splitstore import (
     ProtocolError,
     QuotaExceededError,
     ServerError,
+    ServerUnavailableError,
+    SplitStoreError,
+    UsageError,
 )
 from splitstore._batch import (
     MAX_BATCH_BYTES,
@@ -32,7 +37,7 @@ from splitstore._batch import (
     parse_record_lines,
     parse_stripe_items,
 )
-from splitstore._coalesce import CoalescingRemote
+from splitstore._coalesce import CoalescingRemote, _Batcher
 from splitstore._config import load_config
 from splitstore._http_client import HttpsRemote
 from splitstore._remote import (
@@ -46,7 +51,7 @@ from splitstore._storage import ObjectRecord, StorageError
 from splitstore._tcp_client import TcpRemote
 from splitstore._tenant_admin import add_setup_tenant
 
-from .conftest import LiveServers
+from .conftest import TEST_LIMITS, LiveServers, LoopThread
 
 
 def small_files(folder: Path, n: int, size: int = 4096) -> list[Path]:
@@ -317,3 +322,86 @@ def test_split_stripes_takes_each_stripe_where_the_answer_says() -> None:
     line = json.dumps({"object_id": other, "error": {"code": "not_found", "message": ""}})
     with pytest.raises(ProtocolError, match="another object"):
         read_record_lines(line.encode() + b"\n", [oid], "srv")
+
+
+# -- the coalescer's own rules, with stand-in send functions -----------------------------
+
+
+def test_the_coalescer_answers_every_caller_and_sends_no_cancelled_item() -> None:
+    async def scenario() -> None:
+        sent: list[list[int]] = []
+        gate = asyncio.Event()
+
+        async def one(item: int) -> int:
+            sent.append([item])
+            await gate.wait()
+            return item * 10
+
+        async def many(items: list[int]) -> list[int | SplitStoreError]:
+            sent.append(items)
+            return [ServerError("odd") if i % 2 else i * 10 for i in items]
+
+        batcher: _Batcher[int, int] = _Batcher(one, many, lambda i: 1, 100)
+        first = asyncio.ensure_future(batcher.call(0))
+        await asyncio.sleep(0)
+        queued = [asyncio.ensure_future(batcher.call(i)) for i in (1, 2, 3)]
+        await asyncio.sleep(0)
+        queued[1].cancel()  # its caller went away before its batch left: not sent
+        await asyncio.sleep(0)
+        gate.set()
+        assert await first == 0
+        results = await asyncio.gather(*queued, return_exceptions=True)
+        assert sent == [[0], [1, 3]]
+        assert isinstance(results[0], ServerError)
+        assert isinstance(results[1], asyncio.CancelledError)
+        assert isinstance(results[2], ServerError)
+        assert results[0] is not results[2]  # each caller its own error to annotate
+
+        # Closing answers everyone still waiting, even a batch that never began.
+        gate.clear()
+        stuck = asyncio.ensure_future(batcher.call(4))
+        await asyncio.sleep(0)
+        behind = asyncio.ensure_future(batcher.call(5))
+        await asyncio.sleep(0)
+        await asyncio.wait_for(batcher.close(), 5)
+        for task in (stuck, behind):
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(task, 5)
+        with pytest.raises(UsageError, match="closed"):
+            await batcher.call(6)
+
+    asyncio.run(scenario())
+
+
+def test_a_whole_batch_failing_fails_each_of_its_callers() -> None:
+    async def scenario() -> None:
+        async def one(item: int) -> int:
+            await asyncio.sleep(0.01)
+            return item
+
+        async def many(items: list[int]) -> list[int | SplitStoreError]:
+            raise ServerUnavailableError("the server went away", server="s")
+
+        batcher: _Batcher[int, int] = _Batcher(one, many, lambda i: 1, 100)
+        calls = [asyncio.ensure_future(batcher.call(i)) for i in range(4)]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        assert results[0] == 0
+        assert all(isinstance(r, ServerUnavailableError) for r in results[1:])
+        assert len({id(r) for r in results[1:]}) == 3
+        assert all(r.server == "s" for r in results[1:])  # type: ignore[union-attr]
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_batches_keep_the_server_stripe_limit(tmp_path: Path, loop_thread: LoopThread) -> None:
+    live = LiveServers(tmp_path / "setup", loop_thread, replace(TEST_LIMITS, max_stripe_bytes=1000))
+    live.start()
+    try:
+        with live.client() as client:
+            for remote in _adapters(client):
+                with pytest.raises(ServerError, match="at most 1000 bytes"):
+                    client._run(remote.put_stripes([(*_ids(), bytes(1001)), (*_ids(), b"x")]))
+                assert client._run(remote.put_stripes([(*_ids(), bytes(1000))]))
+    finally:
+        live.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import os
 import threading
@@ -19,6 +20,7 @@ from splitstore._storage import (
     ObjectRecord,
     StorageError,
     StripeUpload,
+    _tree_bytes,
 )
 from splitstore._tenants import Tenant
 
@@ -269,6 +271,59 @@ def test_a_batch_is_durable_before_it_is_answered(
     for folder in made:  # a new folder's entry in its parent
         assert ("fsync", os.path.dirname(folder)) in events
     assert len(last) == 5
+
+
+def test_a_batch_commit_drops_old_versions_only_once_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As commit: a crash must never leave a record whose kept versions were deleted."""
+    store = LocalDiskStore(tmp_path)
+    for vid in (V1, V2):
+        put(store, OID, vid, vid.encode())
+        store.commit(OID, record(vid, vid.encode()))
+    put(store, OID, V3, b"new")
+    events: list[tuple[str, str]] = []
+    real_unlink, real_fsync = Path.unlink, os.fsync
+    lock = threading.Lock()
+
+    def unlink(self: Path, missing_ok: bool = False) -> None:
+        with lock:
+            events.append(("unlink", self.name))
+        real_unlink(self, missing_ok=missing_ok)
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        with lock:
+            events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    monkeypatch.setattr(os, "fsync", fsync)
+    assert store.commit_many([(OID, record(V3, b"new"))]) == [None]
+    folder = os.path.realpath(tmp_path / "objects" / OID[:2] / OID)
+    dropped = events.index(("unlink", f"{V1}.stripe"))
+    assert ("fsync", folder) in events[:dropped]
+    assert not (tmp_path / "objects" / OID[:2] / OID / f"{V1}.stripe").exists()
+    assert store.get_record(OID).version_id == V3
+
+
+def test_a_batch_cut_short_keeps_the_byte_count_true(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = LocalDiskStore(tmp_path)
+    real_replace = os.replace
+
+    def replace(src: str | Path, dst: str | Path) -> None:
+        if str(dst).endswith(".meta") and OID2 in str(dst):
+            raise OSError(errno.EIO, "Input/output error")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(StorageError, match="Input/output error"):
+        store.put_stripes([(OID, V1, b"a" * 100), (OID2, V2, b"b" * 300)])
+    assert store.used_bytes() == _tree_bytes(tmp_path / "objects")
+    assert list((tmp_path / "tmp").iterdir()) == []  # nothing staged is left behind
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert LocalDiskStore(tmp_path).used_bytes() == store.used_bytes()
 
 
 def test_upload_cancelled_while_its_file_opens_leaves_no_file(

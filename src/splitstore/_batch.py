@@ -105,7 +105,7 @@ def parse_record_lines(raw: bytes) -> list[tuple[str, dict[str, Any]]]:
         raise StorageError(
             "too_large", f"a batch of records is at most {MAX_BATCH_RECORD_BYTES} bytes"
         )
-    lines = raw.split(b"\n")
+    lines = raw.split(b"\n", MAX_BATCH_ITEMS + 1)  # no more cut than can be used
     if lines[-1] != b"":
         raise StorageError("bad_request", "each record must end with a newline")
     lines.pop()

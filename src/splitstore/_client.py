@@ -382,7 +382,12 @@ class AsyncClient:
         """Once per session: a server that is down, or refuses the token, is named before
         any of a file is read (later stores learn it from the upload). Stores that start
         together share the one ping, rather than each opening connections of its own."""
-        if self._reached is None:
+        stale = (
+            self._reached is not None
+            and self._reached.done()
+            and (self._reached.cancelled() or self._reached.exception() is not None)
+        )
+        if self._reached is None or stale:  # a failure no one was left to see: ask again
             self._reached = asyncio.ensure_future(_run_all([r.ping() for r in remotes]))
         reached = self._reached
         try:

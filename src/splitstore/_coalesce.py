@@ -13,12 +13,13 @@ is not another's.
 from __future__ import annotations
 
 import asyncio
+import copy
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Generic, TypeVar
 
 from ._batch import MAX_BATCH_BYTES, MAX_BATCH_ITEMS, MAX_BATCH_RECORD_BYTES
-from ._errors import SplitStoreError
+from ._errors import SplitStoreError, UsageError
 from ._remote import Remote, StripeReader
 from ._storage import ObjectRecord
 
@@ -48,27 +49,38 @@ class _Batcher(Generic[Item, Result]):
         self._size = size
         self._max_bytes = max_bytes
         self._pending: list[tuple[Item, asyncio.Future[Result]]] = []
+        self._waiting: set[asyncio.Future[Result]] = set()  # every call not yet answered
         self._busy = False
         self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def call(self, item: Item) -> Result:
+        if self._closed:
+            raise UsageError("the client was closed while this file was in progress")
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._waiting.add(future)
+        future.add_done_callback(self._waiting.discard)
         self._pending.append((item, future))
         self._start()
         return await future
 
     def _start(self) -> None:
-        if self._busy or self._closed or not self._pending:
+        if self._busy or self._closed:
             return
         batch: list[tuple[Item, asyncio.Future[Result]]] = []
         size = 0
         while self._pending and len(batch) < MAX_BATCH_ITEMS:
-            item_size = self._size(self._pending[0][0])
+            item, future = self._pending[0]
+            if future.done():  # its caller was cancelled: nothing of it is sent
+                self._pending.pop(0)
+                continue
+            item_size = self._size(item)
             if batch and size + item_size > self._max_bytes:
                 break
             batch.append(self._pending.pop(0))
             size += item_size
+        if not batch:
+            return
         self._busy = True
         task = asyncio.ensure_future(self._send(batch))
         self._tasks.add(task)
@@ -85,12 +97,11 @@ class _Batcher(Generic[Item, Result]):
                     outcomes = [exc]
             else:
                 outcomes = await self._send_many(items)
+                if len(outcomes) != len(items):  # the adapters check; never leave a caller
+                    raise AssertionError("a batch answered for another number of items")
         except Exception as exc:  # the whole request failed: so did each of its items
-            outcomes = [exc] * len(batch)
-        except BaseException:  # cancelled (the client is closing): so are its callers
-            for _, future in batch:
-                future.cancel()
-            raise
+            # Each caller gets an error of its own: a store adds its note to the message.
+            outcomes = [exc, *(_copy_of(exc) for _ in batch[1:])]
         finally:
             self._busy = False
             self._start()
@@ -107,9 +118,17 @@ class _Batcher(Generic[Item, Result]):
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for _, future in self._pending:
+        # Calls still waiting, queued or in a batch cancelled before it began: cancelled.
+        for future in list(self._waiting):
             future.cancel()
         self._pending.clear()
+
+
+def _copy_of(exc: Exception) -> Exception:
+    try:
+        return copy.copy(exc)
+    except Exception:  # an exception that cannot be rebuilt from its args: shared
+        return exc
 
 
 class CoalescingRemote:

@@ -211,6 +211,8 @@ async def _put_stripes(request: web.Request) -> web.Response:
     body = _BodyReader(request)
     index = _parse_json_object(await body.read_line(_batch.MAX_INDEX_BYTES))
     items = _batch.parse_stripe_items(index.get("stripes"), with_lengths=True)
+    for item in items:
+        check_stripe_length(item.length, request.app[_LIMITS])
     total = sum(item.length or 0 for item in items)
     if request.content_length != body.consumed + total:
         raise StorageError("bad_request", "Content-Length differs from the stripes' lengths")
@@ -249,7 +251,7 @@ class _BodyReader:
     def __init__(self, request: web.Request) -> None:
         self._request = request
         self._idle = request.app[_LIMITS].idle_timeout
-        self._buffer = b""
+        self._buffer = bytearray()
         self.consumed = 0  # bytes handed out so far
 
     async def read_line(self, limit: int) -> bytes:
@@ -259,7 +261,8 @@ class _BodyReader:
                 raise StorageError("bad_request", "the body must start with a JSON line")
         if end > limit:
             raise StorageError("bad_request", "the body must start with a JSON line")
-        line, self._buffer = self._buffer[:end], self._buffer[end + 1 :]
+        line = bytes(self._buffer[:end])
+        del self._buffer[: end + 1]
         self.consumed += end + 1
         return line
 
@@ -269,7 +272,8 @@ class _BodyReader:
             pass
         if len(self._buffer) > limit:
             raise StorageError("too_large", f"the body is over its limit of {limit} bytes")
-        rest, self._buffer = self._buffer, b""
+        rest = bytes(self._buffer)
+        self._buffer.clear()
         self.consumed += len(rest)
         return rest
 
@@ -286,7 +290,7 @@ class _BodyReader:
 def _parse_json_object(raw: bytes) -> dict[str, Any]:
     try:
         doc = json.loads(raw)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # deep nesting too: a client's mistake
         raise StorageError("bad_request", "the body is not valid JSON") from exc
     if not isinstance(doc, dict):
         raise StorageError("bad_request", "the body must be a JSON object")

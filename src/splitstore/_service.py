@@ -127,24 +127,28 @@ class StorageService:
             raise StorageError("bad_request", "length must be a whole number of bytes")
         store = await self._store(tenant)
         claim = length + STRIPE_OVERHEAD_BYTES
-        with self._reserving(tenant, store, claim, "this stripe"):
+        release = self._reserve(tenant, store, claim, "this stripe")
+        try:
             return await self._receive(store, object_id, version_id, length, body)
+        finally:
+            release()
 
-    @contextlib.contextmanager
-    def _reserving(
+    def _reserve(
         self, tenant: Tenant, store: StripeStore, claim: int, what: str
-    ) -> Iterator[None]:
-        """Admit ``claim`` bytes against the quota and count them as in flight meanwhile."""
+    ) -> Callable[[], None]:
+        """Admit ``claim`` bytes against the quota and count them as in flight until the
+        returned function is called."""
         self._admit(tenant, store, claim, what)
         self._in_flight[tenant.name] = self._in_flight.get(tenant.name, 0) + claim
-        try:
-            yield
-        finally:
+
+        def release() -> None:
             left = self._in_flight[tenant.name] - claim
             if left:
                 self._in_flight[tenant.name] = left
             else:
                 del self._in_flight[tenant.name]
+
+        return release
 
     async def put_stripes(
         self,
@@ -158,11 +162,18 @@ class StorageService:
         """
         store = await self._store(tenant)
         claim = sum((item.length or 0) + STRIPE_OVERHEAD_BYTES for item in items)
-        with self._reserving(tenant, store, claim, f"this batch of {len(items)} stripes"):
+        release = self._reserve(tenant, store, claim, f"this batch of {len(items)} stripes")
+        try:
             body = await read_body()
-            # One hop for the whole batch; a cancelled caller leaves the thread to end
-            # by itself, and it drops the stripe it was writing if it fails.
-            digests = await asyncio.to_thread(_batch.write_stripes, store, items, body)
+        except BaseException:
+            release()
+            raise
+        # One hop for the whole batch. A cancelled caller leaves the thread to end by
+        # itself (it removes what it staged if it fails); the claim lasts as long.
+        writing = asyncio.ensure_future(asyncio.to_thread(_batch.write_stripes, store, items, body))
+        writing.add_done_callback(lambda _: release())
+        writing.add_done_callback(_consumed)
+        digests = await asyncio.shield(writing)
         return [(item.length or 0, d) for item, d in zip(items, digests, strict=True)]
 
     async def get_stripes(
@@ -285,6 +296,12 @@ async def _begin(store: StripeStore, object_id: str, version_id: str, length: in
     except BaseException:
         _clean_up(_abort_when_opened(starting))
         raise
+
+
+def _consumed(future: asyncio.Future[Any]) -> None:
+    """Mark a future's error as seen: its caller may have gone, and was told then."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _clean_up(work: Coroutine[Any, Any, None]) -> asyncio.Future[None]:

@@ -365,20 +365,23 @@ class LocalDiskStore:
                 _fsync_all(staged)
                 with self._lock:
                     made: set[Path] = set()
-                    for (object_id, version_id, data), i in zip(
-                        stripes, range(0, len(staged), 2), strict=True
-                    ):
-                        final = self._object_dir(object_id) / f"{version_id}.stripe"
-                        meta_path = final.with_suffix(".meta")
-                        made |= _make_folders(final.parent, self._objects, sync=False)
-                        before = _file_bytes(final) + _file_bytes(meta_path)
-                        os.replace(staged[i], final)  # the stripe, then the .meta that
-                        os.replace(staged[i + 1], meta_path)  # says it is complete
-                        self._used += len(data) + _file_bytes(meta_path) - before
-                    # New folders' entries in their parents, and the renames: all durable
-                    # before the answer, as for one upload.
-                    folders = {self._object_dir(o) for o, _, _ in stripes}
-                    _fsync_all([*made, *folders], folders=True)
+                    renamed_into: set[Path] = set()
+                    try:
+                        for object_id, version_id, _ in stripes:
+                            final = self._object_dir(object_id) / f"{version_id}.stripe"
+                            made |= _make_folders(final.parent, self._objects, sync=False)
+                            # The stripe, then the .meta that says it is complete; each
+                            # counted as it lands, so a failure midway leaves no drift.
+                            for target in (final, final.with_suffix(".meta")):
+                                before = _file_bytes(target)
+                                os.replace(staged[0], target)
+                                del staged[0]  # in place now: no longer ours to remove
+                                renamed_into.add(target.parent)
+                                self._used += _file_bytes(target) - before
+                    finally:
+                        # New folders' entries in their parents, and the renames: durable
+                        # before any answer, as for one upload.
+                        _fsync_all([*made, *renamed_into], folders=True)
         finally:
             for path in staged:
                 with contextlib.suppress(FileNotFoundError):
@@ -418,17 +421,23 @@ class LocalDiskStore:
                             staged[index] = (_stage(folder, doc, ".tmp", prefix="."), keep)
                     except StorageError as exc:
                         results[index] = exc
-                folders = {path.parent for path, _ in staged.values()}
                 with _translate_os_errors():
                     _fsync_all([path for path, _ in staged.values()])
-                    for index, (path, keep) in list(staged.items()):
-                        folder = path.parent
-                        before = _file_bytes(folder / "record.json")
-                        os.replace(path, folder / "record.json")
-                        del staged[index]
-                        self._used += _file_bytes(folder / "record.json") - before
+                    committed: list[tuple[Path, set[str]]] = []
+                    try:
+                        for index, (path, keep) in list(staged.items()):
+                            folder = path.parent
+                            before = _file_bytes(folder / "record.json")
+                            os.replace(path, folder / "record.json")
+                            del staged[index]
+                            self._used += _file_bytes(folder / "record.json") - before
+                            committed.append((folder, keep))
+                    finally:
+                        _fsync_all([folder for folder, _ in committed], folders=True)
+                    # Older versions go only once the records that replace them are
+                    # durable, as in commit: a crash must not leave a record without them.
+                    for folder, keep in committed:
                         self._drop_versions(folder, keep)
-                    _fsync_all(list(folders), folders=True)
             finally:
                 for path, _ in staged.values():
                     with contextlib.suppress(FileNotFoundError):
@@ -608,7 +617,10 @@ def _stage(folder: Path, data: bytes | memoryview, suffix: str, prefix: str = ""
         with os.fdopen(fd, "wb", buffering=0) as f:
             view = memoryview(data)
             while view:
-                view = view[f.write(view) or 0 :]
+                written = f.write(view)
+                if not written:
+                    raise OSError(errno.EIO, "the disk took no bytes")
+                view = view[written:]
     except BaseException:
         os.unlink(name)
         raise

@@ -195,6 +195,8 @@ class _Session:
             return
         if op == "put_stripes":
             items = _batch.parse_stripe_items(fields.get("stripes"), with_lengths=True)
+            for item in items:
+                check_stripe_length(item.length, self.limits)
             total = sum(item.length or 0 for item in items)
             stored = await svc.put_stripes(tenant, items, lambda: self._read_body(total))
             stripes = [{"length": n, "sha256": digest} for n, digest in stored]
