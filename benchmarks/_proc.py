@@ -14,6 +14,7 @@ from pathlib import Path
 __all__ = [
     "Finished",
     "ToolFailed",
+    "children",
     "cpu_seconds",
     "current_rss",
     "die_with_parent",
@@ -127,6 +128,15 @@ def cpu_seconds(pid: int) -> float:
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2 :].split()  # the name in (...) may hold spaces
     return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
+
+
+def children(pid: int) -> list[int]:
+    """The processes ``pid`` started that are still running (Linux 3.5+)."""
+    try:
+        listed = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    return [int(c) for c in listed]
 
 
 def die_with_parent() -> None:

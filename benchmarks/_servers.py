@@ -1,7 +1,7 @@
 """A throwaway setup and its two servers, run by ``splitstore serve`` in a subprocess.
 
-The servers live in their own process so that their CPU time and peak memory are
-measured apart from the client's.
+The servers live in their own processes (``serve`` runs each server in a child of its
+own) so that their CPU time and peak memory are measured apart from the client's.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from types import TracebackType
 
 from splitstore._setup import SetupPaths, free_loopback_port, init_setup
 
-from ._proc import cpu_seconds, die_with_parent, peak_rss, reset_peak, stop_process
+from ._proc import children, cpu_seconds, die_with_parent, peak_rss, reset_peak, stop_process
 
 __all__ = ["ServerProcess"]
 
@@ -23,7 +23,7 @@ START_TIMEOUT = 30.0
 
 
 class ServerProcess:
-    """``init_setup`` in ``root``, then both servers of it in one child process.
+    """``init_setup`` in ``root``, then both servers of it, under one ``splitstore serve``.
 
     Use as a context manager: the servers are stopped on the way out, error or not.
     """
@@ -91,11 +91,19 @@ class ServerProcess:
             except OSError:
                 time.sleep(0.05)
 
+    def _processes(self) -> list[int]:
+        """``serve`` and what it started: each server runs in a process of its own."""
+        return [self.pid, *children(self.pid)]
+
     def mark(self) -> None:
         """Start measuring one operation: peak memory from now, CPU time from now."""
-        self.peak_resettable = reset_peak(self.pid) and self.peak_resettable
-        self._cpu_mark = cpu_seconds(self.pid)
+        for pid in self._processes():
+            self.peak_resettable = reset_peak(pid) and self.peak_resettable
+        self._cpu_mark = sum(cpu_seconds(pid) for pid in self._processes())
 
     def usage(self) -> tuple[int, float]:
-        """Peak RSS (bytes) and CPU seconds of the servers since ``mark``."""
-        return peak_rss(self.pid), cpu_seconds(self.pid) - self._cpu_mark
+        """The largest peak RSS (bytes) of one server process, and the CPU seconds of
+        all of them, since ``mark``."""
+        pids = self._processes()
+        peak = max(peak_rss(pid) for pid in pids)
+        return peak, sum(cpu_seconds(pid) for pid in pids) - self._cpu_mark

@@ -749,6 +749,76 @@ def test_serve_config(spawn: Spawn, tmp_path: Path, capsys: pytest.CaptureFixtur
     assert err == ""
 
 
+def _children(pid: int) -> list[int]:
+    """The server processes of a ``serve`` (not multiprocessing's resource tracker)."""
+    found = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return [c for c in found if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+def _serving(
+    spawn: Spawn, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> tuple[Path, subprocess.Popen[str], int, int]:
+    """``serve --config`` of a new setup, once both servers listen."""
+    setup, https_port, tcp_port = make_setup(tmp_path, capsys)
+    proc = spawn("serve", "--config", setup / "splitstore.toml")
+    wait_for_ports(proc, https_port, tcp_port)
+    return setup, proc, https_port, tcp_port
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_serve_config_runs_each_server_in_its_own_process(
+    spawn: Spawn, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """So that the two servers use two cores; Ctrl-C (to the whole group) stops both."""
+    setup, proc, _, _ = _serving(spawn, tmp_path, capsys)
+    children = _children(proc.pid)
+    assert len(children) == 2
+    roundtrip_through_cli(setup / "splitstore.toml", tmp_path, capsys)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert out.splitlines()[-1] == "shutting down"
+    assert err == ""
+    for child in children:
+        assert (
+            not Path(f"/proc/{child}").exists()
+            or "zombie" in Path(f"/proc/{child}/status").read_text()
+        )
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_serve_config_stops_if_one_server_dies(
+    spawn: Spawn, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, proc, https_port, _ = _serving(spawn, tmp_path, capsys)
+    _, tcp_child = _children(proc.pid)
+    os.kill(tcp_child, signal.SIGKILL)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1
+    one_error(err, "the tcp server stopped by itself", "the other was stopped too")
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", https_port), timeout=1).close()
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_serve_config_servers_die_with_their_supervisor(
+    spawn: Spawn, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, proc, https_port, tcp_port = _serving(spawn, tmp_path, capsys)
+    proc.kill()
+    proc.wait(10)
+    deadline = time.monotonic() + 20
+    for port in (https_port, tcp_port):
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            except OSError:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"a server on port {port} outlived its supervisor")
+
+
 def test_serve_each_server_alone(
     spawn: Spawn, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -111,7 +111,9 @@ def test_large_file_flat_memory(tmp_path: Path) -> None:
         )
         get_seconds = time.monotonic() - started
         assert code == 0, err
-        server_mib = peak_rss_mib(server.pid)
+        # Each server runs in a process of its own under serve: the largest of them.
+        children = Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()
+        server_mib = max(peak_rss_mib(pid) for pid in [server.pid, *map(int, children)])
     finally:
         server.terminate()
         server.wait(20)
@@ -122,7 +124,7 @@ def test_large_file_flat_memory(tmp_path: Path) -> None:
     print(
         f"\n256 MiB: put {mb / put_seconds:.0f} MB/s, peak {put_mib:.0f} MiB; "
         f"get {mb / get_seconds:.0f} MB/s, peak {get_mib:.0f} MiB; "
-        f"servers (one process) peak {server_mib:.0f} MiB"
+        f"largest server process peak {server_mib:.0f} MiB"
     )
     assert put_mib < CLIENT_LIMIT_MIB
     assert get_mib < CLIENT_LIMIT_MIB

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import logging
 import os
 import sys
 import time
@@ -19,9 +18,10 @@ import traceback
 import warnings
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any
 
 from ._cli_many import get_many, put_many
+from ._cli_output import configure_logging, show_warning
 from ._cli_output import print_json as _print_json
 from ._cli_output import size_text as _size
 from ._cli_scan import cmd_scan, print_reasons, stored_scan_line, warn_about
@@ -45,17 +45,10 @@ Command = Callable[[argparse.Namespace], int]
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
-    if not args.verbose:
-        # aiohttp logs every malformed request with a traceback; garbage from the network
-        # is expected and answered with 400, so keep it out of the server's output.
-        logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
+    configure_logging(args.verbose)
     try:
         with warnings.catch_warnings():
-            warnings.showwarning = _show_warning
+            warnings.showwarning = show_warning
             code: int = args.handler(args)
         return code
     except SplitStoreError as exc:
@@ -89,18 +82,6 @@ def _silence_stdout() -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
-
-
-def _show_warning(
-    message: Warning | str,
-    category: type[Warning],
-    filename: str,
-    lineno: int,
-    file: TextIO | None = None,
-    line: str | None = None,
-) -> None:
-    """Warnings as one plain line, like errors (not Python's file:line form)."""
-    print(f"splitstore: warning: {message}", file=file or sys.stderr)
 
 
 # -- client commands ------------------------------------------------------------------
@@ -380,7 +361,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 tenants_file=Path(args.tenants_file) if args.tenants_file else None,
             )
         ]
-    asyncio.run(run_until_stopped(specs, limits, announce=not args.quiet))
+    if len(specs) > 1:  # each server on a core of its own
+        from ._serve_processes import run_in_processes
+
+        run_in_processes(specs, limits, announce=not args.quiet, verbose=args.verbose)
+    else:
+        asyncio.run(run_until_stopped(specs, limits, announce=not args.quiet))
     return EXIT_OK
 
 

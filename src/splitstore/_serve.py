@@ -6,7 +6,7 @@ import asyncio
 import logging
 import signal
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,7 +20,13 @@ from ._tcp_server import start_tcp_server
 from ._tenants import TenantRegistry
 from ._tls import server_ssl_context
 
-__all__ = ["RunningServer", "ServerSpec", "run_until_stopped", "start_server"]
+__all__ = [
+    "RunningServer",
+    "ServerSpec",
+    "listening_line",
+    "run_until_stopped",
+    "start_server",
+]
 
 log = logging.getLogger("splitstore.serve")
 
@@ -115,17 +121,22 @@ async def start_server(spec: ServerSpec, limits: ServerLimits | None = None) -> 
 
 
 async def run_until_stopped(
-    specs: Sequence[ServerSpec], limits: ServerLimits | None = None, *, announce: bool = True
+    specs: Sequence[ServerSpec],
+    limits: ServerLimits | None = None,
+    *,
+    announce: bool = True,
+    signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM),
+    on_ready: Callable[[RunningServer], None] | None = None,
 ) -> None:
-    """Run servers until SIGINT or SIGTERM, then close them cleanly.
+    """Run servers in this process until one of ``signals``, then close them cleanly.
 
     A signal that arrives while the servers start stops them as soon as they are up; a
-    second signal while they close interrupts as usual.
+    second signal while they close interrupts as usual. ``on_ready`` is told of each
+    server once it listens.
     """
     running: list[RunningServer] = []
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    signals = (signal.SIGINT, signal.SIGTERM)
     for sig in signals:
         loop.add_signal_handler(sig, stop.set)
     try:
@@ -134,13 +145,10 @@ async def run_until_stopped(
                 break
             server = await start_server(spec, limits)
             running.append(server)
+            if on_ready is not None:
+                on_ready(server)
             if announce:
-                scheme = "https" if spec.kind == "https" else ("tcp+tls" if spec.tls else "tcp")
-                print(
-                    f"{spec.kind} server listening on {scheme}://{server.host}:{server.port}, "
-                    f"storing in {spec.data_dir}",
-                    flush=True,
-                )
+                print(listening_line(spec, server.host, server.port), flush=True)
         await stop.wait()
         if announce:
             print("shutting down", flush=True)
@@ -150,6 +158,11 @@ async def run_until_stopped(
         loop.set_exception_handler(_ignore_cancelled)
         for server in running:
             await server.close()
+
+
+def listening_line(spec: ServerSpec, host: str, port: int) -> str:
+    scheme = "https" if spec.kind == "https" else ("tcp+tls" if spec.tls else "tcp")
+    return f"{spec.kind} server listening on {scheme}://{host}:{port}, storing in {spec.data_dir}"
 
 
 def _ignore_cancelled(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:

@@ -40,9 +40,9 @@ IO_BATCH_BYTES = 1024 * 1024
 # Listing lines handed over from the worker thread at once: fewer hand-offs, flat memory.
 LISTING_BATCH_BYTES = 512 * 1024
 # Listings read many small files, each read letting go of the GIL: two listings in two
-# threads of one process (both servers run in one by default) spent most of their time
-# handing the GIL back and forth, taking three times as long as one after the other. One
-# thread for all listings of the process runs them in turn, batch by batch.
+# threads of one process (both servers in one, as the tests and the demo run them) spent
+# most of their time handing the GIL back and forth, taking three times as long as one
+# after the other. One thread for all listings of the process runs them in turn.
 _LISTING_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitstore-listing")
 # Clean-ups of failed uploads, held here so they run to their end however their caller ends.
 _CLEANUPS: set[asyncio.Future[None]] = set()
