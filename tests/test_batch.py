@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -37,7 +38,7 @@ from splitstore._batch import (
     parse_record_lines,
     parse_stripe_items,
 )
-from splitstore._coalesce import CoalescingRemote, _Batcher
+from splitstore._coalesce import BATCHED_STRIPE_BYTES, CoalescingRemote, _Batcher
 from splitstore._config import load_config
 from splitstore._http_client import HttpsRemote
 from splitstore._remote import (
@@ -405,3 +406,42 @@ def test_batches_keep_the_server_stripe_limit(tmp_path: Path, loop_thread: LoopT
                 assert client._run(remote.put_stripes([(*_ids(), bytes(1000))]))
     finally:
         live.stop()
+
+
+def test_fetch_many_reads_large_files_one_at_a_time(
+    client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Memory stays flat: each large fetch holds its buffers, so they take turns."""
+    big = small_files(tmp_path / "big", 4, size=200_000)
+    small = small_files(tmp_path / "small", 20)
+    names = [f"big/{p.name}" for p in big] + [f"small/{p.name}" for p in small]
+    client.store_many(list(zip([*big, *small], names, strict=True)))
+    open_now: dict[str, int] = {}
+    most: dict[str, int] = {}
+    real = CoalescingRemote.get_stripe
+
+    def counting(self: CoalescingRemote, oid: str, vid: str, **kw: Any) -> Any:
+        inner = real(self, oid, vid, **kw)
+        if (kw.get("expected_length") or 0) <= BATCHED_STRIPE_BYTES:
+            return inner
+
+        @contextlib.asynccontextmanager
+        async def counted() -> Any:
+            async with inner as reader:
+                open_now[self.kind] = open_now.get(self.kind, 0) + 1
+                most[self.kind] = max(most.get(self.kind, 0), open_now[self.kind])
+                try:
+                    yield reader
+                finally:
+                    open_now[self.kind] -= 1
+
+        return counted()
+
+    monkeypatch.setattr(CoalescingRemote, "get_stripe", counting)
+    for group, paths in (("big", big), ("small", small)):
+        out = tmp_path / f"out-{group}"
+        out.mkdir()
+        client.fetch_many([f"{group}/{p.name}" for p in paths], out)
+        for path in paths:
+            assert (out / path.name).read_bytes() == path.read_bytes()
+    assert most == {"https": 1, "tcp": 1}

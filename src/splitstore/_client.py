@@ -47,7 +47,14 @@ from ._manifest import (
     Manifest,
     StripeInfo,
 )
-from ._many import FileCallback, FileSpec, ManyScanCallback, fetch_many, store_many
+from ._many import (
+    FileCallback,
+    FileSpec,
+    ManyScanCallback,
+    fetch_many,
+    large_read_turn,
+    store_many,
+)
 from ._names import new_version_id, validate_name
 from ._payload import SegmentFailed, StreamOpener, StreamSealer
 from ._pipeline import PieceSink, PieceSource
@@ -586,6 +593,7 @@ class AsyncClient:
         opener = StreamOpener(cipher, stored) if cipher is not None else None
         sink = PieceSink(manifest.size, chunk, k, out, opener, hash_stripes=cipher is None)
         async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(large_read_turn(stored))
             readers: list[StripeReader] = []
             for remote, info in zip(remotes, expected, strict=True):
                 try:
