@@ -42,6 +42,7 @@ class ServerProcess:
         self.log = root / "serve.log"
         self._proc: subprocess.Popen[bytes] | None = None
         self._cpu_mark = 0.0
+        self._pids: list[int] = []
         #: False if this kernel does not let us reset the peak: it then covers all so far.
         self.peak_resettable = True
 
@@ -65,6 +66,7 @@ class ServerProcess:
             )
         try:
             self._wait_until_listening()
+            self._find_servers()
         except BaseException:
             stop_process(self._proc)
             raise
@@ -91,19 +93,26 @@ class ServerProcess:
             except OSError:
                 time.sleep(0.05)
 
-    def _processes(self) -> list[int]:
-        """``serve`` and what it started: each server runs in a process of its own."""
-        return [self.pid, *children(self.pid)]
+    def _find_servers(self) -> None:
+        """``serve`` and the server processes it started (each server runs in one of its
+        own; multiprocessing's resource tracker, which does nothing here, is left out)."""
+        servers = [
+            pid
+            for pid in children(self.pid)
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ]
+        self._pids = [self.pid, *servers]
 
     def mark(self) -> None:
         """Start measuring one operation: peak memory from now, CPU time from now."""
-        for pid in self._processes():
+        for pid in self._pids:
             self.peak_resettable = reset_peak(pid) and self.peak_resettable
-        self._cpu_mark = sum(cpu_seconds(pid) for pid in self._processes())
+        self._cpu_mark = sum(cpu_seconds(pid) for pid in self._pids)
 
     def usage(self) -> tuple[int, float]:
         """The largest peak RSS (bytes) of one server process, and the CPU seconds of
-        all of them, since ``mark``."""
-        pids = self._processes()
-        peak = max(peak_rss(pid) for pid in pids)
-        return peak, sum(cpu_seconds(pid) for pid in pids) - self._cpu_mark
+        all of them, since ``mark``. A server that is gone fails the run, loudly."""
+        if any(not Path(f"/proc/{pid}").exists() for pid in self._pids):
+            raise RuntimeError(f"a server process ended during the run:\n{self.log.read_text()}")
+        peak = max(peak_rss(pid) for pid in self._pids)
+        return peak, sum(cpu_seconds(pid) for pid in self._pids) - self._cpu_mark

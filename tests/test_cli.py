@@ -786,6 +786,29 @@ def test_serve_config_runs_each_server_in_its_own_process(
         )
 
 
+def test_serve_config_stops_cleanly_when_the_whole_group_is_signalled(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As systemd stops a service: SIGTERM to the supervisor and its servers at once."""
+    setup, https_port, tcp_port = make_setup(tmp_path, capsys)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "splitstore", "serve", "--config", str(setup / "splitstore.toml")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # a group of its own, so that this test can signal it
+    )
+    try:
+        wait_for_ports(proc, https_port, tcp_port)
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert (proc.returncode, err) == (0, "")
+    assert out.splitlines()[-1] == "shutting down"
+
+
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
 def test_serve_config_stops_if_one_server_dies(
     spawn: Spawn, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -795,7 +818,7 @@ def test_serve_config_stops_if_one_server_dies(
     os.kill(tcp_child, signal.SIGKILL)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 1
-    one_error(err, "the tcp server stopped by itself", "the other was stopped too")
+    one_error(err, "the tcp server stopped by itself (exit status -9)", "the other was stopped")
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", https_port), timeout=1).close()
 

@@ -35,8 +35,8 @@ FileCallback = Callable[[int, Any], None]
 #: fetch_many's ``on_scan``: the stored name, its scan now, and the one made at store time.
 ManyScanCallback = Callable[[str, "ScanReport", "ScanReport | None"], None]
 
-#: Files up to this size are moved many at a time (their stripes fit a batch).
-SMALL_FILE_BYTES = BATCHED_STRIPE_BYTES
+#: Files up to this size are moved many at a time (each of their two stripes fits a batch).
+SMALL_FILE_BYTES = 2 * BATCHED_STRIPE_BYTES
 #: Files in progress at once: enough to fill batches, few enough to stay light (measured
 #: on 2 cores, 64 gave fuller batches and less CPU per file than 32).
 AT_ONCE = 64
