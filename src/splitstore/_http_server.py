@@ -143,25 +143,12 @@ async def _put_stripe(request: web.Request) -> web.Response:
     if request.content_length is None:
         return _error("length_required", "a stripe upload needs a Content-Length header")
     check_stripe_length(request.content_length, request.app[_LIMITS])
-    idle = request.app[_LIMITS].idle_timeout
-
-    async def body() -> AsyncIterator[bytes]:
-        while True:
-            try:
-                async with asyncio.timeout(idle):
-                    piece = await request.content.readany()
-            except ConnectionResetError as exc:  # the client went away; nothing to answer
-                raise StorageError("bad_request", "the client closed the connection") from exc
-            if not piece:
-                return
-            yield piece
-
     length, digest = await request.app[_SERVICE].put_stripe(
         _TENANT.get(),
         request.match_info["object_id"],
         request.match_info["version_id"],
         request.content_length,
-        body(),
+        _BodyReader(request).pieces(),
     )
     return web.json_response({"status": "ok", "length": length, "sha256": digest}, status=201)
 
@@ -277,14 +264,22 @@ class _BodyReader:
         self.consumed += len(rest)
         return rest
 
+    async def pieces(self) -> AsyncIterator[bytes]:
+        """The body as it arrives, streamed (nothing held here)."""
+        while piece := await self._next():
+            yield piece
+
     async def _more(self) -> bool:
-        try:
-            async with asyncio.timeout(self._idle):
-                piece = await self._request.content.readany()
-        except ConnectionResetError as exc:  # the client went away; nothing to answer
-            raise StorageError("bad_request", "the client closed the connection") from exc
+        piece = await self._next()
         self._buffer += piece
         return bool(piece)
+
+    async def _next(self) -> bytes:
+        try:
+            async with asyncio.timeout(self._idle):
+                return await self._request.content.readany()
+        except ConnectionResetError as exc:  # the client went away; nothing to answer
+            raise StorageError("bad_request", "the client closed the connection") from exc
 
 
 def _parse_json_object(raw: bytes) -> dict[str, Any]:

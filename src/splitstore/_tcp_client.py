@@ -116,28 +116,8 @@ class TcpRemote:
     async def put_stripe(
         self, object_id: str, version_id: str, length: int, body: AsyncIterator[bytes]
     ) -> str:
-        async with self._link() as link:
-            with self._translating():
-                await link.send(
-                    p.Request(
-                        "put_stripe",
-                        {
-                            "object_id": object_id,
-                            "version_id": version_id,
-                            "length": length,
-                        },
-                    )
-                )
-                try:
-                    async for piece in body:
-                        await link.send_data(piece)
-                    await link.send(p.End({}))
-                except (ConnectionError, OSError):
-                    # The server may have refused mid-upload (disk full, ...) and closed:
-                    # its ERROR frame says why, so read it before blaming the network.
-                    await link.read_reply()
-                    raise
-                reply = await link.read_reply()
+        fields = {"object_id": object_id, "version_id": version_id, "length": length}
+        reply = await self._with_body(p.Request("put_stripe", fields), body)
         digest = reply.get("sha256")
         if reply.get("length") != length or not isinstance(digest, str):
             raise ProtocolError(
@@ -209,17 +189,25 @@ class TcpRemote:
         reply, body = await self._fetch_body("get_stripes", {"stripes": index}, MAX_BATCH_BYTES)
         return split_stripes(reply, body, len(stripes), self.label)
 
-    async def _with_body(self, request: p.Request, body: bytes) -> dict[str, Any]:
-        """One exchange with a request body held in memory; the reply."""
+    async def _with_body(
+        self, request: p.Request, body: bytes | AsyncIterator[bytes]
+    ) -> dict[str, Any]:
+        """One exchange with a request body, held in memory or streamed; the reply."""
         async with self._link() as link:
             with self._translating():
                 await link.send(request)
                 try:
-                    if body:
-                        await link.send_data(body)
+                    if isinstance(body, bytes):
+                        if body:
+                            await link.send_data(body)
+                    else:
+                        async for piece in body:
+                            await link.send_data(piece)
                     await link.send(p.End({}))
                 except (ConnectionError, OSError):
-                    await link.read_reply()  # the server's ERROR says why, if it sent one
+                    # The server may have refused mid-upload (disk full, ...) and closed:
+                    # its ERROR frame says why, so read it before blaming the network.
+                    await link.read_reply()
                     raise
                 return await link.read_reply()
 
