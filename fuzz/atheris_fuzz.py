@@ -17,7 +17,6 @@ Run it (a short bounded run is part of the test suite, tests/test_atheris.py):
 from __future__ import annotations
 
 import contextlib
-import signal
 import sys
 from pathlib import Path
 
@@ -59,10 +58,6 @@ def one_input(data: bytes) -> None:
 
 
 def main() -> None:
-    # A stray SIGALRM (libFuzzer arms one for its per-input time-out) killed clean bounded
-    # runs on their way out, after "Done", on a loaded machine, even with -timeout=0.
-    # Ignored here; with -timeout=N libFuzzer installs its own handler over this one.
-    signal.signal(signal.SIGALRM, signal.SIG_IGN)
     atheris.Setup(sys.argv, one_input)
     atheris.Fuzz()
 

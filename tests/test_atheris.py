@@ -6,6 +6,7 @@ and gives every CI run a few seconds of guided search from a corpus of valid inp
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -55,5 +56,13 @@ def test_atheris_finds_no_crash_in_a_bounded_run(tmp_path: Path) -> None:
         text=True,
         timeout=120,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "Done" in result.stderr
+    # A clean run ends with "Done" and no crash report. Seen several times on a loaded
+    # machine: such a run then killed by SIGALRM on its way out (exit -14), even with
+    # -timeout=0 and SIGALRM ignored in the harness; that is libFuzzer's exit, not ours.
+    crashed = any(
+        mark in result.stderr
+        for mark in ("ERROR: libFuzzer", "Uncaught Python exception", "crash-", "Test unit written")
+    )
+    assert not crashed, result.stderr[-3000:]
+    assert result.returncode in (0, -signal.SIGALRM), result.stderr[-3000:]
+    assert "Done 20000" in result.stderr
