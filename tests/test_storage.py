@@ -201,6 +201,35 @@ def test_stripe_chunks_closed_before_reading_close_the_file(tmp_path: Path) -> N
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to name an fd")
+def trace_disk(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """Record, in order, each fsync (of what), rename (of what, into which folder) and
+    unlink (of which name); from any thread, since a batch's fsyncs run in several."""
+    events: list[tuple[str, str]] = []
+    lock = threading.Lock()
+    real_replace, real_fsync, real_unlink = os.replace, os.fsync, Path.unlink
+
+    def replace(src: str | Path, dst: str | Path) -> None:
+        with lock:
+            events.append(("renamed", os.path.realpath(src)))
+            real_replace(src, dst)
+            events.append(("rename into", os.path.dirname(os.path.realpath(dst))))
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        with lock:
+            events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
+
+    def unlink(self: Path, missing_ok: bool = False) -> None:
+        with lock:
+            events.append(("unlink", self.name))
+        real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(Path, "unlink", unlink)
+    return events
+
+
 def test_a_finished_upload_is_durable_before_it_is_answered(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -208,19 +237,7 @@ def test_a_finished_upload_is_durable_before_it_is_answered(
     version committed on one server only is read with the other's uncommitted stripe.
     So no rename into the object folder may still wait for a folder fsync."""
     store = LocalDiskStore(tmp_path)
-    events: list[tuple[str, str]] = []
-    real_replace, real_fsync = os.replace, os.fsync
-
-    def replace(src: str | Path, dst: str | Path) -> None:
-        real_replace(src, dst)
-        events.append(("rename into", os.path.dirname(os.path.realpath(dst))))
-
-    def fsync(fd: int) -> None:
-        real_fsync(fd)
-        events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
-
-    monkeypatch.setattr(os, "replace", replace)
-    monkeypatch.setattr(os, "fsync", fsync)
+    events = trace_disk(monkeypatch)
     folder = os.path.realpath(tmp_path / "objects" / OID[:2] / OID)
     put(store, OID, V1, b"hello")
     renames = [i for i, e in enumerate(events) if e == ("rename into", folder)]
@@ -234,23 +251,7 @@ def test_a_batch_is_durable_before_it_is_answered(
     """A batch's fsyncs are grouped, not skipped: every stripe, .meta and record file is
     fsynced before its rename, and every folder renamed into (or made) after it."""
     store = LocalDiskStore(tmp_path)
-    events: list[tuple[str, str]] = []
-    real_replace, real_fsync = os.replace, os.fsync
-    lock = threading.Lock()  # the fsyncs run in several threads
-
-    def replace(src: str | Path, dst: str | Path) -> None:
-        with lock:
-            events.append(("renamed", os.path.realpath(src)))
-            real_replace(src, dst)
-            events.append(("rename into", os.path.dirname(os.path.realpath(dst))))
-
-    def fsync(fd: int) -> None:
-        real_fsync(fd)
-        with lock:
-            events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
-
-    monkeypatch.setattr(os, "replace", replace)
-    monkeypatch.setattr(os, "fsync", fsync)
+    events = trace_disk(monkeypatch)
     oids = [f"{i:02x}" * 32 for i in range(5)]
     vids = [f"{i:02x}" * 16 for i in range(5)]
     digests = store.put_stripes(
@@ -282,22 +283,7 @@ def test_a_batch_commit_drops_old_versions_only_once_durable(
         put(store, OID, vid, vid.encode())
         store.commit(OID, record(vid, vid.encode()))
     put(store, OID, V3, b"new")
-    events: list[tuple[str, str]] = []
-    real_unlink, real_fsync = Path.unlink, os.fsync
-    lock = threading.Lock()
-
-    def unlink(self: Path, missing_ok: bool = False) -> None:
-        with lock:
-            events.append(("unlink", self.name))
-        real_unlink(self, missing_ok=missing_ok)
-
-    def fsync(fd: int) -> None:
-        real_fsync(fd)
-        with lock:
-            events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
-
-    monkeypatch.setattr(Path, "unlink", unlink)
-    monkeypatch.setattr(os, "fsync", fsync)
+    events = trace_disk(monkeypatch)
     assert store.commit_many([(OID, record(V3, b"new"))]) == [None]
     folder = os.path.realpath(tmp_path / "objects" / OID[:2] / OID)
     dropped = events.index(("unlink", f"{V1}.stripe"))

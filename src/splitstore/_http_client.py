@@ -32,6 +32,7 @@ from ._remote import (
     record_lines_body,
     split_stripes,
     stripe_index,
+    stripe_keys,
 )
 from ._storage import MAX_RECORD_BYTES, ObjectRecord
 from ._tls import describe_ssl_error
@@ -201,7 +202,7 @@ class HttpsRemote:
     async def get_stripes(
         self, stripes: Sequence[tuple[str, str]]
     ) -> list[bytes | SplitStoreError | None]:
-        index = [{"object_id": o, "version_id": v} for o, v in stripes]
+        index = stripe_keys(stripes)
         # The answer is a JSON line, then the stripes' bytes.
         body = await self._post_for_body(
             "get-stripes", {"stripes": index}, MAX_REPLY_BYTES + MAX_BATCH_BYTES

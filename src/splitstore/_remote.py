@@ -39,6 +39,7 @@ __all__ = [
     "record_lines_body",
     "split_stripes",
     "stripe_index",
+    "stripe_keys",
 ]
 
 # One listing line is an object id and a record.
@@ -174,6 +175,10 @@ class ListingParser:
 
 def stripe_index(stripes: Sequence[tuple[str, str, bytes]]) -> list[dict[str, Any]]:
     return [{"object_id": o, "version_id": v, "length": len(d)} for o, v, d in stripes]
+
+
+def stripe_keys(stripes: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
+    return [{"object_id": o, "version_id": v} for o, v in stripes]
 
 
 def record_lines_body(records: Sequence[tuple[str, ObjectRecord]]) -> bytes:

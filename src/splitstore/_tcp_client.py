@@ -23,6 +23,7 @@ from ._remote import (
     record_lines_body,
     split_stripes,
     stripe_index,
+    stripe_keys,
 )
 from ._storage import ObjectRecord
 from ._tls import describe_ssl_error, find_ssl_error
@@ -185,7 +186,7 @@ class TcpRemote:
     async def get_stripes(
         self, stripes: Sequence[tuple[str, str]]
     ) -> list[bytes | SplitStoreError | None]:
-        index = [{"object_id": o, "version_id": v} for o, v in stripes]
+        index = stripe_keys(stripes)
         reply, body = await self._fetch_body("get_stripes", {"stripes": index}, MAX_BATCH_BYTES)
         return split_stripes(reply, body, len(stripes), self.label)
 
