@@ -654,7 +654,7 @@ class AsyncClient:
         digests: list[str | None] = [None] * k  # None: not hashed, nothing to compare
         if cipher is None:
             digests = [d.hexdigest() for d in sink.stripes]
-        elif sink.failed is not None or sink.whole.hexdigest() != manifest.sha256:
+        elif sink.failed is not None:
             # Encrypted, every segment is authenticated, so the stripes are hashed only now
             # that something is wrong: to name the server whose data it is.
             digests = [*await self._hash_stripes(oid, manifest.version_id)]
@@ -670,7 +670,8 @@ class AsyncClient:
                 f"{name!r} does not decrypt{where}, though each server's data matches its "
                 "manifest; nothing was written"
             )
-        if sink.whole.hexdigest() != manifest.sha256:
+        # Encrypted, the tags have checked every byte and ``whole`` is None.
+        if sink.whole is not None and sink.whole.hexdigest() != manifest.sha256:
             raise IntegrityError(
                 f"{name!r} reassembled to different bytes than were stored; nothing was written"
             )

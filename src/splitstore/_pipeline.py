@@ -98,9 +98,13 @@ class PieceSource:
 class PieceSink:
     """Takes one piece per server per block, checks and writes the plaintext.
 
-    A segment that does not authenticate stops the writing but not the reading: the
-    rest is still hashed (with ``hash_stripes``), so the stripe hashes can tell which
-    server's data is bad. ``failed`` then holds the first failing segment.
+    With an opener, every byte is checked by its segment's tag, so the plaintext is not
+    hashed again (``whole`` is None): the sealed manifest's plaintext hash could only
+    repeat what the STREAM tags already proved. Without one, the plaintext and (with
+    ``hash_stripes``) each stripe are hashed, to be compared with the manifest. A segment
+    that does not authenticate stops the writing but not the reading: the rest is still
+    hashed (with ``hash_stripes``), so the stripe hashes can tell which server's data is
+    bad. ``failed`` then holds the first failing segment.
     """
 
     def __init__(
@@ -117,7 +121,7 @@ class PieceSink:
         self._chunk = chunk_size
         self._out = out
         self._opener = opener
-        self.whole = hashlib.sha256()
+        self.whole = hashlib.sha256() if opener is None else None
         # Without ``hash_stripes`` (the caller hashes them only if something fails), empty.
         self.stripes = [hashlib.sha256() for _ in range(servers)] if hash_stripes else []
         self.failed: SegmentFailed | None = None
@@ -150,7 +154,8 @@ class PieceSink:
         # Beyond the file's size is padding (authenticated with the rest): not output.
         keep = memoryview(block)[: max(0, self._size - self._written)]
         self._written += len(keep)
-        self.whole.update(keep)
+        if self.whole is not None:
+            self.whole.update(keep)
         if self._out is not None and keep:
             try:
                 self._out.write(keep)
