@@ -38,6 +38,60 @@ def test_data_is_intact_and_synced_as_it_goes(
     assert min(synced) < len(data)
 
 
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise here")
+def test_only_what_is_on_disk_is_dropped_from_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events: list[tuple[str, int, int]] = []
+    real_fsync = os.fsync
+
+    def counting_sync(fd: int) -> None:
+        events.append(("sync", os.fstat(fd).st_size, 0))
+
+    def counting_fsync(fd: int) -> None:
+        real_fsync(fd)
+        events.append(("sync", os.fstat(fd).st_size, 0))
+
+    def counting_advice(fd: int, offset: int, length: int, advice: int) -> None:
+        assert advice == os.POSIX_FADV_DONTNEED
+        events.append(("drop", offset, length))
+
+    monkeypatch.setattr(os, "fdatasync", counting_sync)
+    monkeypatch.setattr(os, "fsync", counting_fsync)
+    monkeypatch.setattr(os, "posix_fadvise", counting_advice)
+    data = os.urandom(40 * PIECE)
+    with (tmp_path / "out").open("wb") as raw, SyncingWriter(raw, sync_every=4 * PIECE) as w:
+        for i in range(0, len(data), PIECE):
+            w.write(data[i : i + PIECE])
+            time.sleep(0.001)
+        w.finish()
+    assert (tmp_path / "out").read_bytes() == data
+    drops = [i for i, e in enumerate(events) if e[0] == "drop"]
+    assert len(drops) >= 2
+    for i in drops[:-1]:  # each right after its sync, and only what that sync covered
+        kind, synced, _ = events[i - 1]
+        assert kind == "sync"
+        assert events[i][1] == 0
+        assert 0 < events[i][2] <= synced
+    assert events[-2] == ("sync", len(data), 0)  # the final fsync, then
+    assert events[-1] == ("drop", 0, 0)  # all of the file
+
+
+def test_a_file_system_that_refuses_the_advice_still_gets_its_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refusing(fd: int, offset: int, length: int, advice: int) -> None:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "posix_fadvise", refusing, raising=False)
+    data = os.urandom(10 * PIECE)
+    with (tmp_path / "out").open("wb") as raw, SyncingWriter(raw, sync_every=PIECE) as w:
+        for i in range(0, len(data), PIECE):
+            w.write(data[i : i + PIECE])
+        w.finish()
+    assert (tmp_path / "out").read_bytes() == data
+
+
 @pytest.mark.parametrize("raised_at", ["write", "finish"])
 def test_a_failed_background_sync_is_raised(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, raised_at: str
