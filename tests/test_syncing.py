@@ -39,7 +39,7 @@ def test_data_is_intact_and_synced_as_it_goes(
 
 
 @pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise here")
-def test_only_what_is_on_disk_is_dropped_from_the_cache(
+def test_each_range_is_dropped_once_and_only_after_its_sync(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     events: list[tuple[str, int, int]] = []
@@ -68,13 +68,33 @@ def test_only_what_is_on_disk_is_dropped_from_the_cache(
     assert (tmp_path / "out").read_bytes() == data
     drops = [i for i, e in enumerate(events) if e[0] == "drop"]
     assert len(drops) >= 2
-    for i in drops[:-1]:  # each right after its sync, and only what that sync covered
+    end = 0
+    for i in drops[:-1]:  # each right after its sync, taking up where the last one ended
         kind, synced, _ = events[i - 1]
         assert kind == "sync"
-        assert events[i][1] == 0
-        assert 0 < events[i][2] <= synced
+        assert events[i][1] == end
+        end += events[i][2]
+        assert events[i][2] > 0
+        assert end <= synced
     assert events[-2] == ("sync", len(data), 0)  # the final fsync, then
-    assert events[-1] == ("drop", 0, 0)  # all of the file
+    assert events[-1] == ("drop", end, 0)  # the rest of the file
+
+
+@pytest.mark.parametrize("case", ["keep_cached", "small"])
+def test_a_file_read_again_or_small_stays_cached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    advised: list[int] = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda *a: advised.append(1), raising=False)
+    pieces = 10 if case == "keep_cached" else 3
+    with (
+        (tmp_path / "out").open("wb") as raw,
+        SyncingWriter(raw, sync_every=4 * PIECE, keep_cached=case == "keep_cached") as w,
+    ):
+        for _ in range(pieces):
+            w.write(os.urandom(PIECE))
+        w.finish()
+    assert advised == []
 
 
 def test_a_file_system_that_refuses_the_advice_still_gets_its_data(

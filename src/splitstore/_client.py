@@ -500,7 +500,11 @@ class AsyncClient:
             raise LocalFileError(f"cannot write in {target.parent}: {exc.strerror}") from exc
         tmp = Path(tmp_name)
         try:
-            with os.fdopen(fd, "wb") as raw, SyncingWriter(raw) as disk:
+            # Scanned, the file is read again at the end (archives): keep it cached till then.
+            with (
+                os.fdopen(fd, "wb") as raw,
+                SyncingWriter(raw, keep_cached=scanner is not None) as disk,
+            ):
                 file = cast(BinaryIO, disk)
                 out = file if scanner is None else _ScanningWriter(file, scanner, target.name)
                 manifest = await self._read_newest(name, versions, cast(BinaryIO, out), progress)

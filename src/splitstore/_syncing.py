@@ -44,44 +44,56 @@ def _syncer() -> concurrent.futures.ThreadPoolExecutor:
     return _SYNCER
 
 
-def _sync_then_forget(fd: int, written: int) -> None:
-    """Sync the file, then drop its first ``written`` bytes (all durable now) from the cache."""
+def _sync_then_forget(fd: int, start: int, end: int) -> None:
+    """Sync the file, then drop bytes ``start`` to ``end`` (durable now) from the cache."""
     os.fdatasync(fd)
-    _forget(fd, written)
+    if end > start:
+        _forget(fd, start, end - start)
 
 
-def _forget(fd: int, length: int) -> None:
-    """Drop the clean cached pages of ``fd``'s first ``length`` bytes (0: all of it).
+def _forget(fd: int, offset: int, length: int) -> None:
+    """Drop the clean cached pages of ``length`` bytes of ``fd`` from ``offset`` (0: to the end).
 
     Only advice: dirty pages are never dropped (the kernel starts writing them instead),
     and a system or file system without it simply keeps its cache.
     """
     if hasattr(os, "posix_fadvise"):  # not on macOS
         with contextlib.suppress(OSError):
-            os.posix_fadvise(fd, 0, length, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
 class SyncingWriter:
     """Writes to ``raw`` (a binary file) and syncs it to disk in the background.
 
     Use as a context manager inside the one that closes ``raw``: leaving it waits for a
-    sync still running, so the file is never closed under it.
+    sync still running, so the file is never closed under it. With ``keep_cached`` the
+    pages stay cached (the caller reads the file again at once, as a scan of archives
+    does); a file that never reached ``sync_every`` is small and keeps them too.
     """
 
-    def __init__(self, raw: BinaryIO, sync_every: int = SYNC_EVERY_BYTES) -> None:
+    def __init__(
+        self, raw: BinaryIO, sync_every: int = SYNC_EVERY_BYTES, *, keep_cached: bool = False
+    ) -> None:
         self._raw = raw
         self._every = sync_every
         self._unsynced = 0
         self._syncing: concurrent.futures.Future[None] | None = None
+        self._keep = keep_cached
+        self._dropped = 0  # bytes from the start already dropped from the cache
+        self._large = False  # at least one background sync was due
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         n = self._raw.write(data)
         self._unsynced += n
         if self._unsynced >= self._every and self._sync_done():
             self._raw.flush()
-            fd = self._raw.fileno()
-            self._syncing = _syncer().submit(_sync_then_forget, fd, self._raw.tell())
+            fd, start, end = self._raw.fileno(), self._dropped, self._raw.tell()
+            if self._keep:
+                start = end
+            self._syncing = _syncer().submit(_sync_then_forget, fd, start, end)
+            self._dropped = max(start, end)
             self._unsynced = 0
+            self._large = True
         return n
 
     def seek(self, offset: int, whence: int = 0) -> int:
@@ -89,14 +101,17 @@ class SyncingWriter:
 
     def truncate(self, size: int | None = None) -> int:
         self._wait()  # not while a sync of the old content runs
-        return self._raw.truncate(size)
+        size = self._raw.truncate(size)
+        self._dropped = min(self._dropped, size)
+        return size
 
     def finish(self) -> None:
         """Make everything written durable (raises what a background sync raised)."""
         self._wait()
         self._raw.flush()
         os.fsync(self._raw.fileno())
-        _forget(self._raw.fileno(), 0)
+        if self._large and not self._keep:
+            _forget(self._raw.fileno(), self._dropped, 0)
 
     def __enter__(self) -> SyncingWriter:
         return self
