@@ -99,12 +99,11 @@ class PieceSink:
     """Takes one piece per server per block, checks and writes the plaintext.
 
     With an opener, every byte is checked by its segment's tag, so the plaintext is not
-    hashed again (``whole`` is None): the sealed manifest's plaintext hash could only
-    repeat what the STREAM tags already proved. Without one, the plaintext and (with
-    ``hash_stripes``) each stripe are hashed, to be compared with the manifest. A segment
-    that does not authenticate stops the writing but not the reading: the rest is still
-    hashed (with ``hash_stripes``), so the stripe hashes can tell which server's data is
-    bad. ``failed`` then holds the first failing segment.
+    hashed (``whole`` is None): the manifest's plaintext hash could only repeat what the
+    STREAM tags prove. Without one, the plaintext is hashed for the manifest, and with
+    ``hash_stripes`` each stripe too. A segment that does not authenticate stops the
+    writing but not the reading, so the stripe hashes can still tell which server's data
+    is bad. ``failed`` then holds the first failing segment.
     """
 
     def __init__(

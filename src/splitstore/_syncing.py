@@ -79,21 +79,20 @@ class SyncingWriter:
         self._unsynced = 0
         self._syncing: concurrent.futures.Future[None] | None = None
         self._keep = keep_cached
-        self._dropped = 0  # bytes from the start already dropped from the cache
-        self._large = False  # at least one background sync was due
+        # Bytes from the start already handed to a background drop; above 0 once a
+        # background sync was due, so the file is large enough to drop at the end.
+        self._dropped = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         n = self._raw.write(data)
         self._unsynced += n
         if self._unsynced >= self._every and self._sync_done():
             self._raw.flush()
-            fd, start, end = self._raw.fileno(), self._dropped, self._raw.tell()
-            if self._keep:
-                start = end
+            fd, end = self._raw.fileno(), self._raw.tell()
+            start = end if self._keep else self._dropped
             self._syncing = _syncer().submit(_sync_then_forget, fd, start, end)
-            self._dropped = max(start, end)
+            self._dropped = max(self._dropped, end)
             self._unsynced = 0
-            self._large = True
         return n
 
     def seek(self, offset: int, whence: int = 0) -> int:
@@ -110,7 +109,7 @@ class SyncingWriter:
         self._wait()
         self._raw.flush()
         os.fsync(self._raw.fileno())
-        if self._large and not self._keep:
+        if self._dropped and not self._keep:
             _forget(self._raw.fileno(), self._dropped, 0)
 
     def __enter__(self) -> SyncingWriter:
