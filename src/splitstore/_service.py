@@ -20,6 +20,7 @@ import orjson
 
 from . import _batch
 from ._batch import StripeItem
+from ._direct import DIRECT_BLOCK_BYTES, DirectReader
 from ._storage import (
     MAX_STRIPE_BYTES,
     STRIPE_OVERHEAD_BYTES,
@@ -28,13 +29,17 @@ from ._storage import (
     StripeStore,
     StripeUpload,
 )
+from ._syncing import SYNC_EVERY_BYTES
 from ._tenants import Tenant
 
 __all__ = ["ServerLimits", "StorageService", "TenantStores"]
 
 # Bytes handed to a worker thread at once: large enough that thread hand-offs cost
 # nothing next to the disk write, small enough to keep memory flat.
-IO_BATCH_BYTES = 1024 * 1024
+IO_BATCH_BYTES = DIRECT_BLOCK_BYTES
+# Stripes from this size on are read past the page cache: as large as the files that
+# SyncingWriter writes past it, so a small stripe is read as it was written.
+DIRECT_READ_MIN_BYTES = SYNC_EVERY_BYTES
 
 
 # Listing lines handed over from the worker thread at once: fewer hand-offs, flat memory.
@@ -336,36 +341,75 @@ class StripeChunks:
     """A stored stripe's bytes, IO_BATCH_BYTES at a time, up to its announced length.
 
     Up to the length and no further read to find the end: a small stripe is one hop to a
-    worker thread, not two. ``aclose`` closes the file whether or not reading began (an
-    async generator that never started would leave that to the garbage collector), so
-    callers hold it in ``contextlib.aclosing``.
+    worker thread, not two. A large one (DIRECT_READ_MIN_BYTES or more) is read with
+    O_DIRECT where the file system has it, past the page cache (``_direct``), and each read
+    starts as the chunk before it is handed on, so the disk works while that chunk is
+    sent. ``aclose`` closes the file whether or not reading began (an async generator that
+    never started would leave that to the garbage collector), so callers hold it in
+    ``contextlib.aclosing``; a read still running in its thread closes it when it ends.
     """
 
     def __init__(self, f: BinaryIO, length: int) -> None:
         self._f = f
         self._left = length
+        self._direct = DirectReader.start(f.fileno()) if length >= DIRECT_READ_MIN_BYTES else None
+        self._reading: asyncio.Future[bytes] | None = None
+        self._closed = False
 
     def __aiter__(self) -> StripeChunks:
         return self
 
     async def __anext__(self) -> bytes:
-        if self._left <= 0 or self._f.closed:
-            await self.aclose()
-            raise StopAsyncIteration
+        if self._reading is None:
+            if self._left <= 0 or self._closed:
+                await self.aclose()
+                raise StopAsyncIteration
+            self._reading = self._start_read()
         try:
-            data = await asyncio.to_thread(self._f.read, min(IO_BATCH_BYTES, self._left))
+            # Shielded, and kept till it ends: a cancelled response leaves the read to end
+            # in its thread, and the file is closed after it (aclose).
+            data = await asyncio.shield(self._reading)
         except OSError as exc:  # a failing disk: say so rather than just hang up
+            self._reading = None
             await self.aclose()
             raise StorageError("internal", f"cannot read the stripe: {exc}") from exc
+        self._reading = None
         if not data:  # cut short under us: the client finds the stripe short
             await self.aclose()
             raise StopAsyncIteration
         self._left -= len(data)
+        if self._left > 0 and self._direct is not None and not self._closed:
+            self._reading = self._start_read()  # the next block, while this one is sent
         return data
 
+    def _start_read(self) -> asyncio.Future[bytes]:
+        n = min(IO_BATCH_BYTES, self._left)
+        read = self._f.read if self._direct is None else self._direct.read
+        return asyncio.get_running_loop().run_in_executor(None, read, n)
+
     async def aclose(self) -> None:
-        # A read still running in its thread holds the file's lock: close waits for it.
+        if self._closed:
+            return
+        self._closed = True
+        reading, self._reading = self._reading, None
+        if reading is not None and not reading.done():
+            reading.add_done_callback(self._close_after)
+        else:
+            if reading is not None:
+                self._close_after(reading)
+            else:
+                self._close_file()
+
+    def _close_after(self, reading: asyncio.Future[bytes]) -> None:
+        if not reading.cancelled():
+            reading.exception()  # a read-ahead nobody waits for any more: its error is moot
+        self._close_file()
+
+    def _close_file(self) -> None:
+        # A read running in its thread holds the file's lock: close waits for it.
         self._f.close()
+        if self._direct is not None:
+            self._direct.close()
 
 
 def _write_all(upload: StripeUpload, pieces: list[bytes]) -> None:

@@ -1,0 +1,186 @@
+"""Large files moved straight between the disk and our own buffers (O_DIRECT).
+
+A stripe read back from disk, or a fetched file written out, goes through the page cache:
+the kernel copies every byte between our buffer and pages it has just allocated for the
+file. On the 2-core virtual machine measured, fresh pages are slow to touch (the host backs
+them on first use), and reading a 512 MiB stripe that was not cached took 2.2 s of CPU per
+GiB where the same read with O_DIRECT took 0.08; writing took 0.3-0.8 s per GiB against
+0.04. Object stores and databases do the same for bulk data (MinIO reads and writes large
+objects with O_DIRECT); the cost is that nothing of such a file is left in the cache.
+
+Direct I/O wants the buffer's address, the file offset and the length to be multiples of
+the device's logical block size; ``ALIGN`` covers every usual device, and the buffers are
+whole pages from ``mmap``. Where the system or the file system does not offer it (macOS,
+tmpfs before Linux 6.6, some FUSE file systems) or refuses a transfer, the same bytes go
+the ordinary way: this is a speed-up only, never a condition. The bytes on disk are the
+same either way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import mmap
+import os
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = [
+    "ALIGN",
+    "DIRECT_BLOCK_BYTES",
+    "AlignedBlock",
+    "DirectReader",
+    "DirectStage",
+    "set_direct",
+]
+
+ALIGN = 4096
+# Bytes per direct transfer: each one waits for the device, so not too few (1 MiB writes
+# ran at ~1.9 GB/s here, 256 KiB at ~1.0), and one such buffer per open file.
+DIRECT_BLOCK_BYTES = 1024 * 1024
+
+_O_DIRECT: int = getattr(os, "O_DIRECT", 0)
+
+
+def set_direct(fd: int, on: bool) -> bool:
+    """Turn O_DIRECT on or off for ``fd``; False if this system or file system has none."""
+    if not _O_DIRECT or fcntl is None:
+        return False
+    try:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | _O_DIRECT if on else flags & ~_O_DIRECT)
+    except OSError:
+        return False
+    return True
+
+
+class AlignedBlock:
+    """One page-aligned buffer of ``size`` bytes (a multiple of ALIGN), freed by close."""
+
+    def __init__(self, size: int = DIRECT_BLOCK_BYTES) -> None:
+        self._map = mmap.mmap(-1, size)
+        self.view = memoryview(self._map)
+
+    def close(self) -> None:
+        self.view.release()
+        # A slice still held (by an error's traceback) keeps the map: it goes with that.
+        with contextlib.suppress(BufferError):
+            self._map.close()
+
+
+class DirectStage:
+    """The rest of a file, written from an aligned buffer through O_DIRECT.
+
+    Start it at an aligned offset of ``fd`` (``start`` returns None where direct I/O is not
+    to be had, and the caller writes as before). Bytes are copied into the buffer and
+    written a whole buffer at a time; ``close`` writes what is left, the last part of a
+    block after switching O_DIRECT off, and leaves the file descriptor as it found it. A
+    transfer the file system refuses (EINVAL) or cuts short is finished without O_DIRECT,
+    and so is the rest of the file.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._block = AlignedBlock()
+        self._fill = 0
+        self._direct = True
+
+    @classmethod
+    def start(cls, fd: int) -> DirectStage | None:
+        return cls(fd) if set_direct(fd, True) else None
+
+    @property
+    def staged(self) -> int:
+        """Bytes taken but not yet written to the file."""
+        return self._fill
+
+    def write(self, data: memoryview) -> None:
+        view = self._block.view
+        while data:
+            take = min(len(data), len(view) - self._fill)
+            view[self._fill : self._fill + take] = data[:take]
+            self._fill += take
+            data = data[take:]
+            if self._fill == len(view):
+                self._write_out()
+
+    def close(self, *, flush: bool = True) -> None:
+        """Write what is staged (unless ``flush`` is false: the file is being thrown away)."""
+        try:
+            if flush:
+                self._write_out()
+        finally:
+            if self._direct:
+                set_direct(self._fd, False)
+            self._block.close()
+
+    def _write_out(self) -> None:
+        view = self._block.view[: self._fill]
+        done = 0
+        whole = self._fill - self._fill % ALIGN
+        while self._direct and done < whole:
+            try:
+                n = os.write(self._fd, view[done:whole])
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                n = 0
+            done += n
+            if n == 0 or done % ALIGN:
+                self._stop_direct()
+        if done < len(view):
+            # The end of the file, or a refusal: the ordinary way.
+            self._stop_direct()
+            while done < len(view):
+                done += os.write(self._fd, view[done:])
+        self._fill = 0
+
+    def _stop_direct(self) -> None:
+        if self._direct:
+            self._direct = False
+            set_direct(self._fd, False)
+
+
+class DirectReader:
+    """A file read from its start with O_DIRECT into one aligned buffer.
+
+    ``start`` returns None where direct I/O is not to be had (the caller reads as before).
+    Each ``read(n)`` asks for whole blocks (the file ends where it ends, so the last read
+    comes back short) and returns at most ``n`` bytes, b"" at the end. A read the file
+    system refuses (EINVAL) is done again, and so are the rest, without O_DIRECT. The
+    file descriptor stays the caller's to close, after the last read has returned.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._block = AlignedBlock()
+        self._offset = 0
+        self._direct = True
+
+    @classmethod
+    def start(cls, fd: int) -> DirectReader | None:
+        if not hasattr(os, "preadv") or not set_direct(fd, True):
+            return None
+        return cls(fd)
+
+    def read(self, n: int) -> bytes:
+        view = self._block.view
+        n = min(n, len(view))
+        want = min(len(view), n + -n % ALIGN)
+        try:
+            got = os.preadv(self._fd, [view[:want]], self._offset)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL or not self._direct:
+                raise
+            self._direct = False
+            set_direct(self._fd, False)
+            got = os.preadv(self._fd, [view[:want]], self._offset)
+        data = bytes(view[: min(got, n)])
+        self._offset += len(data)
+        return data
+
+    def close(self) -> None:
+        self._block.close()
