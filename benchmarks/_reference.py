@@ -15,6 +15,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ._cache import evict
 from ._proc import Finished, run_measured
 
 __all__ = ["Rclone", "Restic", "Tools", "find_tools"]
@@ -96,6 +97,7 @@ class Restic:
         run_measured([*base, "init"], log=self.log, env=self.env)
         try:
             backup = run_measured([*base, "backup", str(source)], log=self.log, env=self.env)
+            evict(repo)  # restored from disk, as splitstore's fetch reads its stripes
             restore = run_measured(
                 [*base, "restore", "latest", "--target", str(target)], log=self.log, env=self.env
             )
@@ -134,6 +136,7 @@ class Rclone:
         remote = f"{REMOTE}:run{n}"
         try:
             up = run_measured([self.exe, "copy", str(source), remote], log=self.log, env=self.env)
+            evict(self.store)
             down = run_measured(
                 [self.exe, "copy", f"{remote}/{source.name}", str(back)], log=self.log, env=self.env
             )

@@ -23,6 +23,7 @@ from splitstore._config import ENCRYPTION_ON
 from splitstore._setup import SetupPaths
 
 from ._budget import cpu_budget
+from ._cache import CAN_EVICT, evict
 from ._data import make_file, make_small_files
 from ._measure import ClientRunner, Run, summarise
 from ._proc import ToolFailed, run_measured
@@ -58,6 +59,10 @@ NOTES = [
     "stored, then fetched, through one Client session (peaks and CPU cover both); ls lists "
     "those, the large file and tiny files stored to make up the count",
     "MiB: peak RSS (VmHWM) of the process; CPU: its user + system seconds",
+    "before each large-file fetch, restic restore and rclone copy back, what the tool "
+    "stored is synced and dropped from the page cache (POSIX_FADV_DONTNEED), so each reads "
+    "it from disk as a restore from backup does"
+    + ("" if CAN_EVICT else " (not on this system: the data stays cached)"),
 ]
 
 
@@ -174,6 +179,8 @@ class _Suite:
                     ("store", (big, "bench/big.bin")),
                     ("fetch", ("bench/big.bin", dest)),
                 ):
+                    if op == "fetch":  # from disk, as restic's restore and rclone's copy back
+                        evict(servers.paths.https_data, servers.paths.tcp_data)
                     run = self.runner.run(servers, op, *args, config=config)
                     runs.setdefault(f"{op}_{mode}", []).append(run)
                 if dest.stat().st_size != self.o.size:
