@@ -182,5 +182,9 @@ class DirectReader:
         self._offset += len(data)
         return data
 
+    def rewind(self) -> None:
+        """Read from the start again."""
+        self._offset = 0
+
     def close(self) -> None:
         self._block.close()
