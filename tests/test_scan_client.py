@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from splitstore import Client, MaliciousFileError, SplitStoreError
+from splitstore import Client, IntegrityError, MaliciousFileError, SplitStoreError
 from splitstore._cli import main
+from splitstore._pipeline import PieceSink
 from splitstore.scanning import Finding, Policy, Scanner, ScanReport, ScanSettings
 
 from .conftest import LiveServers
@@ -112,6 +113,29 @@ def test_get_refuses_to_deliver_a_malicious_file(client: Client, tmp_path: Path)
     assert now.verdict == "malicious"
     assert then is not None
     assert then.verdict == "malicious"
+
+
+def test_a_scanned_get_checks_the_bytes_written_against_the_manifest(
+    client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client-side fault after decryption (the tags cannot see it) is caught by the
+    scan's hash of what was written: nothing is delivered."""
+    original = tmp_path / "report.txt"
+    original.write_bytes(b"quarterly figures\n" * 5000)
+    client.store(original)
+    real_write = PieceSink._write
+
+    def flipping(self: PieceSink, block: bytes | memoryview) -> None:
+        damaged = bytearray(block)
+        damaged[0] ^= 1
+        real_write(self, memoryview(damaged))
+
+    monkeypatch.setattr(PieceSink, "_write", flipping)
+    out = tmp_path / "out" / "report.txt"
+    out.parent.mkdir()
+    with pytest.raises(IntegrityError, match="different bytes than were stored"):
+        client.fetch("report.txt", out)
+    assert list(out.parent.iterdir()) == []
 
 
 def test_get_reports_the_scan_of_store_time(client: Client, tmp_path: Path) -> None:

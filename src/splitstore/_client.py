@@ -514,6 +514,13 @@ class AsyncClient:
                     raise LocalFileError(f"cannot write {tmp}: {exc.strerror}") from exc
             if isinstance(out, _ScanningWriter):
                 report = await asyncio.to_thread(out.finish, tmp)
+                # The scan hashed every byte written: one more end-to-end check, free here
+                # (an encrypted fetch otherwise relies on the segments' tags alone).
+                if report.sha256 != manifest.sha256:
+                    raise IntegrityError(
+                        f"{name!r} reassembled to different bytes than were stored; "
+                        "nothing was written"
+                    )
                 if report.verdict == "malicious" and not allow_unsafe:
                     raise MaliciousFileError(
                         f"{name!r} was not delivered: {report.summary()}; nothing was written",
