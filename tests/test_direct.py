@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import fcntl
 import os
 import threading
 from pathlib import Path
@@ -17,6 +16,8 @@ from splitstore import _direct, _service
 from splitstore._direct import ALIGN, DIRECT_BLOCK_BYTES, DirectReader, set_direct
 from splitstore._service import StripeChunks
 from splitstore._syncing import SyncingWriter
+
+fcntl = pytest.importorskip("fcntl")  # O_DIRECT is toggled with fcntl: not on Windows
 
 SYNC = 256 * 1024  # a small sync interval: direct writes start early in the file
 O_DIRECT = getattr(os, "O_DIRECT", 0)
@@ -55,8 +56,7 @@ def write_in_pieces(path: Path, data: bytes, piece: int, *, buffered: bool) -> N
         for i in range(0, len(data), piece):
             w.write(data[i : i + piece])
         w.finish()
-        if not buffered:
-            assert not fcntl.fcntl(raw.fileno(), fcntl.F_GETFL) & O_DIRECT  # left as found
+        assert not fcntl.fcntl(raw.fileno(), fcntl.F_GETFL) & O_DIRECT  # off again
 
 
 @needs_direct_io
@@ -77,24 +77,75 @@ def test_a_large_file_is_written_directly_and_byte_for_byte(
     assert not writes[-1][2]  # the tail, the ordinary way
 
 
-@pytest.mark.parametrize("refusal", ["no O_DIRECT", "write refused"])
-def test_where_direct_io_is_refused_the_data_still_arrives(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refusal: str
+def test_where_there_is_no_direct_io_the_data_still_arrives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if refusal == "no O_DIRECT":
-        monkeypatch.setattr(_direct, "set_direct", lambda fd, on: False)
-    else:
-        real = os.write
-
-        def refusing(fd: int, data: memoryview) -> int:
-            if fcntl.fcntl(fd, fcntl.F_GETFL) & O_DIRECT:
-                raise OSError(errno.EINVAL, "Invalid argument")
-            return real(fd, data)
-
-        monkeypatch.setattr(os, "write", refusing)
+    monkeypatch.setattr(_direct, "set_direct", lambda fd, on: False)
     data = os.urandom(2 * DIRECT_BLOCK_BYTES + 777)
     write_in_pieces(tmp_path / "out", data, 50_000, buffered=False)
     assert (tmp_path / "out").read_bytes() == data
+
+
+@needs_direct_io
+@pytest.mark.parametrize("refusal", ["refused", "cut short"])
+def test_a_direct_write_refused_or_cut_short_is_finished_the_ordinary_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refusal: str
+) -> None:
+    if not direct_io_here(tmp_path):
+        pytest.skip("this file system has no O_DIRECT")
+    real = os.write
+    odd: list[int] = []
+
+    def unhelpful(fd: int, data: memoryview) -> int:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        if not flags & O_DIRECT:
+            return real(fd, data)
+        if refusal == "refused":
+            odd.append(len(data))
+            raise OSError(errno.EINVAL, "Invalid argument")
+        # Part of the block, and not a whole number of ALIGN: the offset is then unaligned.
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~O_DIRECT)
+        try:
+            n = real(fd, data[: len(data) // 2 + 1])
+        finally:
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+        odd.append(n)
+        return n
+
+    monkeypatch.setattr(os, "write", unhelpful)
+    data = os.urandom(3 * DIRECT_BLOCK_BYTES + 777)
+    write_in_pieces(tmp_path / "out", data, 50_000, buffered=False)
+    assert (tmp_path / "out").read_bytes() == data
+    assert len(odd) == 1  # once: the rest of the file went the ordinary way
+
+
+def test_after_a_failed_write_the_file_refuses_more(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retry after a failure must not give a file that looks complete and is not: part
+    of a block may be on disk and staged bytes lost."""
+    real = os.write
+    fail = [True]
+
+    def full_once(fd: int, data: memoryview) -> int:
+        if fail[0]:
+            fail[0] = False
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data)
+
+    with (
+        (tmp_path / "out").open("wb", buffering=0) as raw,
+        SyncingWriter(raw, sync_every=SYNC) as w,
+    ):
+        w.write(os.urandom(SYNC + 1))
+        monkeypatch.setattr(_direct, "set_direct", lambda fd, on: True)  # any file system
+        monkeypatch.setattr(os, "write", full_once)
+        with pytest.raises(OSError, match="No space"):
+            w.write(os.urandom(2 * DIRECT_BLOCK_BYTES))  # fills the stage: a write fails
+        with pytest.raises(OSError, match="earlier write to this file failed"):
+            w.write(b"more")
+        with pytest.raises(OSError, match="earlier write to this file failed"):
+            w.finish()
 
 
 def test_other_write_errors_are_raised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -107,7 +158,9 @@ def test_other_write_errors_are_raised(tmp_path: Path, monkeypatch: pytest.Monke
         write_in_pieces(tmp_path / "out", os.urandom(2 * DIRECT_BLOCK_BYTES), 65536, buffered=False)
 
 
-def test_starting_again_mid_file_keeps_only_the_new_content(tmp_path: Path) -> None:
+def test_starting_again_mid_file_keeps_only_the_new_content(
+    tmp_path: Path, writes: list[tuple[int, int, bool]]
+) -> None:
     with (
         (tmp_path / "out").open("wb", buffering=0) as raw,
         SyncingWriter(raw, sync_every=SYNC) as w,
@@ -121,6 +174,8 @@ def test_starting_again_mid_file_keeps_only_the_new_content(tmp_path: Path) -> N
             w.write(again[i : i + 40_000])
         w.finish()
     assert (tmp_path / "out").read_bytes() == again
+    if direct_io_here(tmp_path):
+        assert any(on for *_, on in writes)  # both contents went past the cache in part
 
 
 @needs_direct_io
@@ -144,7 +199,7 @@ def test_a_file_thrown_away_mid_write_is_let_go(tmp_path: Path) -> None:
 
 def read_directly(path: Path) -> bytes:
     with path.open("rb") as f:
-        reader = DirectReader.start(f.fileno())
+        reader = DirectReader.start(f)
         assert reader is not None
         try:
             return b"".join(iter(lambda: reader.read(DIRECT_BLOCK_BYTES), b""))
@@ -189,6 +244,16 @@ def test_a_large_stripe_is_read_whole_and_closed(
     monkeypatch.setattr(_service, "DIRECT_READ_MIN_BYTES", 1)
     data = os.urandom(3 * DIRECT_BLOCK_BYTES + 10)
     (tmp_path / "stripe").write_bytes(data)
+    direct_reads: list[int] = []
+    real_preadv = os.preadv
+
+    def spying(fd: int, buffers: list[memoryview], offset: int) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & O_DIRECT:
+            direct_reads.append(offset)
+        return real_preadv(fd, buffers, offset)
+
+    if hasattr(os, "preadv"):
+        monkeypatch.setattr(os, "preadv", spying)
     f = (tmp_path / "stripe").open("rb")
 
     async def read_all() -> bytes:
@@ -197,8 +262,11 @@ def test_a_large_stripe_is_read_whole_and_closed(
 
     assert asyncio.run(read_all()) == data
     assert f.closed
+    if O_DIRECT and hasattr(os, "preadv") and direct_io_here(tmp_path):
+        assert direct_reads == [i * DIRECT_BLOCK_BYTES for i in range(4)]
 
 
+@needs_direct_io
 def test_a_stripe_left_mid_read_is_closed_when_its_read_ends(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -209,13 +277,15 @@ def test_a_stripe_left_mid_read_is_closed_when_its_read_ends(
     release = threading.Event()
     real_preadv = os.preadv
     calls = 0
+    opened: list[int] = []
 
     def slow_second(fd: int, buffers: list[memoryview], offset: int) -> int:
         nonlocal calls
         calls += 1
         if calls == 2:
             release.wait(5)
-        os.fstat(fd)  # still open
+        os.fstat(fd)  # still open: raises if it was closed
+        opened.append(calls)
         return real_preadv(fd, buffers, offset)
 
     monkeypatch.setattr(os, "preadv", slow_second)
@@ -236,3 +306,4 @@ def test_a_stripe_left_mid_read_is_closed_when_its_read_ends(
 
     assert asyncio.run(stop_after_one()) is True
     assert f.closed
+    assert opened == [1, 2]  # the held-up read still found its file open

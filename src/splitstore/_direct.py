@@ -22,6 +22,7 @@ import contextlib
 import errno
 import mmap
 import os
+from typing import BinaryIO
 
 try:
     import fcntl
@@ -77,9 +78,10 @@ class DirectStage:
     Start it at an aligned offset of ``fd`` (``start`` returns None where direct I/O is not
     to be had, and the caller writes as before). Bytes are copied into the buffer and
     written a whole buffer at a time; ``close`` writes what is left, the last part of a
-    block after switching O_DIRECT off, and leaves the file descriptor as it found it. A
-    transfer the file system refuses (EINVAL) or cuts short is finished without O_DIRECT,
-    and so is the rest of the file.
+    block after switching O_DIRECT off, and leaves O_DIRECT off. A transfer the file
+    system refuses (EINVAL) or cuts short is finished without O_DIRECT, and so is the
+    rest of the file (``direct`` is then False). After an error from ``write`` the stage
+    is not to be used again, only closed: what it holds is unknown.
     """
 
     def __init__(self, fd: int) -> None:
@@ -91,6 +93,11 @@ class DirectStage:
     @classmethod
     def start(cls, fd: int) -> DirectStage | None:
         return cls(fd) if set_direct(fd, True) else None
+
+    @property
+    def direct(self) -> bool:
+        """Still writing with O_DIRECT (not since a refusal)."""
+        return self._direct
 
     @property
     def staged(self) -> int:
@@ -151,20 +158,23 @@ class DirectReader:
     Each ``read(n)`` asks for whole blocks (the file ends where it ends, so the last read
     comes back short) and returns at most ``n`` bytes, b"" at the end. A read the file
     system refuses (EINVAL) is done again, and so are the rest, without O_DIRECT. The
-    file descriptor stays the caller's to close, after the last read has returned.
+    reader holds a reference to the file, so a read in a worker thread never finds its
+    descriptor closed by the garbage collector; closing the file stays the caller's,
+    after the last read has returned.
     """
 
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
+    def __init__(self, file: BinaryIO) -> None:
+        self._file = file
+        self._fd = file.fileno()
         self._block = AlignedBlock()
         self._offset = 0
         self._direct = True
 
     @classmethod
-    def start(cls, fd: int) -> DirectReader | None:
-        if not hasattr(os, "preadv") or not set_direct(fd, True):
+    def start(cls, file: BinaryIO) -> DirectReader | None:
+        if not hasattr(os, "preadv") or not set_direct(file.fileno(), True):
             return None
-        return cls(fd)
+        return cls(file)
 
     def read(self, n: int) -> bytes:
         view = self._block.view

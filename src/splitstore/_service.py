@@ -352,7 +352,11 @@ class StripeChunks:
     def __init__(self, f: BinaryIO, length: int) -> None:
         self._f = f
         self._left = length
-        self._direct = DirectReader.start(f.fileno()) if length >= DIRECT_READ_MIN_BYTES else None
+        try:
+            self._direct = DirectReader.start(f) if length >= DIRECT_READ_MIN_BYTES else None
+        except BaseException:
+            f.close()
+            raise
         self._reading: asyncio.Future[bytes] | None = None
         self._closed = False
 
@@ -406,7 +410,8 @@ class StripeChunks:
         self._close_file()
 
     def _close_file(self) -> None:
-        # A read running in its thread holds the file's lock: close waits for it.
+        # Never while a read runs (aclose waits for it to end); an ordinary read's own
+        # lock would make close wait, a direct read has none.
         self._f.close()
         if self._direct is not None:
             self._direct.close()

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import errno
 import os
+from collections.abc import Iterator
 from types import TracebackType
 from typing import BinaryIO
 
@@ -90,8 +92,13 @@ class SyncingWriter:
         self._stage: DirectStage | None = None  # writing with O_DIRECT
         self._go_direct = False  # to start at the next aligned offset
         self._no_direct = keep_cached  # or refused by the file system
+        self._failed = False  # an error was raised: no further writing
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
+        with self._failing():
+            return self._write(data)
+
+    def _write(self, data: bytes | bytearray | memoryview) -> int:
         view = memoryview(data)
         if view.ndim != 1 or view.itemsize != 1:
             view = view.cast("B")
@@ -113,29 +120,49 @@ class SyncingWriter:
             self._syncing = _syncer().submit(_sync_then_forget, fd, start, end)
             self._dropped = max(self._dropped, end)
             self._unsynced = 0
+            if self._stage is not None and not self._stage.direct:
+                self._end_direct()  # refused: no more copying through the stage
+                self._no_direct = True
             self._go_direct = self._stage is None and not self._no_direct
         return n
 
     def seek(self, offset: int, whence: int = 0) -> int:
-        self._end_direct()
-        self._pos = self._raw.seek(offset, whence)
-        return self._pos
+        with self._failing():
+            self._end_direct()
+            self._pos = self._raw.seek(offset, whence)
+            return self._pos
 
     def truncate(self, size: int | None = None) -> int:
-        self._wait()  # not while a sync of the old content runs
-        self._end_direct()
-        size = self._raw.truncate(size)
-        self._dropped = min(self._dropped, size)
-        return size
+        with self._failing():
+            self._wait()  # not while a sync of the old content runs
+            self._end_direct()
+            size = self._raw.truncate(size)
+            self._dropped = min(self._dropped, size)
+            return size
 
     def finish(self) -> None:
         """Make everything written durable (raises what a background sync raised)."""
-        self._wait()
-        self._end_direct()
-        self._raw.flush()
-        os.fsync(self._raw.fileno())
-        if self._dropped and not self._keep:
-            _forget(self._raw.fileno(), self._dropped, 0)
+        with self._failing():
+            self._wait()
+            self._end_direct()
+            self._raw.flush()
+            os.fsync(self._raw.fileno())
+            if self._dropped and not self._keep:
+                _forget(self._raw.fileno(), self._dropped, 0)
+
+    @contextlib.contextmanager
+    def _failing(self) -> Iterator[None]:
+        """After any error the file's content is unknown (part of a block may be written,
+        or staged bytes lost): every later call raises, so that a retry cannot produce a
+        file that looks complete and is not. The staged bytes are dropped, O_DIRECT is off."""
+        if self._failed:
+            raise OSError(errno.EIO, "an earlier write to this file failed")
+        try:
+            yield
+        except BaseException:
+            self._failed = True
+            self._end_direct(flush=False)
+            raise
 
     def __enter__(self) -> SyncingWriter:
         return self
@@ -150,9 +177,10 @@ class SyncingWriter:
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if kind is None:
-            self._wait()
-            self._end_direct()
+        if kind is None and not self._failed:
+            with self._failing():
+                self._wait()
+                self._end_direct()
         else:
             self.abandon()
 
