@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from splitstore._service import IO_BATCH_BYTES, StorageService, StripeChunks
+from splitstore._service import IO_BATCH_BYTES, WRITE_BATCH_BYTES, StorageService, StripeChunks
 from splitstore._storage import (
     DataFolder,
     LocalDiskStore,
@@ -375,10 +375,10 @@ def test_upload_cancelled_twice_mid_write_still_leaves_no_file(
         return upload
 
     monkeypatch.setattr(store, "begin_stripe", begin)
-    size = 2 * IO_BATCH_BYTES
+    size = 2 * WRITE_BATCH_BYTES
 
     async def body() -> AsyncIterator[bytes]:
-        yield b"x" * IO_BATCH_BYTES  # a whole batch: written while the next is awaited
+        yield b"x" * WRITE_BATCH_BYTES  # a whole batch: written while the next is awaited
         await asyncio.Event().wait()  # and the next never comes
 
     async def scenario() -> None:
