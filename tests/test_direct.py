@@ -8,6 +8,7 @@ import contextlib
 import errno
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,36 @@ def test_a_direct_write_refused_or_cut_short_is_finished_the_ordinary_way(
     write_in_pieces(tmp_path / "out", data, 50_000, buffered=False)
     assert (tmp_path / "out").read_bytes() == data
     assert len(odd) == 1  # once: the rest of the file went the ordinary way
+
+
+@needs_direct_io
+def test_after_a_refusal_the_file_stops_going_through_the_stage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not direct_io_here(tmp_path):
+        pytest.skip("this file system has no O_DIRECT")
+    real = os.write
+
+    def refusing(fd: int, data: memoryview) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", refusing)
+    monkeypatch.setattr(os, "fdatasync", lambda fd: None)  # each sync over at once
+    data = os.urandom(SYNC + 2 * DIRECT_BLOCK_BYTES + SYNC)
+    with (
+        (tmp_path / "out").open("wb", buffering=0) as raw,
+        SyncingWriter(raw, sync_every=SYNC) as w,
+    ):
+        w.write(data[: SYNC + 1])  # O_DIRECT is due
+        w.write(data[SYNC + 1 : SYNC + DIRECT_BLOCK_BYTES + 1])  # the stage's block: refused
+        assert w._stage is not None
+        time.sleep(0.05)  # room for the background sync to end before the next is due
+        w.write(data[SYNC + DIRECT_BLOCK_BYTES + 1 :])  # past the next sync
+        assert w._stage is None  # ended there: no more copying through it
+        w.finish()
+    assert (tmp_path / "out").read_bytes() == data
 
 
 def test_after_a_failed_write_the_file_refuses_more(

@@ -140,6 +140,20 @@ def test_tcp_upload_longer_than_declared(servers: LiveServers) -> None:
     assert not list((servers.data_dir("tcp") / "tmp").iterdir())
 
 
+def test_tcp_upload_longer_than_declared_is_refused_as_it_arrives(servers: LiveServers) -> None:
+    """Not held until a batch is full or the body ends: refused at the first byte too many."""
+    sock = tcp_handshake(servers)
+    oid, vid = "a" * 64, "b" * 32
+    started = time.monotonic()
+    sock.sendall(
+        json_frame(REQUEST, {"op": "put_stripe", "object_id": oid, "version_id": vid, "length": 10})
+        + frame(DATA, b"x" * 20)  # and then nothing: no END
+    )
+    assert error_codes(recv_all(sock))[0] == "bad_request"
+    assert time.monotonic() - started < TEST_LIMITS.idle_timeout
+    assert not list((servers.data_dir("tcp") / "tmp").iterdir())
+
+
 @pytest.mark.parametrize("bad_id", ["../../../etc/passwd", "A" * 64, "a" * 63, "", 5])
 def test_tcp_bad_ids_are_refused(servers: LiveServers, bad_id: object) -> None:
     sock = tcp_handshake(servers)

@@ -38,8 +38,9 @@ __all__ = ["ServerLimits", "StorageService", "TenantStores"]
 IO_BATCH_BYTES = DIRECT_BLOCK_BYTES
 # Bytes of a stripe being received handed to a worker thread at once: each hand-off wakes
 # a thread and passes the GIL, so fewer of them count (4 MiB instead of 1 cut the
-# servers' user CPU of a 512 MiB store by 10-15% and gave 5-9% more MB/s, alternating);
-# two batches per upload (one written while the next arrives) keep memory flat.
+# servers' user CPU of a 512 MiB store by 10-15% and gave 5-9% more MB/s, alternating).
+# An upload holds at most two batches (one written while the next arrives), each up to
+# this plus one piece (a TCP frame is at most 1 MiB): about 10 MiB per connection.
 WRITE_BATCH_BYTES = 4 * 1024 * 1024
 # Stripes from this size on are read past the page cache: as large as the files that
 # SyncingWriter writes past it, so a small stripe is read as it was written.
@@ -232,8 +233,13 @@ class StorageService:
         finishing: asyncio.Future[str] | None = None
         try:
             batch: list[bytes] = []
-            batched = 0
+            batched = received = 0
             async for piece in body:
+                # Checked here as it arrives, not only when its batch is written: a client
+                # sending more than it declared is refused before more of it is held.
+                received += len(piece)
+                if received > length:
+                    raise StorageError("bad_request", f"more than the declared {length} bytes sent")
                 batch.append(piece)
                 batched += len(piece)
                 if batched >= WRITE_BATCH_BYTES:
