@@ -14,13 +14,12 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Protocol, TypeVar
+from typing import Any, BinaryIO, Protocol
 
 import orjson
 
 from . import _batch
 from ._batch import StripeItem
-from ._byte_budget import ByteBudget
 from ._direct import DIRECT_BLOCK_BYTES, DirectReader
 from ._storage import (
     MAX_STRIPE_BYTES,
@@ -35,19 +34,14 @@ from ._tenants import Tenant
 
 __all__ = ["ServerLimits", "StorageService", "TenantStores"]
 
-T = TypeVar("T")
-
 # Bytes read from a stripe at once, and handed on: one direct read's block.
 IO_BATCH_BYTES = DIRECT_BLOCK_BYTES
 # Bytes of a stripe being received handed to a worker thread at once: each hand-off wakes
 # a thread and passes the GIL, so fewer of them count (4 MiB instead of 1 cut the
 # servers' user CPU of a 512 MiB store by 10-15% and gave 5-9% more MB/s, alternating).
 # An upload holds at most two batches (one written while the next arrives), each up to
-# this: 8 MiB per connection at most, and all of them together RECEIVE_BUFFER_BYTES.
+# this plus one piece (a TCP frame is at most 1 MiB): about 10 MiB per connection.
 WRITE_BATCH_BYTES = 4 * 1024 * 1024
-# Bytes all uploads of a server may hold in memory at once (``_byte_budget``): eight
-# large uploads at full speed; more wait their turn, small stripes hardly ever.
-RECEIVE_BUFFER_BYTES = 64 * 1024 * 1024
 # Stripes from this size on are read past the page cache: as large as the files that
 # SyncingWriter writes past it, so a small stripe is read as it was written.
 DIRECT_READ_MIN_BYTES = SYNC_EVERY_BYTES
@@ -105,12 +99,8 @@ class StorageService:
     ends, so parallel uploads cannot together squeeze past the quota.
     """
 
-    def __init__(
-        self, stores: TenantStores, *, receive_buffer_bytes: int = RECEIVE_BUFFER_BYTES
-    ) -> None:
+    def __init__(self, stores: TenantStores) -> None:
         self.stores = stores
-        # What all uploads together may hold in memory on their way to disk.
-        self._receive_budget = ByteBudget(receive_buffer_bytes)
         # Declared bytes of uploads in progress, per tenant. Only touched on the event
         # loop, so the check and the reservation in put_stripe are one step.
         self._in_flight: dict[str, int] = {}
@@ -238,46 +228,33 @@ class StorageService:
     ) -> tuple[int, str]:
         upload = await _begin(store, object_id, version_id, length)
         # One batch is written (and hashed) in a worker thread while the next one arrives,
-        # so the network and the disk work at the same time. Each batch's bytes are
-        # reserved in the server-wide budget before they are held, and given back once
-        # they are on disk.
-        budget = self._receive_budget
+        # so the network and the disk work at the same time.
         writing: asyncio.Future[None] | None = None
         finishing: asyncio.Future[str] | None = None
-        held = 0  # reserved for the batch being filled
         try:
             batch: list[bytes] = []
             batched = received = 0
-
-            async def hand_off() -> None:
-                nonlocal writing, batch, batched, held
-                if writing is not None:
-                    await asyncio.shield(writing)
-                writing = _in_thread(budget, held, _write_all, upload, batch)
-                batch, batched, held = [], 0, 0
-
             async for piece in body:
                 # Checked here as it arrives, not only when its batch is written: a client
                 # sending more than it declared is refused before more of it is held.
                 received += len(piece)
                 if received > length:
                     raise StorageError("bad_request", f"more than the declared {length} bytes sent")
-                if batched + len(piece) > held:
-                    if batch:
-                        await hand_off()
-                    still_to_come = length - received + len(piece)
-                    held = await budget.take(max(len(piece), min(WRITE_BATCH_BYTES, still_to_come)))
                 batch.append(piece)
                 batched += len(piece)
                 if batched >= WRITE_BATCH_BYTES:
-                    await hand_off()
+                    if writing is not None:
+                        await asyncio.shield(writing)
+                    writing = asyncio.ensure_future(asyncio.to_thread(_write_all, upload, batch))
+                    batch, batched = [], 0
             if writing is not None:
                 await asyncio.shield(writing)
             # The rest and the fsync in one hop: a small stripe is all in this last batch.
-            finishing, held = _in_thread(budget, held, _write_all_and_finish, upload, batch), 0
+            finishing = asyncio.ensure_future(
+                asyncio.to_thread(_write_all_and_finish, upload, batch)
+            )
             digest = await asyncio.shield(finishing)
         except BaseException:
-            budget.give(held)  # the batch being filled is dropped with the upload
             # A task of its own, shielded: a further cancellation cannot skip the abort.
             await asyncio.shield(_clean_up(_abort_after(upload, writing, finishing)))
             raise
@@ -340,15 +317,6 @@ def _consumed(future: asyncio.Future[Any]) -> None:
     """Mark a future's error as seen: its caller may have gone, and was told then."""
     if not future.cancelled():
         future.exception()
-
-
-def _in_thread(
-    budget: ByteBudget, held: int, write: Callable[[StripeUpload, list[bytes]], T], *args: Any
-) -> asyncio.Future[T]:
-    """``write(*args)`` in a worker thread; ``held`` bytes go back to ``budget`` when it ends."""
-    future = asyncio.ensure_future(asyncio.to_thread(write, *args))
-    future.add_done_callback(lambda _: budget.give(held))
-    return future
 
 
 def _clean_up(work: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
