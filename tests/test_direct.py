@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import itertools
 import os
 import threading
 import time
@@ -36,46 +37,58 @@ needs_direct_io = pytest.mark.skipif(
 
 @pytest.fixture
 def writes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, bool]]:
-    """Every write the direct module makes: (offset, length, with O_DIRECT on)."""
+    """Every write the direct module makes: (offset, length, with O_DIRECT on), in the
+    order they ended (with writer threads, not always the file's order)."""
     seen: list[tuple[int, int, bool]] = []
-    real = os.write
+    real = os.pwrite
 
-    def spying(fd: int, data: memoryview) -> int:
+    def spying(fd: int, data: memoryview, offset: int) -> int:
         direct = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & O_DIRECT)
-        seen.append((os.lseek(fd, 0, os.SEEK_CUR), len(data), direct))
-        return real(fd, data)
+        n = real(fd, data, offset)
+        seen.append((offset, len(data), direct))
+        return n
 
-    monkeypatch.setattr(os, "write", spying)
+    monkeypatch.setattr(os, "pwrite", spying)
     return seen
 
 
-def write_in_pieces(path: Path, data: bytes, piece: int, *, buffered: bool) -> None:
+def write_in_pieces(path: Path, data: bytes, piece: int, *, buffered: bool, depth: int = 1) -> None:
     with (
         path.open("wb", buffering=-1 if buffered else 0) as raw,
-        SyncingWriter(raw, sync_every=SYNC) as w,
+        SyncingWriter(raw, sync_every=SYNC, write_depth=depth) as w,
     ):
         for i in range(0, len(data), piece):
             w.write(data[i : i + piece])
         w.finish()
         assert not fcntl.fcntl(raw.fileno(), fcntl.F_GETFL) & O_DIRECT  # off again
+        assert raw.tell() == len(data)  # the position at the end, as after ordinary writes
 
 
 @needs_direct_io
 @pytest.mark.parametrize("piece", [1000, ALIGN, 65537, 300_001])
 @pytest.mark.parametrize("buffered", [False, True])
+@pytest.mark.parametrize("depth", [1, 3])
 def test_a_large_file_is_written_directly_and_byte_for_byte(
-    tmp_path: Path, writes: list[tuple[int, int, bool]], piece: int, buffered: bool
+    tmp_path: Path,
+    writes: list[tuple[int, int, bool]],
+    piece: int,
+    buffered: bool,
+    depth: int,
 ) -> None:
     if not direct_io_here(tmp_path):
         pytest.skip("this file system has no O_DIRECT")
-    data = os.urandom(3 * DIRECT_BLOCK_BYTES + 12345)  # ends mid-block
-    write_in_pieces(tmp_path / "out", data, piece, buffered=buffered)
+    data = os.urandom(6 * DIRECT_BLOCK_BYTES + 12345)  # ends mid-block
+    write_in_pieces(tmp_path / "out", data, piece, buffered=buffered, depth=depth)
     assert (tmp_path / "out").read_bytes() == data
+    writes.sort()
     direct = [(at, n) for at, n, on in writes if on]
     assert direct, "no write went past the cache"
     assert all(at % ALIGN == 0 and n % ALIGN == 0 for at, n in direct)
     assert direct[0][0] >= SYNC  # only once the file proved large
     assert not writes[-1][2]  # the tail, the ordinary way
+    # Each byte from the stage's start written once, none twice, none left out.
+    assert all(a + n == b for (a, n, _), (b, _, _) in itertools.pairwise(writes))
+    assert writes[-1][0] + writes[-1][1] == len(data)
 
 
 def test_where_there_is_no_direct_io_the_data_still_arrives(
@@ -89,35 +102,50 @@ def test_where_there_is_no_direct_io_the_data_still_arrives(
 
 @needs_direct_io
 @pytest.mark.parametrize("refusal", ["refused", "cut short"])
+@pytest.mark.parametrize("depth", [1, 3])
 def test_a_direct_write_refused_or_cut_short_is_finished_the_ordinary_way(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refusal: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refusal: str, depth: int
 ) -> None:
     if not direct_io_here(tmp_path):
         pytest.skip("this file system has no O_DIRECT")
-    real = os.write
+    real = os.pwrite
     odd: list[int] = []
 
-    def unhelpful(fd: int, data: memoryview) -> int:
+    def unhelpful(fd: int, data: memoryview, offset: int) -> int:
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         if not flags & O_DIRECT:
-            return real(fd, data)
+            return real(fd, data, offset)
         if refusal == "refused":
             odd.append(len(data))
             raise OSError(errno.EINVAL, "Invalid argument")
         # Part of the block, and not a whole number of ALIGN: the offset is then unaligned.
         fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~O_DIRECT)
         try:
-            n = real(fd, data[: len(data) // 2 + 1])
+            n = real(fd, data[: len(data) // 2 + 1], offset)
         finally:
             fcntl.fcntl(fd, fcntl.F_SETFL, flags)
         odd.append(n)
         return n
 
-    monkeypatch.setattr(os, "write", unhelpful)
+    monkeypatch.setattr(os, "pwrite", unhelpful)
     data = os.urandom(3 * DIRECT_BLOCK_BYTES + 777)
-    write_in_pieces(tmp_path / "out", data, 50_000, buffered=False)
+    write_in_pieces(tmp_path / "out", data, 50_000, buffered=False, depth=depth)
     assert (tmp_path / "out").read_bytes() == data
-    assert len(odd) == 1  # once: the rest of the file went the ordinary way
+    # Once: the rest of the file went the ordinary way (with writer threads, also those
+    # that had already found O_DIRECT on).
+    assert 1 <= len(odd) <= depth
+
+
+def fail_direct_writes(monkeypatch: pytest.MonkeyPatch, error: OSError) -> None:
+    """Every write made while O_DIRECT is on raises `error`; ordinary writes go through."""
+    real = os.pwrite
+
+    def failing(fd: int, data: memoryview, offset: int) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & O_DIRECT:
+            raise error
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", failing)
 
 
 @needs_direct_io
@@ -126,14 +154,7 @@ def test_after_a_refusal_the_file_stops_going_through_the_stage(
 ) -> None:
     if not direct_io_here(tmp_path):
         pytest.skip("this file system has no O_DIRECT")
-    real = os.write
-
-    def refusing(fd: int, data: memoryview) -> int:
-        if fcntl.fcntl(fd, fcntl.F_GETFL) & O_DIRECT:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real(fd, data)
-
-    monkeypatch.setattr(os, "write", refusing)
+    fail_direct_writes(monkeypatch, OSError(errno.EINVAL, "Invalid argument"))
     monkeypatch.setattr(os, "fdatasync", lambda fd: None)  # each sync over at once
     data = os.urandom(SYNC + 2 * DIRECT_BLOCK_BYTES + SYNC)
     with (
@@ -155,14 +176,14 @@ def test_after_a_failed_write_the_file_refuses_more(
 ) -> None:
     """A retry after a failure must not give a file that looks complete and is not: part
     of a block may be on disk and staged bytes lost."""
-    real = os.write
+    real = os.pwrite
     fail = [True]
 
-    def full_once(fd: int, data: memoryview) -> int:
+    def full_once(fd: int, data: memoryview, offset: int) -> int:
         if fail[0]:
             fail[0] = False
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(fd, data)
+        return real(fd, data, offset)
 
     with (
         (tmp_path / "out").open("wb", buffering=0) as raw,
@@ -170,7 +191,7 @@ def test_after_a_failed_write_the_file_refuses_more(
     ):
         w.write(os.urandom(SYNC + 1))
         monkeypatch.setattr(_direct, "set_direct", lambda fd, on: True)  # any file system
-        monkeypatch.setattr(os, "write", full_once)
+        monkeypatch.setattr(os, "pwrite", full_once)
         with pytest.raises(OSError, match="No space"):
             w.write(os.urandom(2 * DIRECT_BLOCK_BYTES))  # fills the stage: a write fails
         with pytest.raises(OSError, match="earlier write to this file failed"):
@@ -179,14 +200,19 @@ def test_after_a_failed_write_the_file_refuses_more(
             w.finish()
 
 
-def test_other_write_errors_are_raised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def full(fd: int, data: memoryview) -> int:
+@pytest.mark.parametrize("depth", [1, 3])
+def test_other_write_errors_are_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, depth: int
+) -> None:
+    def full(fd: int, data: memoryview, offset: int) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(_direct, "set_direct", lambda fd, on: True)
-    monkeypatch.setattr(os, "write", full)
+    monkeypatch.setattr(os, "pwrite", full)
     with pytest.raises(OSError, match="No space"):
-        write_in_pieces(tmp_path / "out", os.urandom(2 * DIRECT_BLOCK_BYTES), 65536, buffered=False)
+        write_in_pieces(
+            tmp_path / "out", os.urandom(2 * DIRECT_BLOCK_BYTES), 65536, buffered=False, depth=depth
+        )
 
 
 def test_starting_again_mid_file_keeps_only_the_new_content(
@@ -226,6 +252,98 @@ def test_a_file_thrown_away_mid_write_is_let_go(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError):
         fetch_that_fails()
     assert (tmp_path / "out").stat().st_size <= SYNC + 1 + ALIGN  # the staged part not written
+
+
+def held_writes(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, list[int]]:
+    """Direct writes held until the event is set; the offsets of those that ended."""
+    release = threading.Event()
+    ended: list[int] = []
+    real = os.pwrite
+
+    def held(fd: int, data: memoryview, offset: int) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & O_DIRECT:
+            release.wait(10)
+        n = real(fd, data, offset)
+        ended.append(offset)
+        return n
+
+    monkeypatch.setattr(os, "pwrite", held)
+    return release, ended
+
+
+@needs_direct_io
+def test_with_a_depth_the_writer_goes_on_while_the_disk_works(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Full buffers are written by writer threads: the caller is not held up by the device
+    until all ``depth`` buffers are waiting for it."""
+    if not direct_io_here(tmp_path):
+        pytest.skip("this file system has no O_DIRECT")
+    release, ended = held_writes(monkeypatch)
+    data = os.urandom(SYNC + 5 * DIRECT_BLOCK_BYTES + 99)
+    with (
+        (tmp_path / "out").open("wb", buffering=0) as raw,
+        SyncingWriter(raw, sync_every=SYNC, write_depth=4) as w,
+    ):
+        w.write(data[: SYNC + 1])  # O_DIRECT from here on
+        w.write(data[SYNC + 1 : SYNC + 1 + 3 * DIRECT_BLOCK_BYTES])  # 3 buffers wait
+        assert ended == []  # none written yet, and the writer was not held up
+        threading.Timer(0.2, release.set).start()
+        w.write(data[SYNC + 1 + 3 * DIRECT_BLOCK_BYTES :])  # needs a 5th buffer: waits
+        assert ended  # for the oldest write
+        w.finish()
+    assert (tmp_path / "out").read_bytes() == data
+
+
+@needs_direct_io
+@pytest.mark.parametrize("outcome", ["abandoned", "finished"])
+def test_no_background_write_outlives_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, outcome: str
+) -> None:
+    """Whether the file is finished or thrown away, every write still running ends before
+    the writer lets go of the file: none may find its buffer freed or its file closed."""
+    if not direct_io_here(tmp_path):
+        pytest.skip("this file system has no O_DIRECT")
+    release, ended = held_writes(monkeypatch)
+    data = os.urandom(SYNC + 3 * DIRECT_BLOCK_BYTES)
+    threading.Timer(0.2, release.set).start()
+    with contextlib.suppress(RuntimeError):
+        with (
+            (tmp_path / "out").open("wb", buffering=0) as raw,
+            SyncingWriter(raw, sync_every=SYNC, write_depth=4) as w,
+        ):
+            w.write(data[: SYNC + 1])  # O_DIRECT from here on
+            w.write(data[SYNC + 1 :])  # two buffers handed to writer threads, both held
+            assert not any(at > SYNC for at in ended)
+            if outcome == "abandoned":
+                raise RuntimeError("the fetch failed")
+            w.finish()
+        assert (tmp_path / "out").read_bytes() == data
+    # Both direct writes ended before the file was let go.
+    assert len([at for at in ended if at > SYNC]) >= 2
+
+
+@needs_direct_io
+@pytest.mark.parametrize("raised_by", ["write", "finish"])
+def test_a_background_write_error_is_raised_and_the_file_refuses_more(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, raised_by: str
+) -> None:
+    if not direct_io_here(tmp_path):
+        pytest.skip("this file system has no O_DIRECT")
+    fail_direct_writes(monkeypatch, OSError(errno.ENOSPC, "No space left on device"))
+    with (
+        (tmp_path / "out").open("wb", buffering=0) as raw,
+        SyncingWriter(raw, sync_every=SYNC, write_depth=2) as w,
+    ):
+        w.write(os.urandom(SYNC + 1))  # O_DIRECT from here on
+        w.write(os.urandom(2 * DIRECT_BLOCK_BYTES))  # one buffer to a writer thread
+        time.sleep(0.05)  # its write fails meanwhile
+        more = os.urandom(DIRECT_BLOCK_BYTES)
+        then = (lambda: w.write(more)) if raised_by == "write" else w.finish  # finds it
+        with pytest.raises(OSError, match="No space"):
+            then()
+        with pytest.raises(OSError, match="earlier write to this file failed"):
+            w.finish()
 
 
 def read_directly(path: Path) -> bytes:

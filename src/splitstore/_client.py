@@ -77,6 +77,10 @@ ScanCallback = Callable[[ScanReport, "ScanReport | None"], None]
 # Records looked at before "not found" is put down to a wrong key (a namespace of
 # another key's files shows that at once; one of this key's files rules it out).
 _KEY_PROBE_RECORDS = 16
+# A fetched file's 1 MiB direct writes that may wait for the disk at once, while the next
+# block is joined and decrypted: two blocks' worth. Written in the fetch's own thread,
+# the disk's time added to that work and the event loop waited for it about half the time.
+FETCH_WRITE_DEPTH = 8
 
 # Read size when a stripe is read again only to hash it.
 _REHASH_BYTES = 1024 * 1024
@@ -503,7 +507,9 @@ class AsyncClient:
             # Scanned, the file is read again at the end (archives): keep it cached till then.
             with (
                 os.fdopen(fd, "wb") as raw,
-                SyncingWriter(raw, keep_cached=scanner is not None) as disk,
+                SyncingWriter(
+                    raw, keep_cached=scanner is not None, write_depth=FETCH_WRITE_DEPTH
+                ) as disk,
             ):
                 file = cast(BinaryIO, disk)
                 out = file if scanner is None else _ScanningWriter(file, scanner, target.name)

@@ -18,6 +18,8 @@ same either way.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import errno
 import mmap
@@ -43,7 +45,20 @@ ALIGN = 4096
 # ran at ~1.9 GB/s here, 256 KiB at ~1.0), and one such buffer per open file.
 DIRECT_BLOCK_BYTES = 1024 * 1024
 
+# Threads doing the background direct writes of all files: each waits for the device.
+WRITER_THREADS = 4
+
 _O_DIRECT: int = getattr(os, "O_DIRECT", 0)
+_WRITER: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _writer() -> concurrent.futures.ThreadPoolExecutor:
+    global _WRITER
+    if _WRITER is None:
+        _WRITER = concurrent.futures.ThreadPoolExecutor(
+            WRITER_THREADS, thread_name_prefix="splitstore-direct"
+        )
+    return _WRITER
 
 
 def set_direct(fd: int, on: bool) -> bool:
@@ -73,26 +88,38 @@ class AlignedBlock:
 
 
 class DirectStage:
-    """The rest of a file, written from an aligned buffer through O_DIRECT.
+    """The rest of a file, written from aligned buffers through O_DIRECT.
 
     Start it at an aligned offset of ``fd`` (``start`` returns None where direct I/O is not
-    to be had, and the caller writes as before). Bytes are copied into the buffer and
-    written a whole buffer at a time; ``close`` writes what is left, the last part of a
-    block after switching O_DIRECT off, and leaves O_DIRECT off. A transfer the file
-    system refuses (EINVAL) or cuts short is finished without O_DIRECT, and so is the
-    rest of the file (``direct`` is then False). After an error from ``write`` the stage
-    is not to be used again, only closed: what it holds is unknown.
+    to be had, and the caller writes as before). Bytes are copied into a buffer, and each
+    full buffer is written at its offset (``pwrite``). A direct write waits for the device,
+    so with a ``depth`` above one, up to that many full buffers are written by writer
+    threads while the caller goes on with its own work and fills the next. ``close``
+    waits for those, writes what is left (the last part of a block after switching
+    O_DIRECT off), and leaves O_DIRECT off and the file position at the end. A transfer
+    the file system refuses (EINVAL) or cuts short is finished without O_DIRECT, and so is
+    the rest of the file (``direct`` is then False). A background write's error is raised
+    by the next ``write`` or by ``close``; after an error the stage is not to be used
+    again, only closed: what the file holds is unknown.
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, depth: int = 1) -> None:
         self._fd = fd
+        self._offset = os.lseek(fd, 0, os.SEEK_CUR)  # where the current buffer goes
+        self._spare: list[AlignedBlock] = []
+        self._blocks = 1  # allocated so far, at most ``depth``
+        self._depth = max(1, depth)
         self._block = AlignedBlock()
         self._fill = 0
         self._direct = True
+        # Buffers being written, oldest first: (its write, the buffer, bytes in it).
+        self._pending: collections.deque[
+            tuple[concurrent.futures.Future[None], AlignedBlock, int]
+        ] = collections.deque()
 
     @classmethod
-    def start(cls, fd: int) -> DirectStage | None:
-        return cls(fd) if set_direct(fd, True) else None
+    def start(cls, fd: int, depth: int = 1) -> DirectStage | None:
+        return cls(fd, depth) if set_direct(fd, True) else None
 
     @property
     def direct(self) -> bool:
@@ -101,36 +128,85 @@ class DirectStage:
 
     @property
     def staged(self) -> int:
-        """Bytes taken but not yet written to the file."""
-        return self._fill
+        """Bytes taken but not yet known to be in the file."""
+        return self._fill + sum(n for _, _, n in self._pending)
 
     def write(self, data: memoryview) -> None:
-        view = self._block.view
         while data:
+            view = self._block.view
             take = min(len(data), len(view) - self._fill)
             view[self._fill : self._fill + take] = data[:take]
             self._fill += take
             data = data[take:]
             if self._fill == len(view):
-                self._write_out()
+                self._hand_off()
 
     def close(self, *, flush: bool = True) -> None:
         """Write what is staged (unless ``flush`` is false: the file is being thrown away)."""
         try:
+            # Every write still running ends first, whatever happens: none may outlive
+            # the stage (its buffer freed, or the file closed under it).
+            error = self._wait_all()
             if flush:
-                self._write_out()
+                if error is not None:
+                    raise error
+                self._put(self._block.view[: self._fill], self._offset)
+                self._offset += self._fill
+                self._fill = 0
+                os.lseek(self._fd, self._offset, os.SEEK_SET)
         finally:
             if self._direct:
                 set_direct(self._fd, False)
-            self._block.close()
+            for block in (self._block, *self._spare):
+                block.close()
+            self._spare.clear()
 
-    def _write_out(self) -> None:
-        view = self._block.view[: self._fill]
+    def _hand_off(self) -> None:
+        """Queue the full buffer for writing and go on with a free one (with a depth of
+        one, write it here and now)."""
+        if self._depth == 1:
+            self._put(self._block.view, self._offset)
+            self._offset += self._fill
+            self._fill = 0
+            return
+        if self._blocks >= self._depth and not self._spare:
+            self._reap()  # every buffer is in use: wait for the oldest
+        self._pending.append(
+            (_writer().submit(self._put, self._block.view, self._offset), self._block, self._fill)
+        )
+        self._offset += self._fill
+        if self._spare:
+            self._block = self._spare.pop()
+        else:
+            self._block = AlignedBlock()
+            self._blocks += 1
+        self._fill = 0
+        while self._pending and self._pending[0][0].done():
+            self._reap()
+
+    def _reap(self) -> None:
+        """Wait for the oldest write, take its buffer back; raise its error."""
+        future, block, _ = self._pending.popleft()
+        self._spare.append(block)
+        future.result()
+
+    def _wait_all(self) -> BaseException | None:
+        """Wait for every write; the first error among them, if any."""
+        error = None
+        while self._pending:
+            try:
+                self._reap()
+            except BaseException as exc:
+                error = error or exc
+        return error
+
+    def _put(self, view: memoryview, offset: int) -> None:
+        """Write ``view`` at ``offset``: directly while the file system takes it."""
         done = 0
-        whole = self._fill - self._fill % ALIGN
+        whole = len(view) - len(view) % ALIGN
         while self._direct and done < whole:
             try:
-                n = os.write(self._fd, view[done:whole])
+                n = os.pwrite(self._fd, view[done:whole], offset + done)
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
@@ -142,8 +218,7 @@ class DirectStage:
             # The end of the file, or a refusal: the ordinary way.
             self._stop_direct()
             while done < len(view):
-                done += os.write(self._fd, view[done:])
-        self._fill = 0
+                done += os.pwrite(self._fd, view[done:], offset + done)
 
     def _stop_direct(self) -> None:
         if self._direct:

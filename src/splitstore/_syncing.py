@@ -78,9 +78,15 @@ class SyncingWriter:
     """
 
     def __init__(
-        self, raw: BinaryIO, sync_every: int = SYNC_EVERY_BYTES, *, keep_cached: bool = False
+        self,
+        raw: BinaryIO,
+        sync_every: int = SYNC_EVERY_BYTES,
+        *,
+        keep_cached: bool = False,
+        write_depth: int = 1,
     ) -> None:
         self._raw = raw
+        self._depth = write_depth
         self._every = sync_every
         self._unsynced = 0
         self._syncing: concurrent.futures.Future[None] | None = None
@@ -198,7 +204,7 @@ class SyncingWriter:
         if (self._pos + head) % ALIGN == 0:
             self._go_direct = False
             self._raw.flush()  # nothing buffered may land after the direct writes
-            self._stage = DirectStage.start(self._raw.fileno())
+            self._stage = DirectStage.start(self._raw.fileno(), self._depth)
             self._no_direct = self._stage is None
         return view[head:]
 
