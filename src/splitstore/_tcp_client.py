@@ -11,6 +11,7 @@ from typing import Any
 
 from . import _protocol as p
 from ._batch import MAX_BATCH_BYTES, MAX_BATCH_ITEMS
+from ._codec_stream import CodecStream, open_codec_stream
 from ._errors import ProtocolError, ServerUnavailableError, SplitStoreError, TLSVerificationError
 from ._remote import (
     MAX_LISTING_LINE,
@@ -30,7 +31,6 @@ from ._tls import describe_ssl_error, find_ssl_error
 
 __all__ = ["TcpRemote"]
 
-READ_BYTES = 256 * 1024
 # Idle connections kept for reuse; more would only hold sockets open on the server.
 POOL_SIZE = 4
 
@@ -85,7 +85,7 @@ class TcpRemote:
             await asyncio.sleep(0)  # let a close that has already arrived be processed
         while self._idle:
             link = self._idle.pop()
-            if not (link.writer.is_closing() or link.reader.at_eof()):
+            if not (link.stream.is_closing() or link.stream.at_eof):
                 return link
             await link.close()
         return None
@@ -93,14 +93,9 @@ class TcpRemote:
     async def _connect(self) -> _Link:
         with self._translating():
             async with asyncio.timeout(self._connect_timeout):
-                reader, writer = await asyncio.open_connection(
-                    self.host,
-                    self.port,
-                    ssl=self._ssl,
-                    server_hostname=self.host if self._ssl else None,
-                    limit=READ_BYTES * 4,
-                )
-            link = _Link(reader, writer, self)
+                conn = p.Connection(p.Role.CLIENT)
+                stream = await open_codec_stream(conn, self.host, self.port, ssl_context=self._ssl)
+            link = _Link(stream, self)
             try:
                 async with asyncio.timeout(self._connect_timeout):
                     await link.handshake(self._token)
@@ -266,11 +261,9 @@ class TcpRemote:
 class _Link:
     """One open connection and its protocol state."""
 
-    def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, remote: TcpRemote
-    ) -> None:
-        self.reader, self.writer, self.remote = reader, writer, remote
-        self.conn = p.Connection(p.Role.CLIENT)
+    def __init__(self, stream: CodecStream, remote: TcpRemote) -> None:
+        self.stream, self.remote = stream, remote
+        self.conn = stream.conn
         self.reusable = False
         self._eof = False
 
@@ -330,14 +323,14 @@ class _Link:
                 raise p.ProtocolViolation("expected DATA or END")
 
     async def send(self, event: Any) -> None:
-        self.writer.write(self.conn.send(event))
+        self.stream.write(self.conn.send(event))
         async with asyncio.timeout(self.remote._io_timeout):
-            await self.writer.drain()
+            await self.stream.drain()
 
     async def send_data(self, payload: bytes) -> None:
-        self.writer.writelines(self.conn.send_data(payload))
+        self.stream.writelines(self.conn.send_data(payload))
         async with asyncio.timeout(self.remote._io_timeout):
-            await self.writer.drain()
+            await self.stream.drain()
 
     async def next(self) -> Any:
         while True:
@@ -354,19 +347,17 @@ class _Link:
                     raise ConnectionResetError("the server closed the connection")
                 return event
             async with asyncio.timeout(self.remote._io_timeout):
-                data = await self.reader.read(READ_BYTES)
-            if not data and self.reader.at_eof() and self.conn.next_event() is p.NEED_DATA:
+                more = await self.stream.receive()
+            if not more:
                 self.conn.receive_data(b"")
                 self._eof = True
-                continue
-            self.conn.receive_data(data)
 
     async def close(self) -> None:
         self.reusable = False
-        self.writer.close()
+        self.stream.close()
         with contextlib.suppress(Exception):
             async with asyncio.timeout(1.0):
-                await self.writer.wait_closed()
+                await self.stream.wait_closed()
 
 
 class _TcpStripe:
