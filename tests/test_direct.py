@@ -4,6 +4,7 @@ the ordinary way, aligned as direct I/O needs, and the ordinary way wherever it 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import itertools
@@ -119,11 +120,13 @@ def test_a_direct_write_refused_or_cut_short_is_finished_the_ordinary_way(
             odd.append(len(data))
             raise OSError(errno.EINVAL, "Invalid argument")
         # Part of the block, and not a whole number of ALIGN: the offset is then unaligned.
-        fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~O_DIRECT)
+        # Written through a descriptor of its own without O_DIRECT: toggling the flag of
+        # the shared one would race with another writer thread turning it off for good.
+        plain = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY)
         try:
-            n = real(fd, data[: len(data) // 2 + 1], offset)
+            n = real(plain, data[: len(data) // 2 + 1], offset)
         finally:
-            fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+            os.close(plain)
         odd.append(n)
         return n
 
@@ -136,12 +139,17 @@ def test_a_direct_write_refused_or_cut_short_is_finished_the_ordinary_way(
     assert 1 <= len(odd) <= depth
 
 
-def fail_direct_writes(monkeypatch: pytest.MonkeyPatch, error: OSError) -> None:
-    """Every write made while O_DIRECT is on raises `error`; ordinary writes go through."""
+def fail_direct_writes(
+    monkeypatch: pytest.MonkeyPatch, error: OSError, *, after: threading.Event | None = None
+) -> None:
+    """Every write made while O_DIRECT is on raises ``error`` (once ``after`` is set, if
+    given); ordinary writes go through."""
     real = os.pwrite
 
     def failing(fd: int, data: memoryview, offset: int) -> int:
         if fcntl.fcntl(fd, fcntl.F_GETFL) & O_DIRECT:
+            if after is not None:
+                after.wait(10)
             raise error
         return real(fd, data, offset)
 
@@ -330,20 +338,94 @@ def test_a_background_write_error_is_raised_and_the_file_refuses_more(
 ) -> None:
     if not direct_io_here(tmp_path):
         pytest.skip("this file system has no O_DIRECT")
-    fail_direct_writes(monkeypatch, OSError(errno.ENOSPC, "No space left on device"))
+    fails = threading.Event()
+    fail_direct_writes(monkeypatch, OSError(errno.ENOSPC, "No space left on device"), after=fails)
     with (
         (tmp_path / "out").open("wb", buffering=0) as raw,
         SyncingWriter(raw, sync_every=SYNC, write_depth=2) as w,
     ):
         w.write(os.urandom(SYNC + 1))  # O_DIRECT from here on
-        w.write(os.urandom(2 * DIRECT_BLOCK_BYTES))  # one buffer to a writer thread
-        time.sleep(0.05)  # its write fails meanwhile
+        w.write(os.urandom(2 * DIRECT_BLOCK_BYTES))  # one buffer to a writer thread, held
+        fails.set()  # its write fails now, after this writer has gone on
         more = os.urandom(DIRECT_BLOCK_BYTES)
         then = (lambda: w.write(more)) if raised_by == "write" else w.finish  # finds it
         with pytest.raises(OSError, match="No space"):
             then()
         with pytest.raises(OSError, match="earlier write to this file failed"):
             w.finish()
+
+
+@needs_direct_io
+def test_a_pending_write_never_reaches_a_file_that_took_the_descriptor_number(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stage writes through its own duplicate of the descriptor: even if the caller's
+    were closed while writes wait, and its number given to another file, they land in
+    their own file."""
+    if not direct_io_here(tmp_path):
+        pytest.skip("this file system has no O_DIRECT")
+    release, ended = held_writes(monkeypatch)
+    data = os.urandom(3 * DIRECT_BLOCK_BYTES)
+    fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT, 0o600)
+    stage = _direct.DirectStage.start(fd, depth=4)
+    assert stage is not None
+    stage.write(memoryview(data))  # three buffers to writer threads, all held
+    os.close(fd)  # too early
+    other = os.open(tmp_path / "other", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        release.set()
+        stage.close()
+    finally:
+        os.close(other)
+    assert len(ended) == 3
+    assert (tmp_path / "other").read_bytes() == b""
+    assert (tmp_path / "out").read_bytes() == data
+
+
+def test_a_file_opened_for_appending_is_written_the_ordinary_way(tmp_path: Path) -> None:
+    """Appending, pwrite ignores its offset on Linux: buffers written by several threads
+    could land out of order, so such a file gets no stage."""
+    path = tmp_path / "out"
+    path.write_bytes(b"head")
+    with path.open("ab", buffering=0) as raw:
+        assert _direct.DirectStage.start(raw.fileno(), depth=4) is None
+    data = os.urandom(SYNC + 3 * DIRECT_BLOCK_BYTES + 5)
+    with (
+        path.open("ab", buffering=0) as raw,
+        SyncingWriter(raw, sync_every=SYNC, write_depth=4) as w,
+    ):
+        for i in range(0, len(data), 100_000):
+            w.write(data[i : i + 100_000])
+        w.finish()
+    assert path.read_bytes() == b"head" + data
+
+
+@needs_direct_io
+def test_an_interrupted_wait_still_waits_for_every_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while the stage waits for its writes: the wait goes on until every write has
+    ended (their buffers and descriptor are freed next), then the interruption is raised."""
+    if not direct_io_here(tmp_path):
+        pytest.skip("this file system has no O_DIRECT")
+    release, ended = held_writes(monkeypatch)
+    real_wait = concurrent.futures.wait
+    interrupts = [KeyboardInterrupt()]
+
+    def interrupted(futures: object) -> object:
+        if interrupts:
+            raise interrupts.pop()
+        return real_wait(futures)  # type: ignore[arg-type]
+
+    with (tmp_path / "out").open("wb", buffering=0) as raw:
+        stage = _direct.DirectStage.start(raw.fileno(), depth=4)
+        assert stage is not None
+        stage.write(memoryview(os.urandom(2 * DIRECT_BLOCK_BYTES)))  # two writes, held
+        monkeypatch.setattr(concurrent.futures, "wait", interrupted)
+        threading.Timer(0.2, release.set).start()
+        with pytest.raises(KeyboardInterrupt):
+            stage.close(flush=False)
+        assert len(ended) == 2  # both had ended when it was raised
 
 
 def read_directly(path: Path) -> bytes:

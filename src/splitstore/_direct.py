@@ -42,10 +42,12 @@ __all__ = [
 
 ALIGN = 4096
 # Bytes per direct transfer: each one waits for the device, so not too few (1 MiB writes
-# ran at ~1.9 GB/s here, 256 KiB at ~1.0), and one such buffer per open file.
+# ran at ~1.9 GB/s here, 256 KiB at ~1.0); a file written or read holds one such buffer,
+# or up to its ``depth`` of them when written in the background.
 DIRECT_BLOCK_BYTES = 1024 * 1024
 
-# Threads doing the background direct writes of all files: each waits for the device.
+# Threads doing the background direct writes of all files (each waits for the device):
+# at most this many of those writes run at once, whatever the files' depths.
 WRITER_THREADS = 4
 
 _O_DIRECT: int = getattr(os, "O_DIRECT", 0)
@@ -91,20 +93,25 @@ class DirectStage:
     """The rest of a file, written from aligned buffers through O_DIRECT.
 
     Start it at an aligned offset of ``fd`` (``start`` returns None where direct I/O is not
-    to be had, and the caller writes as before). Bytes are copied into a buffer, and each
-    full buffer is written at its offset (``pwrite``). A direct write waits for the device,
-    so with a ``depth`` above one, up to that many full buffers are written by writer
-    threads while the caller goes on with its own work and fills the next. ``close``
+    to be had, or the file is opened for appending, and the caller writes as before).
+    Bytes are copied into a buffer, and each full buffer is written at its offset
+    (``pwrite``). A direct write waits for the device, so with a ``depth`` above one the
+    stage holds up to ``depth`` buffers: full ones are written by writer threads (up to
+    ``depth - 1`` of them waiting at once) while the caller fills the next. ``close``
     waits for those, writes what is left (the last part of a block after switching
     O_DIRECT off), and leaves O_DIRECT off and the file position at the end. A transfer
     the file system refuses (EINVAL) or cuts short is finished without O_DIRECT, and so is
     the rest of the file (``direct`` is then False). A background write's error is raised
-    by the next ``write`` or by ``close``; after an error the stage is not to be used
-    again, only closed: what the file holds is unknown.
+    by a later ``write`` that hands off a buffer once that write has ended, or by
+    ``close``; after an error the stage is not to be used again, only closed: what the
+    file holds is unknown.
+
+    The stage writes through a duplicate of ``fd`` of its own, closed only once every
+    write has ended: if the caller's descriptor were closed early and its number reused
+    for another file, no pending write could reach that file.
     """
 
     def __init__(self, fd: int, depth: int = 1) -> None:
-        self._fd = fd
         self._offset = os.lseek(fd, 0, os.SEEK_CUR)  # where the current buffer goes
         self._spare: list[AlignedBlock] = []
         self._blocks = 1  # allocated so far, at most ``depth``
@@ -116,10 +123,22 @@ class DirectStage:
         self._pending: collections.deque[
             tuple[concurrent.futures.Future[None], AlignedBlock, int]
         ] = collections.deque()
+        # Last, so that nothing can fail after it: shares the file offset and the O_DIRECT
+        # flag with ``fd`` (one open file).
+        self._fd = os.dup(fd)
 
     @classmethod
     def start(cls, fd: int, depth: int = 1) -> DirectStage | None:
-        return cls(fd, depth) if set_direct(fd, True) else None
+        # Appending, pwrite would ignore the offsets (Linux): buffers could land out of order.
+        if fcntl is not None and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND:
+            return None
+        if not set_direct(fd, True):
+            return None
+        try:
+            return cls(fd, depth)
+        except OSError:  # out of descriptors or memory: a speed-up only
+            set_direct(fd, False)
+            return None
 
     @property
     def direct(self) -> bool:
@@ -155,8 +174,11 @@ class DirectStage:
                 self._fill = 0
                 os.lseek(self._fd, self._offset, os.SEEK_SET)
         finally:
-            if self._direct:
-                set_direct(self._fd, False)
+            fd, self._fd = self._fd, -1
+            if fd >= 0:  # not closed before (a second close must not close a reused number)
+                if self._direct:
+                    set_direct(fd, False)
+                os.close(fd)
             for block in (self._block, *self._spare):
                 block.close()
             self._spare.clear()
@@ -185,19 +207,28 @@ class DirectStage:
             self._reap()
 
     def _reap(self) -> None:
-        """Wait for the oldest write, take its buffer back; raise its error."""
-        future, block, _ = self._pending.popleft()
+        """Wait for the oldest write, take its buffer back; raise its error. Interrupted
+        while waiting (KeyboardInterrupt), the write stays pending: ``close`` waits for it."""
+        future, block, _ = self._pending[0]
+        concurrent.futures.wait([future])
+        self._pending.popleft()
         self._spare.append(block)
         future.result()
 
-    def _wait_all(self) -> BaseException | None:
-        """Wait for every write; the first error among them, if any."""
-        error = None
+    def _wait_all(self) -> Exception | None:
+        """Wait for every write, through an interruption too (raised once all have ended:
+        none may outlive the buffer and descriptor freed next); the first write error."""
+        error: Exception | None = None
+        interrupted: BaseException | None = None
         while self._pending:
             try:
                 self._reap()
-            except BaseException as exc:
+            except Exception as exc:
                 error = error or exc
+            except BaseException as exc:
+                interrupted = interrupted or exc
+        if interrupted is not None:
+            raise interrupted
         return error
 
     def _put(self, view: memoryview, offset: int) -> None:
