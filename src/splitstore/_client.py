@@ -77,8 +77,9 @@ ScanCallback = Callable[[ScanReport, "ScanReport | None"], None]
 # Records looked at before "not found" is put down to a wrong key (a namespace of
 # another key's files shows that at once; one of this key's files rules it out).
 _KEY_PROBE_RECORDS = 16
-# A fetched file's 1 MiB direct writes that may wait for the disk at once, while the next
-# block is joined and decrypted: two blocks' worth. Written in the fetch's own thread,
+# The 1 MiB buffers a fetched file's direct writes may hold: up to seven waiting for the
+# disk (at most four written at once) while the eighth fills, as the next block is joined
+# and decrypted: about two blocks' worth. Written in the fetch's own thread,
 # the disk's time added to that work and the event loop waited for it about half the time.
 FETCH_WRITE_DEPTH = 8
 
@@ -515,7 +516,7 @@ class AsyncClient:
                 out = file if scanner is None else _ScanningWriter(file, scanner, target.name)
                 manifest = await self._read_newest(name, versions, cast(BinaryIO, out), progress)
                 try:
-                    await asyncio.to_thread(disk.finish)
+                    await _in_thread_to_the_end(disk.finish)
                 except OSError as exc:
                     raise LocalFileError(f"cannot write {tmp}: {exc.strerror}") from exc
             if isinstance(out, _ScanningWriter):
@@ -655,16 +656,15 @@ class AsyncClient:
                         )
                 if writing is not None:
                     await asyncio.shield(writing)
-                await asyncio.to_thread(sink.finish)
+                await _in_thread_to_the_end(sink.finish)
             finally:
                 if writing is not None:
                     # On failure, a write may still run in its thread: let it end before
-                    # the caller closes ``out``; the error being raised says more than its own.
-                    # (It was awaited through a shield, so a cancellation did not cancel
-                    # ``writing`` while its thread went on.)
-                    await asyncio.wait([writing])
-                    if not writing.cancelled():
-                        writing.exception()
+                    # the caller closes ``out``, even through a further cancellation; the
+                    # error being raised says more than its own. (It was awaited through
+                    # a shield, so a cancellation did not cancel ``writing`` while its
+                    # thread went on.)
+                    await _outlast(writing)
         if progress and stored == 0:
             progress(0, 0)
         where = _damaged_range(sink.failed, chunk)
@@ -1115,6 +1115,33 @@ async def _run_all(aws: Sequence[Awaitable[T]]) -> list[T]:
         if error is not None:
             raise error
     return [t.result() for t in tasks]
+
+
+async def _in_thread_to_the_end(call: Callable[[], T]) -> T:
+    """``call()`` in a worker thread. A cancellation is raised only once the thread has
+    ended: it works on a file the caller closes (or removes) as soon as it sees the error,
+    and the file must not be used from two threads at once."""
+    running = asyncio.ensure_future(asyncio.to_thread(call))
+    try:
+        return await asyncio.shield(running)
+    except asyncio.CancelledError:
+        await _outlast(running)
+        raise
+
+
+async def _outlast(running: asyncio.Future[Any]) -> None:
+    """Wait until ``running`` is done, however often the waiting task is cancelled
+    meanwhile (a cancellation is raised after, not lost); its outcome is left to others."""
+    cancelled = False
+    while not running.done():
+        try:
+            await asyncio.wait([running])
+        except asyncio.CancelledError:
+            cancelled = True
+    if not running.cancelled():
+        running.exception()  # retrieved: the error being raised says more
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 async def _none_if_missing(aw: Awaitable[ObjectRecord]) -> ObjectRecord | None:
