@@ -1,6 +1,7 @@
 """The client's connection fed straight from the transport: every byte reaches the codec
-in order, reading pauses while the codec holds too much, and the end of a connection
-(clean, cut off, or with an error) is told apart. A real loopback peer, plain and TLS."""
+in order, reading pauses while the codec holds too much and resumes as the reader takes
+events, writing waits while the peer does not read, and the end of a connection (clean,
+cut off, or with an error) is told apart. A real loopback peer, plain and TLS."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import pytest
 
 from splitstore import _protocol as p
 from splitstore._codec_stream import HIGH_WATER, RECEIVE_BYTES, CodecStream, open_codec_stream
-from splitstore._setup import init_setup
+from splitstore._setup import SetupPaths, init_setup
 from splitstore._tls import client_ssl_context, server_ssl_context
 
 Peer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -57,6 +58,17 @@ def client_conn() -> p.Connection:
     return conn
 
 
+def sends(wire: bytes) -> Peer:
+    """A peer that sends ``wire`` at once, then closes its side cleanly."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(wire)
+        await writer.drain()
+        writer.close()
+
+    return handle
+
+
 @asynccontextmanager
 async def peer(handle: Peer, tls: ssl.SSLContext | None = None) -> AsyncIterator[int]:
     server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=tls)
@@ -67,11 +79,27 @@ async def peer(handle: Peer, tls: ssl.SSLContext | None = None) -> AsyncIterator
         await server.wait_closed()
 
 
+@asynccontextmanager
+async def connected(handle: Peer, setup: SetupPaths | None = None) -> AsyncIterator[CodecStream]:
+    """A client stream to a peer running ``handle``: TLS with ``setup``'s certificates."""
+    server_ctx = server_ssl_context(setup.server_cert, setup.server_key) if setup else None
+    async with peer(handle, server_ctx) as port:
+        ctx = client_ssl_context(setup.ca_cert) if setup else None
+        stream = await open_codec_stream(client_conn(), "127.0.0.1", port, ssl_context=ctx)
+        try:
+            yield stream
+        finally:
+            stream.close()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5):
+                    await stream.wait_closed()
+
+
 async def events_until_end(stream: CodecStream) -> list[object]:
     """Every event of the exchange, reading as the client link does."""
     conn, seen = stream.conn, list[object]()
     while True:
-        event = conn.next_event()
+        event = stream.next_event()
         if event is p.NEED_DATA:
             if not await stream.receive():
                 conn.receive_data(b"")
@@ -103,15 +131,8 @@ def test_every_byte_reaches_the_codec_in_order(tmp_path: Path, tls: bool) -> Non
         writer.close()
 
     async def run() -> list[object]:
-        server_ctx = server_ssl_context(setup.server_cert, setup.server_key) if setup else None
-        async with peer(handle, server_ctx) as port:
-            ctx = client_ssl_context(setup.ca_cert) if setup else None
-            stream = await open_codec_stream(client_conn(), "127.0.0.1", port, ssl_context=ctx)
-            try:
-                return await events_until_end(stream)
-            finally:
-                stream.close()
-                await stream.wait_closed()
+        async with connected(handle, setup) as stream:
+            return await events_until_end(stream)
 
     events = asyncio.run(run())
     assert isinstance(events[-1], p.End)
@@ -122,24 +143,15 @@ def test_reading_pauses_while_the_codec_holds_too_much() -> None:
     """A reader that falls behind stops the transport's reading (TCP then holds the
     sender back) instead of the codec's buffer growing without bound."""
     payloads = [os.urandom(p.MAX_DATA_FRAME) for _ in range(24)]  # 24 MiB
-    wire = server_bytes(payloads)
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(wire)
-        await writer.drain()
-        writer.close()
+    handle = sends(server_bytes(payloads))
 
     async def run() -> tuple[int, bool, list[object]]:
-        async with peer(handle) as port:
-            stream = await open_codec_stream(client_conn(), "127.0.0.1", port, ssl_context=None)
-            try:
-                await asyncio.sleep(0.5)  # nobody reads meanwhile
-                held = stream.conn.buffered_bytes
-                assert stream._transport is not None
-                reading = stream._transport.is_reading()
-                return held, reading, await events_until_end(stream)
-            finally:
-                stream.close()
+        async with connected(handle) as stream:
+            await asyncio.sleep(0.5)  # nobody reads meanwhile
+            held = stream.conn.buffered_bytes
+            assert stream._transport is not None
+            reading = stream._transport.is_reading()
+            return held, reading, await events_until_end(stream)
 
     held, reading, events = asyncio.run(run())
     assert HIGH_WATER <= held <= HIGH_WATER + RECEIVE_BYTES
@@ -147,24 +159,110 @@ def test_reading_pauses_while_the_codec_holds_too_much() -> None:
     assert payloads_of(events) == b"".join(payloads)  # and it all came once read
 
 
-def test_a_connection_cut_mid_frame_is_not_an_end() -> None:
-    wire = server_bytes([os.urandom(100_000)])
+@pytest.mark.parametrize("tls", [False, True])
+def test_reading_resumes_as_the_reader_takes_events(tmp_path: Path, tls: bool) -> None:
+    """A reader that finds what it wants in the codec's buffer never waits for bytes, so
+    taking events must resume reading by itself: a connection left paused after a whole
+    response (and put back in the pool) would never see the peer's close."""
+    setup = init_setup(tmp_path / "setup") if tls else None
+    payloads = [os.urandom(p.MAX_DATA_FRAME) for _ in range(12)]  # 12 MiB
+    handle = sends(server_bytes(payloads))
+
+    async def run() -> tuple[bool, list[object]]:
+        async with connected(handle, setup) as stream:
+            await asyncio.sleep(0.5)  # nobody reads meanwhile: paused
+            assert stream._transport is not None
+            paused = not stream._transport.is_reading()
+            seen: list[object] = []
+            async with asyncio.timeout(10):
+                while not (seen and isinstance(seen[-1], p.End)):
+                    event = stream.next_event()  # never receive(): never waits for bytes
+                    if event is p.NEED_DATA:
+                        await asyncio.sleep(0.01)
+                        continue
+                    seen.append(event)
+                    if isinstance(event, p.PrefaceReply):
+                        stream.conn.send(p.Hello("t"))
+                    elif isinstance(event, p.Ready):
+                        stream.conn.send(p.Request("get_stripe", {}))
+                        stream.conn.send(p.End())
+                while not stream.at_eof:  # the peer's close is seen, unasked
+                    await asyncio.sleep(0.01)
+            return paused, seen
+
+    paused, events = asyncio.run(run())
+    assert paused
+    assert payloads_of(events) == b"".join(payloads)
+
+
+def test_a_clean_close_after_a_whole_response_is_an_end() -> None:
+    handle = sends(server_bytes([os.urandom(1000)]))
+
+    async def run() -> object:
+        async with connected(handle) as stream:
+            async with asyncio.timeout(5):
+                await events_until_end(stream)
+                assert stream.next_event() is p.NEED_DATA
+                assert await stream.receive() is False  # an end, not an error
+            stream.conn.receive_data(b"")
+            return stream.next_event()
+
+    assert isinstance(asyncio.run(run()), p.ConnectionClosed)
+
+
+def test_writing_waits_while_the_peer_does_not_read() -> None:
+    started = asyncio.Event()
+    got: list[int] = []
+    total = 32 * 1024 * 1024
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(wire[:-50_000])  # stops in the middle of the DATA frame
-        await writer.drain()
+        await started.wait()
+        while len(data := await reader.read(1 << 20)):
+            got.append(len(data))
         writer.close()
 
     async def run() -> None:
-        async with peer(handle) as port:
-            stream = await open_codec_stream(client_conn(), "127.0.0.1", port, ssl_context=None)
-            try:
-                with pytest.raises(p.ProtocolViolation, match="middle of a frame"):
-                    await events_until_end(stream)
-                assert stream.at_eof
-                assert await stream.receive() is False  # and stays at its end
-            finally:
-                stream.close()
+        async with connected(handle) as stream:
+            stream.write(os.urandom(total))  # more than the socket buffers hold
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.3):
+                    await stream.drain()  # the peer is not reading
+            started.set()
+            async with asyncio.timeout(10):
+                await stream.drain()  # and goes on once it does
+            assert stream._drained is None  # nothing left waiting
+
+    asyncio.run(run())
+    assert sum(got) > 0
+
+
+def test_writing_after_the_peer_closed_does_not_seem_to_succeed() -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()  # a clean close
+
+    async def run() -> None:
+        async with connected(handle) as stream:
+            async with asyncio.timeout(5):
+                assert await stream.receive() is False
+            with contextlib.suppress(ConnectionError):  # if it is known lost already
+                stream.write(b"x")
+            with pytest.raises(ConnectionError):
+                await stream.drain()
+
+    asyncio.run(run())
+
+
+def test_a_connection_cut_mid_frame_is_not_an_end() -> None:
+    wire = server_bytes([os.urandom(100_000)])
+
+    handle = sends(wire[:-50_000])  # stops in the middle of the DATA frame
+
+    async def run() -> None:
+        async with connected(handle) as stream:
+            with pytest.raises(p.ProtocolViolation, match="middle of a frame"):
+                await events_until_end(stream)
+            assert stream.at_eof
+            assert await stream.receive() is False  # and stays at its end
 
     asyncio.run(run())
 
@@ -174,19 +272,15 @@ def test_writing_to_a_lost_connection_raises() -> None:
         writer.transport.abort()  # a reset, not a clean close
 
     async def run() -> None:
-        async with peer(handle) as port:
-            stream = await open_codec_stream(client_conn(), "127.0.0.1", port, ssl_context=None)
-            try:
-                async with asyncio.timeout(5):
-                    with contextlib.suppress(ConnectionError):  # a reset, or just the end
-                        assert await stream.receive() is False
-                    await stream.wait_closed()
-                with pytest.raises(ConnectionError):
-                    stream.write(b"x")
-                with pytest.raises(ConnectionError):
-                    await stream.drain()
-            finally:
-                stream.close()
+        async with connected(handle) as stream:
+            async with asyncio.timeout(5):
+                with contextlib.suppress(ConnectionError):  # a reset, or just the end
+                    assert await stream.receive() is False
+                await stream.wait_closed()
+            with pytest.raises(ConnectionError):
+                stream.write(b"x")
+            with pytest.raises(ConnectionError):
+                await stream.drain()
 
     asyncio.run(run())
 
@@ -197,16 +291,11 @@ def test_a_reader_waiting_for_bytes_can_be_timed_out() -> None:
         writer.close()
 
     async def run() -> None:
-        async with peer(handle) as port:
-            stream = await open_codec_stream(client_conn(), "127.0.0.1", port, ssl_context=None)
-            try:
-                with pytest.raises(TimeoutError):
-                    async with asyncio.timeout(0.2):
-                        await stream.receive()
-                assert stream._arrived is None  # nothing left waiting
-            finally:
-                stream.close()
-                await stream.wait_closed()
+        async with connected(handle) as stream:
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.2):
+                    await stream.receive()
+            assert stream._arrived is None  # nothing left waiting
 
     asyncio.run(run())
 
@@ -218,15 +307,11 @@ def test_a_reset_connection_raises_for_the_reader() -> None:
         writer.transport.abort()  # closed with lingering off: a reset, not an end
 
     async def run() -> None:
-        async with peer(handle) as port:
-            stream = await open_codec_stream(client_conn(), "127.0.0.1", port, ssl_context=None)
-            try:
-                async with asyncio.timeout(5):
-                    with pytest.raises(ConnectionResetError):
-                        await stream.receive()
-                    with pytest.raises(ConnectionResetError):
-                        await stream.receive()  # and again: it does not turn into an end
-            finally:
-                stream.close()
+        async with connected(handle) as stream:
+            async with asyncio.timeout(5):
+                with pytest.raises(ConnectionResetError):
+                    await stream.receive()
+                with pytest.raises(ConnectionResetError):
+                    await stream.receive()  # and again: it does not turn into an end
 
     asyncio.run(run())

@@ -8,8 +8,11 @@ in one copy. On a 1 GiB fetch those copies were most of the client's event-loop 
 spent moving bytes, and that thread is the one a fetch waits for.
 
 Reading stops while the codec holds ``high_water`` bytes not yet turned into events (the
-reader is behind) and starts again when the reader asks for more; the kernel's socket
-buffer and TCP's window hold back the sender meanwhile, as with ``StreamReader``'s limit.
+reader is behind) and starts again as soon as the reader has taken it below that, through
+``next_event``; the kernel's socket buffer and TCP's window hold back the sender
+meanwhile, as with ``StreamReader``'s limit. A connection so holds at most ``high_water``
+plus one ``RECEIVE_BYTES`` of received bytes (the codec's buffer may keep up to twice
+that allocated, as it drops consumed bytes lazily).
 """
 
 from __future__ import annotations
@@ -93,16 +96,24 @@ class CodecStream(asyncio.BufferedProtocol):
     def is_closing(self) -> bool:
         return self._transport is None or self._transport.is_closing()
 
+    def next_event(self) -> Any:
+        """``conn.next_event()``, reading again once the codec is below the mark: a reader
+        that finds all it wanted in the codec's buffer (a whole response) must not leave
+        the connection paused, or the peer's close or error would never be seen."""
+        event = self.conn.next_event()
+        if self._reading_paused and self.conn.buffered_bytes < self._high:
+            self._resume_reading()
+        return event
+
     async def receive(self) -> bool:
         """Wait until more bytes reach ``conn``; False once nothing more will come.
 
-        Call it when ``conn.next_event()`` returned ``NEED_DATA``. Raises what the
+        Call it when ``next_event()`` returned ``NEED_DATA``. Raises what the
         connection was lost with, if it was lost with an error, once all bytes received
         before are in ``conn``.
         """
-        if self._reading_paused and self._transport is not None:
-            self._reading_paused = False
-            self._transport.resume_reading()
+        if self._reading_paused:
+            self._resume_reading()
         if not self._eof:
             loop = asyncio.get_running_loop()
             self._arrived = loop.create_future()
@@ -124,6 +135,10 @@ class CodecStream(asyncio.BufferedProtocol):
 
     async def drain(self) -> None:
         """Wait until the transport's buffer has room (or raise, if the connection is gone)."""
+        if self._transport is not None and self._transport.is_closing():
+            # Closing after the peer's EOF, the transport drops what is written: let
+            # connection_lost run, so that this raises rather than seems to succeed.
+            await asyncio.sleep(0)
         while self._writing_paused and not self._lost:
             self._drained = asyncio.get_running_loop().create_future()
             try:
@@ -139,6 +154,11 @@ class CodecStream(asyncio.BufferedProtocol):
 
     async def wait_closed(self) -> None:
         await asyncio.shield(self._closed)
+
+    def _resume_reading(self) -> None:
+        self._reading_paused = False
+        if self._transport is not None:
+            self._transport.resume_reading()
 
     def _writable(self) -> asyncio.Transport:
         if self._transport is None or self._lost:

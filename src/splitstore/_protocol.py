@@ -473,10 +473,11 @@ def _required_str(obj: dict[str, Any], key: str, what: str) -> str:
 class Connection:
     """One end of a splitstore connection: bytes in, events out; events in, bytes out.
 
-    Call ``next_event`` until it returns ``NEED_DATA`` before passing more bytes to
-    ``receive_data``; that keeps the buffer at most one frame long. After ``next_event``
-    raised ``ProtocolViolation``, it raises again on every call; the caller may still send
-    one ``Error`` (then our state is CLOSED) and should close the connection.
+    Calling ``next_event`` until it returns ``NEED_DATA`` before passing more bytes to
+    ``receive_data`` keeps the buffer at most one frame long; a caller that passes bytes
+    as they arrive bounds it itself (``buffered_bytes``, as ``CodecStream`` does). After
+    ``next_event`` raised ``ProtocolViolation``, it raises again on every call; the caller
+    may still send one ``Error`` (then our state is CLOSED) and should close the connection.
 
     A failed ``send`` leaves the connection as it was: nothing was emitted.
     """

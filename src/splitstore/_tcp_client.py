@@ -335,7 +335,7 @@ class _Link:
     async def next(self) -> Any:
         while True:
             try:
-                event = self.conn.next_event()
+                event = self.stream.next_event()
             except p.ProtocolViolation as exc:
                 if self._eof:  # cut off mid-message: the server went away, it did not misspeak
                     raise ConnectionResetError(
