@@ -64,6 +64,7 @@ from ._storage import ObjectRecord
 from ._stripes import block_size_for, stripe_chunk_counts, stripe_lengths
 from ._syncing import SyncingWriter
 from ._tcp_client import TcpRemote
+from ._threads import in_thread, in_thread_to_the_end, outlast
 from ._tls import client_ssl_context
 from .scanning import Scanner, ScanReport, ScanStream
 
@@ -312,7 +313,7 @@ class AsyncClient:
             ]
 
             async def produce() -> None:
-                while (block := await asyncio.to_thread(pieces.next_pieces)) is not None:
+                while (block := await in_thread_to_the_end(pieces.next_pieces)) is not None:
                     for queue, piece in zip(queues, block, strict=True):
                         await queue.put(piece)
                     if progress:
@@ -516,7 +517,7 @@ class AsyncClient:
                 out = file if scanner is None else _ScanningWriter(file, scanner, target.name)
                 manifest = await self._read_newest(name, versions, cast(BinaryIO, out), progress)
                 try:
-                    await _in_thread_to_the_end(disk.finish)
+                    await in_thread_to_the_end(disk.finish)
                 except OSError as exc:
                     raise LocalFileError(f"cannot write {tmp}: {exc.strerror}") from exc
             if isinstance(out, _ScanningWriter):
@@ -647,7 +648,7 @@ class AsyncClient:
                             )
                     if writing is not None:
                         await asyncio.shield(writing)
-                    writing = asyncio.ensure_future(asyncio.to_thread(sink.take, pieces))
+                    writing = in_thread(sink.take, pieces)
                     done += block
                     if progress:
                         progress(
@@ -656,7 +657,7 @@ class AsyncClient:
                         )
                 if writing is not None:
                     await asyncio.shield(writing)
-                await _in_thread_to_the_end(sink.finish)
+                await in_thread_to_the_end(sink.finish)
             finally:
                 if writing is not None:
                     # On failure, a write may still run in its thread: let it end before
@@ -664,7 +665,7 @@ class AsyncClient:
                     # error being raised says more than its own. (It was awaited through
                     # a shield, so a cancellation did not cancel ``writing`` while its
                     # thread went on.)
-                    await _outlast(writing)
+                    await outlast(writing)
         if progress and stored == 0:
             progress(0, 0)
         where = _damaged_range(sink.failed, chunk)
@@ -973,7 +974,12 @@ class Client:
     def close(self) -> None:
         if self._loop.is_closed():
             return
-        self._run(self._async.close())
+        try:
+            self._run(self._async.close())
+        finally:
+            # An operation given up on (Ctrl-C, twice, or one slower to clean up than
+            # ``_run`` waits) may still run: it ends here, cleaning up, before the loop stops.
+            self._run(_settle_other_tasks())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()
@@ -1117,31 +1123,13 @@ async def _run_all(aws: Sequence[Awaitable[T]]) -> list[T]:
     return [t.result() for t in tasks]
 
 
-async def _in_thread_to_the_end(call: Callable[[], T]) -> T:
-    """``call()`` in a worker thread. A cancellation is raised only once the thread has
-    ended: it works on a file the caller closes (or removes) as soon as it sees the error,
-    and the file must not be used from two threads at once."""
-    running = asyncio.ensure_future(asyncio.to_thread(call))
-    try:
-        return await asyncio.shield(running)
-    except asyncio.CancelledError:
-        await _outlast(running)
-        raise
-
-
-async def _outlast(running: asyncio.Future[Any]) -> None:
-    """Wait until ``running`` is done, however often the waiting task is cancelled
-    meanwhile (a cancellation is raised after, not lost); its outcome is left to others."""
-    cancelled = False
-    while not running.done():
-        try:
-            await asyncio.wait([running])
-        except asyncio.CancelledError:
-            cancelled = True
-    if not running.cancelled():
-        running.exception()  # retrieved: the error being raised says more
-    if cancelled:
-        raise asyncio.CancelledError
+async def _settle_other_tasks() -> None:
+    """Cancel every other task of this loop and wait until all have ended (as
+    ``asyncio.run`` does on its way out)."""
+    others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in others:
+        task.cancel()
+    await asyncio.gather(*others, return_exceptions=True)
 
 
 async def _none_if_missing(aw: Awaitable[ObjectRecord]) -> ObjectRecord | None:

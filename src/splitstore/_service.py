@@ -31,6 +31,7 @@ from ._storage import (
 )
 from ._syncing import SYNC_EVERY_BYTES
 from ._tenants import Tenant
+from ._threads import in_thread
 
 __all__ = ["ServerLimits", "StorageService", "TenantStores"]
 
@@ -180,7 +181,7 @@ class StorageService:
             raise
         # One hop for the whole batch. A cancelled caller leaves the thread to end by
         # itself (it removes what it staged if it fails); the claim lasts as long.
-        writing = asyncio.ensure_future(asyncio.to_thread(_batch.write_stripes, store, items, body))
+        writing = in_thread(_batch.write_stripes, store, items, body)
         writing.add_done_callback(lambda _: release())
         writing.add_done_callback(_consumed)
         digests = await asyncio.shield(writing)
@@ -245,14 +246,12 @@ class StorageService:
                 if batched >= WRITE_BATCH_BYTES:
                     if writing is not None:
                         await asyncio.shield(writing)
-                    writing = asyncio.ensure_future(asyncio.to_thread(_write_all, upload, batch))
+                    writing = in_thread(_write_all, upload, batch)
                     batch, batched = [], 0
             if writing is not None:
                 await asyncio.shield(writing)
             # The rest and the fsync in one hop: a small stripe is all in this last batch.
-            finishing = asyncio.ensure_future(
-                asyncio.to_thread(_write_all_and_finish, upload, batch)
-            )
+            finishing = in_thread(_write_all_and_finish, upload, batch)
             digest = await asyncio.shield(finishing)
         except BaseException:
             # A task of its own, shielded: a further cancellation cannot skip the abort.
@@ -303,9 +302,7 @@ async def _begin(store: StripeStore, object_id: str, version_id: str, length: in
     A connection dropped while the worker thread opens the file cancels the await, not
     the thread: the file it opens then belongs to no one, so a clean-up task aborts it.
     """
-    starting = asyncio.ensure_future(
-        asyncio.to_thread(store.begin_stripe, object_id, version_id, length)
-    )
+    starting = in_thread(store.begin_stripe, object_id, version_id, length)
     try:
         return await asyncio.shield(starting)
     except BaseException:
