@@ -11,11 +11,13 @@ import itertools
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from splitstore import _direct, _service
+from splitstore import _direct, _service, _syncing
 from splitstore._direct import ALIGN, DIRECT_BLOCK_BYTES, DirectReader, set_direct
 from splitstore._service import StripeChunks
 from splitstore._syncing import SyncingWriter
@@ -262,8 +264,11 @@ def test_a_file_thrown_away_mid_write_is_let_go(tmp_path: Path) -> None:
     assert (tmp_path / "out").stat().st_size <= SYNC + 1 + ALIGN  # the staged part not written
 
 
-def held_writes(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, list[int]]:
-    """Direct writes held until the event is set; the offsets of those that ended."""
+@pytest.fixture
+def held_writes(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[threading.Event, list[int]]]:
+    """Direct writes held until the event is set; the offsets of those that ended. Set
+    at the end of the test whatever happens: a failed test must not leave the shared
+    writer threads held, stalling the tests after it."""
     release = threading.Event()
     ended: list[int] = []
     real = os.pwrite
@@ -276,18 +281,19 @@ def held_writes(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, list[
         return n
 
     monkeypatch.setattr(os, "pwrite", held)
-    return release, ended
+    yield release, ended
+    release.set()
 
 
 @needs_direct_io
 def test_with_a_depth_the_writer_goes_on_while_the_disk_works(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, held_writes: tuple[threading.Event, list[int]]
 ) -> None:
     """Full buffers are written by writer threads: the caller is not held up by the device
     until all ``depth`` buffers are waiting for it."""
     if not direct_io_here(tmp_path):
         pytest.skip("this file system has no O_DIRECT")
-    release, ended = held_writes(monkeypatch)
+    release, ended = held_writes
     data = os.urandom(SYNC + 5 * DIRECT_BLOCK_BYTES + 99)
     with (
         (tmp_path / "out").open("wb", buffering=0) as raw,
@@ -306,13 +312,16 @@ def test_with_a_depth_the_writer_goes_on_while_the_disk_works(
 @needs_direct_io
 @pytest.mark.parametrize("outcome", ["abandoned", "finished"])
 def test_no_background_write_outlives_the_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, outcome: str
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    outcome: str,
+    held_writes: tuple[threading.Event, list[int]],
 ) -> None:
     """Whether the file is finished or thrown away, every write still running ends before
     the writer lets go of the file: none may find its buffer freed or its file closed."""
     if not direct_io_here(tmp_path):
         pytest.skip("this file system has no O_DIRECT")
-    release, ended = held_writes(monkeypatch)
+    release, ended = held_writes
     data = os.urandom(SYNC + 3 * DIRECT_BLOCK_BYTES)
     threading.Timer(0.2, release.set).start()
     with contextlib.suppress(RuntimeError):
@@ -357,14 +366,14 @@ def test_a_background_write_error_is_raised_and_the_file_refuses_more(
 
 @needs_direct_io
 def test_a_pending_write_never_reaches_a_file_that_took_the_descriptor_number(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, held_writes: tuple[threading.Event, list[int]]
 ) -> None:
     """The stage writes through its own duplicate of the descriptor: even if the caller's
     were closed while writes wait, and its number given to another file, they land in
     their own file."""
     if not direct_io_here(tmp_path):
         pytest.skip("this file system has no O_DIRECT")
-    release, ended = held_writes(monkeypatch)
+    release, ended = held_writes
     data = os.urandom(3 * DIRECT_BLOCK_BYTES)
     fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT, 0o600)
     stage = _direct.DirectStage.start(fd, depth=4)
@@ -373,6 +382,7 @@ def test_a_pending_write_never_reaches_a_file_that_took_the_descriptor_number(
     os.close(fd)  # too early
     other = os.open(tmp_path / "other", os.O_WRONLY | os.O_CREAT, 0o600)
     try:
+        assert other == fd  # the number was reused (the lowest free one), as in the danger
         release.set()
         stage.close()
     finally:
@@ -402,13 +412,13 @@ def test_a_file_opened_for_appending_is_written_the_ordinary_way(tmp_path: Path)
 
 @needs_direct_io
 def test_an_interrupted_wait_still_waits_for_every_write(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, held_writes: tuple[threading.Event, list[int]]
 ) -> None:
     """Ctrl-C while the stage waits for its writes: the wait goes on until every write has
     ended (their buffers and descriptor are freed next), then the interruption is raised."""
     if not direct_io_here(tmp_path):
         pytest.skip("this file system has no O_DIRECT")
-    release, ended = held_writes(monkeypatch)
+    release, ended = held_writes
     real_wait = concurrent.futures.wait
     interrupts = [KeyboardInterrupt()]
 
@@ -538,3 +548,72 @@ def test_a_stripe_left_mid_read_is_closed_when_its_read_ends(
     assert asyncio.run(stop_after_one()) is True
     assert f.closed
     assert opened == [1, 2]  # the held-up read still found its file open
+
+
+@needs_direct_io
+def test_a_buffer_that_cannot_be_had_leaves_the_full_one_to_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of memory for the next buffer, nothing was handed off: ``close`` writes the
+    full block once, not once more after a writer thread has."""
+    real, made = _direct.AlignedBlock, [0]
+
+    class Scarce(real):  # type: ignore[misc, valid-type]
+        def __init__(self) -> None:
+            made[0] += 1
+            if made[0] == 2:
+                raise OSError(errno.ENOMEM, "Cannot allocate memory")
+            super().__init__()
+
+    if not direct_io_here(tmp_path):
+        pytest.skip("this file system has no O_DIRECT")
+    monkeypatch.setattr(_direct, "AlignedBlock", Scarce)
+    fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        stage = _direct.DirectStage.start(fd, depth=4)
+        assert stage is not None
+        data = os.urandom(DIRECT_BLOCK_BYTES)
+        with pytest.raises(OSError, match="allocate"):
+            stage.write(memoryview(data))  # fills the first buffer; no second one
+        stage.close()
+    finally:
+        os.close(fd)
+    assert (tmp_path / "out").read_bytes() == data
+
+
+@needs_direct_io
+def test_abandon_interrupted_still_waits_for_the_sync_and_closes_the_stage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ctrl-C while a thrown-away file waits for its background sync: the wait goes on
+    (the sync uses the file's descriptor, closed next), then the interruption is raised,
+    and the stage is closed either way."""
+    if not direct_io_here(tmp_path):
+        pytest.skip("this file system has no O_DIRECT")
+    release = threading.Event()
+    real_sync = _syncing._sync_then_forget
+
+    def slow_sync(fd: int, start: int, end: int) -> None:
+        release.wait(10)
+        real_sync(fd, start, end)
+
+    monkeypatch.setattr(_syncing, "_sync_then_forget", slow_sync)
+    real_wait, calls = concurrent.futures.wait, [0]
+
+    def interrupted_once(fs: Any, *args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == 1:
+            threading.Timer(0.2, release.set).start()
+            raise KeyboardInterrupt
+        return real_wait(fs, *args, **kwargs)
+
+    with (tmp_path / "out").open("wb", buffering=0) as raw:
+        w = SyncingWriter(raw, sync_every=SYNC, write_depth=4)
+        w.write(os.urandom(SYNC + 3 * DIRECT_BLOCK_BYTES))  # a sync runs, a stage is open
+        syncing = w._syncing
+        assert syncing is not None
+        monkeypatch.setattr(concurrent.futures, "wait", interrupted_once)
+        with pytest.raises(KeyboardInterrupt):
+            w.abandon()
+        assert syncing.done()  # waited for, through the interruption
+        assert w._stage is None  # and the stage closed

@@ -175,13 +175,15 @@ class DirectStage:
                 os.lseek(self._fd, self._offset, os.SEEK_SET)
         finally:
             fd, self._fd = self._fd, -1
-            if fd >= 0:  # not closed before (a second close must not close a reused number)
-                if self._direct:
-                    set_direct(fd, False)
-                os.close(fd)
-            for block in (self._block, *self._spare):
-                block.close()
-            self._spare.clear()
+            try:
+                if fd >= 0:  # not closed before (a second close must not close a reused number)
+                    if self._direct:
+                        set_direct(fd, False)
+                    os.close(fd)
+            finally:
+                for block in (self._block, *self._spare):
+                    block.close()
+                self._spare.clear()
 
     def _hand_off(self) -> None:
         """Queue the full buffer for writing and go on with a free one (with a depth of
@@ -193,15 +195,22 @@ class DirectStage:
             return
         if self._blocks >= self._depth and not self._spare:
             self._reap()  # every buffer is in use: wait for the oldest
-        self._pending.append(
-            (_writer().submit(self._put, self._block.view, self._offset), self._block, self._fill)
-        )
-        self._offset += self._fill
+        # The next buffer first: if there is none to be had, nothing was handed off and
+        # the full one is still ours to write (a hand-off then a failure would write the
+        # block twice, once queued and once by ``close``).
         if self._spare:
-            self._block = self._spare.pop()
+            following = self._spare.pop()
         else:
-            self._block = AlignedBlock()
+            following = AlignedBlock()
             self._blocks += 1
+        try:
+            writing = _writer().submit(self._put, self._block.view, self._offset)
+        except BaseException:
+            self._spare.append(following)
+            raise
+        self._pending.append((writing, self._block, self._fill))
+        self._offset += self._fill
+        self._block = following
         self._fill = 0
         while self._pending and self._pending[0][0].done():
             self._reap()

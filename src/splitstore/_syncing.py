@@ -30,6 +30,7 @@ from types import TracebackType
 from typing import BinaryIO
 
 from ._direct import ALIGN, DirectStage
+from ._threads import wait_through
 
 __all__ = ["SYNC_EVERY_BYTES", "SyncingWriter"]
 
@@ -175,10 +176,12 @@ class SyncingWriter:
 
     def abandon(self) -> None:
         """Wait for a sync still running, whatever its outcome: the file is thrown away."""
-        syncing, self._syncing = self._syncing, None
-        if syncing is not None:
-            concurrent.futures.wait([syncing])
-        self._end_direct(flush=False)
+        try:
+            if self._syncing is not None:
+                wait_through(self._syncing)
+                self._syncing = None
+        finally:
+            self._end_direct(flush=False)  # waits for the stage's writes, interrupted or not
 
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -225,7 +228,10 @@ class SyncingWriter:
         return True
 
     def _wait(self) -> None:
-        # Forgotten before it is raised: one failure is reported once, not again on exit.
-        syncing, self._syncing = self._syncing, None
+        syncing = self._syncing
         if syncing is not None:
+            # Interrupted while waiting, it is still ours: ``abandon`` then waits for it.
+            concurrent.futures.wait([syncing])
+            # Forgotten before it is raised: one failure is reported once, not on exit too.
+            self._syncing = None
             syncing.result()
