@@ -114,6 +114,16 @@ async def events_until_end(stream: CodecStream) -> list[object]:
             return seen
 
 
+async def paused_in_time(stream: CodecStream, seconds: float = 10.0) -> bool:
+    """Whether the transport stops reading within ``seconds`` (polled: no fixed sleep)."""
+    assert stream._transport is not None
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            while stream._transport.is_reading():
+                await asyncio.sleep(0.01)
+    return not stream._transport.is_reading()
+
+
 def payloads_of(events: list[object]) -> bytes:
     return b"".join(e.payload for e in events if isinstance(e, p.Data))
 
@@ -147,10 +157,8 @@ def test_reading_pauses_while_the_codec_holds_too_much() -> None:
 
     async def run() -> tuple[int, bool, list[object]]:
         async with connected(handle) as stream:
-            await asyncio.sleep(0.5)  # nobody reads meanwhile
+            reading = not await paused_in_time(stream)  # nobody reads meanwhile
             held = stream.conn.buffered_bytes
-            assert stream._transport is not None
-            reading = stream._transport.is_reading()
             return held, reading, await events_until_end(stream)
 
     held, reading, events = asyncio.run(run())
@@ -170,9 +178,7 @@ def test_reading_resumes_as_the_reader_takes_events(tmp_path: Path, tls: bool) -
 
     async def run() -> tuple[bool, list[object]]:
         async with connected(handle, setup) as stream:
-            await asyncio.sleep(0.5)  # nobody reads meanwhile: paused
-            assert stream._transport is not None
-            paused = not stream._transport.is_reading()
+            paused = await paused_in_time(stream)  # nobody reads meanwhile
             seen: list[object] = []
             async with asyncio.timeout(10):
                 while not (seen and isinstance(seen[-1], p.End)):
@@ -223,6 +229,10 @@ def test_writing_waits_while_the_peer_does_not_read() -> None:
 
     async def run() -> None:
         async with connected(handle) as stream:
+            sock = stream._transport.get_extra_info("socket") if stream._transport else None
+            assert sock is not None
+            # A small send buffer (no autotuning): the bytes cannot all leave.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
             stream.write(os.urandom(total))  # more than the socket buffers hold
             with pytest.raises(TimeoutError):
                 async with asyncio.timeout(0.3):
@@ -236,12 +246,15 @@ def test_writing_waits_while_the_peer_does_not_read() -> None:
     assert sum(got) > 0
 
 
-def test_writing_after_the_peer_closed_does_not_seem_to_succeed() -> None:
+@pytest.mark.parametrize("tls", [False, True])
+def test_writing_after_the_peer_closed_does_not_seem_to_succeed(tmp_path: Path, tls: bool) -> None:
+    setup = init_setup(tmp_path / "setup") if tls else None
+
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.close()  # a clean close
 
     async def run() -> None:
-        async with connected(handle) as stream:
+        async with connected(handle, setup) as stream:
             async with asyncio.timeout(5):
                 assert await stream.receive() is False
             with contextlib.suppress(ConnectionError):  # if it is known lost already

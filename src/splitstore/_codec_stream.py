@@ -59,6 +59,8 @@ class CodecStream(asyncio.BufferedProtocol):
         return self._buffer
 
     def buffer_updated(self, nbytes: int) -> None:
+        if not nbytes:
+            return  # nothing arrived (``receive_data(b"")`` would mean the peer closed)
         self.conn.receive_data(self._buffer[:nbytes])
         if not self._reading_paused and self.conn.buffered_bytes >= self._high:
             assert self._transport is not None
@@ -135,10 +137,11 @@ class CodecStream(asyncio.BufferedProtocol):
 
     async def drain(self) -> None:
         """Wait until the transport's buffer has room (or raise, if the connection is gone)."""
-        if self._transport is not None and self._transport.is_closing():
-            # Closing after the peer's EOF, the transport drops what is written: let
-            # connection_lost run, so that this raises rather than seems to succeed.
-            await asyncio.sleep(0)
+        if self._transport is None or self._transport.is_closing():
+            # Closing (after the peer's EOF, or by us), the transport drops what is
+            # written: say so now, not after connection_lost, which TLS takes a few
+            # turns of the loop to reach.
+            raise self._error or ConnectionResetError("the connection is closing")
         while self._writing_paused and not self._lost:
             self._drained = asyncio.get_running_loop().create_future()
             try:
