@@ -36,8 +36,11 @@ from splitstore import (
     StorageFullError,
     TLSVerificationError,
 )
+from splitstore._client import AsyncClient
+from splitstore._coalesce import CoalescingRemote
 from splitstore._service import ServerLimits
 from splitstore._setup import generate_ca, issue_server_cert
+from splitstore._tcp_client import TcpRemote
 from splitstore._tcp_server import TcpServer
 
 from .conftest import LiveServers, LoopThread
@@ -889,3 +892,25 @@ def test_store_cut_off_between_commits(
     assert client.verify("doc").committed_on == ("https", "tcp")
     assert fetched(client, "doc", tmp_path / "check") == v3
     assert third.version_id not in (first.version_id, second.version_id)
+
+
+def test_a_pooled_connection_holding_unread_bytes_is_not_reused(
+    servers: LiveServers, tmp_path: Path
+) -> None:
+    """Bytes a server sent between exchanges (the ERROR of its idle time-out, its close
+    not arrived yet) answer no request: the connection is dropped, not handed to the
+    next operation, which would take them for its answer."""
+    write_random(tmp_path / "in", 5000)
+
+    async def run() -> bool:
+        async with AsyncClient(servers.config) as client:
+            await client.store(tmp_path / "in", "doc")
+            pooled = [cast(CoalescingRemote, r).remote for r in client.remotes()]
+            tcp = next(cast(TcpRemote, r) for r in pooled if r.kind == "tcp")
+            assert tcp._idle, "the store left its connection in the pool"
+            stale = tcp._idle[-1]
+            stale.stream.conn.receive_data(b"\xff" * 8)  # arrived after the last answer
+            await tcp.ping()  # on a new connection, not reading those bytes
+            return stale.stream.is_closing()
+
+    assert servers.loop.run(run())

@@ -80,12 +80,15 @@ class TcpRemote:
 
     async def _idle_link(self) -> _Link | None:
         """A pooled connection the server has not closed meanwhile (it was restarted, or
-        dropped the connection after its idle time-out), or None."""
+        dropped the connection after its idle time-out), or None. One holding unread
+        bytes is not reused either: they answer no request (the ERROR of an idle time-out
+        whose close has not arrived yet), and would be taken for the next one's answer."""
         if self._idle:
             await asyncio.sleep(0)  # let a close that has already arrived be processed
         while self._idle:
             link = self._idle.pop()
-            if not (link.stream.is_closing() or link.stream.at_eof):
+            stream = link.stream
+            if not (stream.is_closing() or stream.at_eof or stream.conn.buffered_bytes):
                 return link
             await link.close()
         return None
