@@ -40,7 +40,7 @@ from splitstore._client import AsyncClient
 from splitstore._coalesce import CoalescingRemote
 from splitstore._service import ServerLimits
 from splitstore._setup import generate_ca, issue_server_cert
-from splitstore._tcp_client import TcpRemote
+from splitstore._tcp_client import POOL_IDLE_SECONDS, TcpRemote
 from splitstore._tcp_server import TcpServer
 
 from .conftest import LiveServers, LoopThread
@@ -914,3 +914,25 @@ def test_a_pooled_connection_holding_unread_bytes_is_not_reused(
             return stale.stream.is_closing()
 
     assert servers.loop.run(run())
+
+
+def test_a_connection_pooled_for_too_long_is_not_reused(
+    servers: LiveServers, tmp_path: Path
+) -> None:
+    """A link idle near the server's idle time-out may be dropped by the server just as
+    it is reused: past POOL_IDLE_SECONDS it is closed and a new one opened instead."""
+    write_random(tmp_path / "in", 5000)
+
+    async def run() -> tuple[bool, bool]:
+        async with AsyncClient(servers.config) as client:
+            await client.store(tmp_path / "in", "doc")
+            pooled = [cast(CoalescingRemote, r).remote for r in client.remotes()]
+            tcp = next(cast(TcpRemote, r) for r in pooled if r.kind == "tcp")
+            fresh = tcp._idle[-1]
+            await tcp.ping()  # reuses the link pooled just now
+            assert tcp._idle == [fresh]
+            fresh.idle_since -= POOL_IDLE_SECONDS + 1
+            await tcp.ping()
+            return fresh.stream.is_closing(), tcp._idle[-1] is not fresh
+
+    assert servers.loop.run(run()) == (True, True)

@@ -33,6 +33,10 @@ __all__ = ["TcpRemote"]
 
 # Idle connections kept for reuse; more would only hold sockets open on the server.
 POOL_SIZE = 4
+# A pooled connection idle longer than this is closed, not reused: well inside a server's
+# idle time-out (60 s by default), so a reused link is not one the server is just then
+# dropping, its ERROR arriving as the answer to our next request (aiohttp's pool: 15 s).
+POOL_IDLE_SECONDS = 15.0
 
 
 class TcpRemote:
@@ -74,6 +78,7 @@ class TcpRemote:
             await link.close()
             raise
         if link.reusable and len(self._idle) < POOL_SIZE:
+            link.idle_since = asyncio.get_running_loop().time()
             self._idle.append(link)
         else:
             await link.close()
@@ -82,13 +87,16 @@ class TcpRemote:
         """A pooled connection the server has not closed meanwhile (it was restarted, or
         dropped the connection after its idle time-out), or None. One holding unread
         bytes is not reused either: they answer no request (the ERROR of an idle time-out
-        whose close has not arrived yet), and would be taken for the next one's answer."""
+        whose close has not arrived yet), and would be taken for the next one's answer.
+        Nor is one idle for over POOL_IDLE_SECONDS, which the server may be dropping."""
         if self._idle:
             await asyncio.sleep(0)  # let a close that has already arrived be processed
+        now = asyncio.get_running_loop().time()
         while self._idle:
             link = self._idle.pop()
             stream = link.stream
-            if not (stream.is_closing() or stream.at_eof or stream.conn.buffered_bytes):
+            stale = now - link.idle_since > POOL_IDLE_SECONDS
+            if not (stale or stream.is_closing() or stream.at_eof or stream.conn.buffered_bytes):
                 return link
             await link.close()
         return None
@@ -268,6 +276,7 @@ class _Link:
         self.stream, self.remote = stream, remote
         self.conn = stream.conn
         self.reusable = False
+        self.idle_since = 0.0  # the loop's time when it was last put in the pool
         self._eof = False
 
     async def handshake(self, token: str) -> None:
