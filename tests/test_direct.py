@@ -11,7 +11,7 @@ import itertools
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -581,15 +581,9 @@ def test_a_buffer_that_cannot_be_had_leaves_the_full_one_to_close(
     assert (tmp_path / "out").read_bytes() == data
 
 
-@needs_direct_io
-def test_abandon_interrupted_still_waits_for_the_sync_and_closes_the_stage(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A Ctrl-C while a thrown-away file waits for its background sync: the wait goes on
-    (the sync uses the file's descriptor, closed next), then the interruption is raised,
-    and the stage is closed either way."""
-    if not direct_io_here(tmp_path):
-        pytest.skip("this file system has no O_DIRECT")
+def slow_syncs_and_an_interruption(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
+    """Background syncs wait to be released; the function returned makes the next wait
+    for one raise KeyboardInterrupt (a Ctrl-C), and releases the sync 0.2 s later."""
     release = threading.Event()
     real_sync = _syncing._sync_then_forget
 
@@ -607,13 +601,29 @@ def test_abandon_interrupted_still_waits_for_the_sync_and_closes_the_stage(
             raise KeyboardInterrupt
         return real_wait(fs, *args, **kwargs)
 
+    return lambda: monkeypatch.setattr(concurrent.futures, "wait", interrupted_once)
+
+
+@needs_direct_io
+@pytest.mark.parametrize("ending", ["abandon", "exit"])
+def test_an_interrupted_ending_still_waits_for_the_sync_and_closes_the_stage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ending: str
+) -> None:
+    """A Ctrl-C while the writer waits for its background sync, as a thrown-away file is
+    abandoned or as the writer's ``with`` ends normally: the wait goes on (the sync uses
+    the file's descriptor, closed next), then the interruption is raised, and the stage
+    is closed either way."""
+    if not direct_io_here(tmp_path):
+        pytest.skip("this file system has no O_DIRECT")
+    interrupt_next_wait = slow_syncs_and_an_interruption(monkeypatch)
     with (tmp_path / "out").open("wb", buffering=0) as raw:
         w = SyncingWriter(raw, sync_every=SYNC, write_depth=4)
         w.write(os.urandom(SYNC + 3 * DIRECT_BLOCK_BYTES))  # a sync runs, a stage is open
         syncing = w._syncing
         assert syncing is not None
-        monkeypatch.setattr(concurrent.futures, "wait", interrupted_once)
+        end = w.abandon if ending == "abandon" else lambda: w.__exit__(None, None, None)
+        interrupt_next_wait()
         with pytest.raises(KeyboardInterrupt):
-            w.abandon()
+            end()
         assert syncing.done()  # waited for, through the interruption
         assert w._stage is None  # and the stage closed

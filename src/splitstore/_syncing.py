@@ -187,9 +187,13 @@ class SyncingWriter:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         if kind is None and not self._failed:
-            with self._failing():
-                self._wait()
-                self._end_direct()
+            try:
+                with self._failing():
+                    self._wait()
+                    self._end_direct()
+            except BaseException:
+                self.abandon()  # interrupted in the wait, the sync is still running: outwait it
+                raise
         else:
             self.abandon()
 
