@@ -23,7 +23,10 @@ T = TypeVar("T")
 
 def in_thread(call: Callable[..., T], *args: Any) -> asyncio.Future[T]:
     """``call(*args)`` in the loop's default executor, in the caller's context (as
-    ``to_thread``); the future is done when the thread has ended, not before."""
+    ``to_thread``); the future is done when the thread has ended, not before, unless it
+    is cancelled itself (``wait_for``, ``gather``), so await it through a shield. A
+    shield cancelled first never looks at the thread's error: retrieve it after, as
+    ``outlast`` does, or Python warns that it was never retrieved."""
     loop = asyncio.get_running_loop()
     run = functools.partial(contextvars.copy_context().run, call, *args)
     return loop.run_in_executor(None, run)
