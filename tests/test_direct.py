@@ -106,11 +106,24 @@ def test_where_there_is_no_direct_io_the_data_still_arrives(
 @needs_direct_io
 @pytest.mark.parametrize("refusal", ["refused", "cut short"])
 @pytest.mark.parametrize("depth", [1, 3])
+@pytest.mark.parametrize("switch", ["quick", "slow"])
 def test_a_direct_write_refused_or_cut_short_is_finished_the_ordinary_way(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refusal: str, depth: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refusal: str, depth: int, switch: str
 ) -> None:
+    """With writer threads, the others go on once one turns O_DIRECT off; "slow" widens
+    the moment the flag takes to go off, in which no thread may write the ordinary way
+    (such a write, unaligned, would be refused while the flag is still on)."""
     if not direct_io_here(tmp_path):
         pytest.skip("this file system has no O_DIRECT")
+    if switch == "slow":
+        real_set = _direct.set_direct
+
+        def slow_set(fd: int, on: bool) -> bool:
+            if not on:
+                time.sleep(0.05)
+            return real_set(fd, on)
+
+        monkeypatch.setattr(_direct, "set_direct", slow_set)
     real = os.pwrite
     odd: list[int] = []
 

@@ -24,6 +24,7 @@ import contextlib
 import errno
 import mmap
 import os
+import threading
 from typing import BinaryIO
 
 try:
@@ -119,6 +120,9 @@ class DirectStage:
         self._block = AlignedBlock()
         self._fill = 0
         self._direct = True
+        # Held while O_DIRECT is turned off: a writer thread that finds ``_direct`` false
+        # may write unaligned bytes, so the flag goes off before ``_direct`` says so.
+        self._switching = threading.Lock()
         # Buffers being written, oldest first: (its write, the buffer, bytes in it).
         self._pending: collections.deque[
             tuple[concurrent.futures.Future[None], AlignedBlock, int]
@@ -261,9 +265,13 @@ class DirectStage:
                 done += os.pwrite(self._fd, view[done:], offset + done)
 
     def _stop_direct(self) -> None:
-        if self._direct:
-            self._direct = False
-            set_direct(self._fd, False)
+        """O_DIRECT off, for this and every other writer thread. Returns only once the
+        flag is off, whichever thread turns it off: an ordinary write made while it is
+        still on would be refused (EINVAL) for its unaligned offset or length."""
+        with self._switching:
+            if self._direct:
+                set_direct(self._fd, False)
+                self._direct = False
 
 
 class DirectReader:
