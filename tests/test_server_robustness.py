@@ -7,14 +7,16 @@ import os
 import socket
 import ssl
 import struct
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from splitstore import Client
+from splitstore import Client, _service
 
-from .conftest import TEST_LIMITS, LiveServers
+from .conftest import TEST_LIMITS, LiveServers, LoopThread
 
 HELLO, REQUEST, DATA, END, ERROR = 0x01, 0x10, 0x20, 0x21, 0x30
 
@@ -187,6 +189,39 @@ def test_tcp_stalled_upload_times_out(servers: LiveServers) -> None:
     )
     assert error_codes(recv_all(sock, limit=TEST_LIMITS.idle_timeout + 10)) == ["timeout"]
     assert not list((servers.data_dir("tcp") / "tmp").iterdir())
+
+
+def test_a_shutdown_during_an_upload_clean_up_still_removes_the_part_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client drops its upload while a batch is being written; the server then shuts
+    down, which cancels every task, the clean-up waiting for that write included. The
+    clean-up still waits for the write and removes the part-written stripe."""
+    real_write, writing = _service._write_all, threading.Event()
+
+    def slow_write(upload: Any, pieces: list[bytes]) -> None:
+        writing.set()
+        time.sleep(0.5)
+        real_write(upload, pieces)
+
+    monkeypatch.setattr(_service, "_write_all", slow_write)
+    loop = LoopThread()
+    live = LiveServers(tmp_path / "setup", loop)
+    live.start()
+    tmp = live.data_dir("tcp") / "tmp"
+    try:
+        sock = tcp_handshake(live)
+        request = {"op": "put_stripe", "object_id": "c" * 64, "version_id": "d" * 32}
+        sock.sendall(json_frame(REQUEST, {**request, "length": 8 << 20}))
+        for _ in range(5):  # over one write batch: a write starts in its thread
+            sock.sendall(frame(DATA, os.urandom(1 << 20)))
+        assert writing.wait(10)
+        sock.close()  # the upload fails; its clean-up waits for the write
+        time.sleep(0.1)
+        assert any(tmp.rglob("*")), "the part-written stripe is there"
+    finally:
+        loop.close()  # cancels every task, as asyncio.run does on its way out
+    assert not [f for f in tmp.rglob("*") if f.is_file()]
 
 
 # -- HTTPS -------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from ._storage import (
 )
 from ._syncing import SYNC_EVERY_BYTES
 from ._tenants import Tenant
-from ._threads import in_thread
+from ._threads import in_thread, in_thread_to_the_end, outlast
 
 __all__ = ["ServerLimits", "StorageService", "TenantStores"]
 
@@ -324,24 +324,40 @@ def _clean_up(work: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
     return task
 
 
+# The clean-ups below run to their end through cancellations too: a server shutting down
+# (asyncio.run on its way out) cancels every task, these included, and an abort skipped
+# then would leave a part-written stripe in tmp/. The cancellation is raised after.
+
+
 async def _abort_when_opened(starting: asyncio.Future[StripeUpload]) -> None:
-    await asyncio.wait([starting])
-    if starting.cancelled() or starting.exception() is not None:
-        return
-    with contextlib.suppress(OSError, StorageError):  # no one is left to tell
-        await asyncio.to_thread(starting.result().abort)
+    cancelled = await _cancelled_while(outlast(starting))
+    if not starting.cancelled() and starting.exception() is None:
+        with contextlib.suppress(OSError, StorageError):  # no one is left to tell
+            cancelled |= await _cancelled_while(in_thread_to_the_end(starting.result().abort))
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 async def _abort_after(upload: StripeUpload, *pending: asyncio.Future[Any] | None) -> None:
     """Abort ``upload`` once the writes still running in their threads have ended (they
     were awaited through a shield, so a cancellation left them running)."""
-    running = [f for f in pending if f is not None]
-    if running:
-        await asyncio.wait(running)
-        for future in running:
-            if not future.cancelled():
-                future.exception()
-    await asyncio.to_thread(upload.abort)
+    cancelled = False
+    for future in pending:
+        if future is not None:
+            cancelled |= await _cancelled_while(outlast(future))  # its error retrieved
+    cancelled |= await _cancelled_while(in_thread_to_the_end(upload.abort))
+    if cancelled:
+        raise asyncio.CancelledError
+
+
+async def _cancelled_while(work: Coroutine[Any, Any, Any]) -> bool:
+    """Await ``work``, which ends its own work before raising a cancellation; whether
+    it was cancelled."""
+    try:
+        await work
+    except asyncio.CancelledError:
+        return True
+    return False
 
 
 class StripeChunks:
