@@ -197,11 +197,11 @@ def test_a_shutdown_during_an_upload_clean_up_still_removes_the_part_file(
     """A client drops its upload while a batch is being written; the server then shuts
     down, which cancels every task, the clean-up waiting for that write included. The
     clean-up still waits for the write and removes the part-written stripe."""
-    real_write, writing = _service._write_all, threading.Event()
+    real_write, writing, release = _service._write_all, threading.Event(), threading.Event()
 
     def slow_write(upload: Any, pieces: list[bytes]) -> None:
         writing.set()
-        time.sleep(0.5)
+        release.wait(10)  # held until the shutdown has begun, however slow the machine
         real_write(upload, pieces)
 
     monkeypatch.setattr(_service, "_write_all", slow_write)
@@ -220,6 +220,7 @@ def test_a_shutdown_during_an_upload_clean_up_still_removes_the_part_file(
         time.sleep(0.1)
         assert any(tmp.rglob("*")), "the part-written stripe is there"
     finally:
+        threading.Timer(0.3, release.set).start()  # the write ends during the shutdown
         loop.close()  # cancels every task, as asyncio.run does on its way out
     assert not [f for f in tmp.rglob("*") if f.is_file()]
 
