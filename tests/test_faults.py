@@ -7,6 +7,7 @@ output was left behind (no file at the destination, no ``*.splitstore-part`` bes
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import os
@@ -923,16 +924,19 @@ def test_a_connection_pooled_for_too_long_is_not_reused(
     it is reused: past POOL_IDLE_SECONDS it is closed and a new one opened instead."""
     write_random(tmp_path / "in", 5000)
 
-    async def run() -> tuple[bool, bool]:
+    async def run() -> tuple[bool, bool, bool]:
         async with AsyncClient(servers.config) as client:
             await client.store(tmp_path / "in", "doc")
             pooled = [cast(CoalescingRemote, r).remote for r in client.remotes()]
             tcp = next(cast(TcpRemote, r) for r in pooled if r.kind == "tcp")
-            fresh = tcp._idle[-1]
-            await tcp.ping()  # reuses the link pooled just now
-            assert tcp._idle == [fresh]
-            fresh.idle_since -= POOL_IDLE_SECONDS + 1
+            await asyncio.gather(tcp.ping(), tcp.ping(), tcp.ping())  # at least two links
+            fresh = list(tcp._idle)
+            await tcp.ping()  # reuses one of the links pooled just now
+            reused = {id(link) for link in tcp._idle} == {id(link) for link in fresh}
+            for link in fresh:
+                link.idle_since -= POOL_IDLE_SECONDS + 1
             await tcp.ping()
-            return fresh.stream.is_closing(), tcp._idle[-1] is not fresh
+            all_closed = all(link.stream.is_closing() for link in fresh)
+            return reused and len(fresh) >= 2, all_closed, tcp._idle[-1] not in fresh
 
-    assert servers.loop.run(run()) == (True, True)
+    assert servers.loop.run(run()) == (True, True, True)

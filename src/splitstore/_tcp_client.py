@@ -63,8 +63,7 @@ class TcpRemote:
 
     async def close(self) -> None:
         idle, self._idle = self._idle, []
-        for link in idle:
-            await link.close()
+        await _close_all(idle)
 
     # -- connections ---------------------------------------------------------------------
 
@@ -92,14 +91,18 @@ class TcpRemote:
         if self._idle:
             await asyncio.sleep(0)  # let a close that has already arrived be processed
         now = asyncio.get_running_loop().time()
-        while self._idle:
+        unusable: list[_Link] = []
+        found = None
+        while self._idle and found is None:
             link = self._idle.pop()
             stream = link.stream
             stale = now - link.idle_since > POOL_IDLE_SECONDS
-            if not (stale or stream.is_closing() or stream.at_eof or stream.conn.buffered_bytes):
-                return link
-            await link.close()
-        return None
+            if stale or stream.is_closing() or stream.at_eof or stream.conn.buffered_bytes:
+                unusable.append(link)
+            else:
+                found = link
+        await _close_all(unusable)  # together: each may wait up to a second for its peer
+        return found
 
     async def _connect(self) -> _Link:
         with self._translating():
@@ -370,6 +373,11 @@ class _Link:
         with contextlib.suppress(Exception):
             async with asyncio.timeout(1.0):
                 await self.stream.wait_closed()
+
+
+async def _close_all(links: list[_Link]) -> None:
+    if links:
+        await asyncio.gather(*(link.close() for link in links))
 
 
 class _TcpStripe:
