@@ -42,10 +42,15 @@ class LoopThread:
     def close(self) -> None:
         async def cancel_leftovers() -> None:
             # Handler tasks of connections that outlived their test: end them quietly.
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            # Ending one may start another (a server's upload clean-up runs as a task of
+            # its own), so go round until none is left.
+            for _ in range(10):
+                tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+                if not tasks:
+                    return
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
 
         self.run(cancel_leftovers())
         self.loop.call_soon_threadsafe(self.loop.stop)
