@@ -45,6 +45,7 @@ from splitstore._crypto import (
     TAG_SIZE,
     ciphertext_size,
 )
+from splitstore._digest import stripe_digest
 from splitstore._keys import create_key_file
 from splitstore._manifest import ENCRYPTED_FORMAT, MANIFEST_FORMAT, PAYLOAD_ENCRYPTION, Manifest
 from splitstore._manifest import StripeInfo as ManifestStripe
@@ -66,7 +67,7 @@ def write_stripe(path: Path, data: bytes) -> None:
     """Replace a stripe as its server would: the .meta beside it says the new length and
     hash, so the server serves it without complaint."""
     path.write_bytes(data)
-    meta = {"length": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    meta = {"length": len(data), "digest": stripe_digest(data)}
     path.with_suffix(".meta").write_text(json.dumps(meta))
 
 
@@ -365,9 +366,9 @@ def test_deleted_file_served_again(
 def forged_plain_manifest(servers: LiveServers, name: str, fmt: int) -> bytes:
     """An unsealed manifest describing exactly the stripes both servers hold.
 
-    Format 1 would have the client output the ciphertext stream as the file (a downgrade);
-    format 2 in the clear names a file key the forger chose (here: the stream's own
-    bytes cannot decrypt under it, but a forger could seal data of its own)."""
+    An unencrypted one would have the client output the ciphertext stream as the file (a
+    downgrade); an encrypted one in the clear names a file key the forger chose (here: the
+    stream's own bytes cannot decrypt under it, but a forger could seal data of its own)."""
     records = [read_record(servers, kind, name)["current"] for kind in KINDS]
     stripes = [servers.stripe_path(kind, name).read_bytes() for kind in KINDS]
     stream = bytes(join_block(stripes, CHUNK))
@@ -377,7 +378,7 @@ def forged_plain_manifest(servers: LiveServers, name: str, fmt: int) -> bytes:
         "version_id": records[0]["version_id"],
         "created_ns": 2**62,  # newer than anything: it would win
         "stripes": tuple(
-            ManifestStripe(kind, r["stripe_length"], r["stripe_sha256"])
+            ManifestStripe(kind, r["stripe_length"], r["stripe_digest"])
             for kind, r in zip(KINDS, records, strict=True)
         ),
     }
@@ -389,7 +390,6 @@ def forged_plain_manifest(servers: LiveServers, name: str, fmt: int) -> bytes:
         manifest = Manifest(
             size=size,
             sha256="0" * 64,
-            format=ENCRYPTED_FORMAT,
             encryption=PAYLOAD_ENCRYPTION,
             padded_size=size,
             file_key="11" * 32,
@@ -398,7 +398,9 @@ def forged_plain_manifest(servers: LiveServers, name: str, fmt: int) -> bytes:
     return manifest.to_bytes()
 
 
-@pytest.mark.parametrize("fmt", [MANIFEST_FORMAT, ENCRYPTED_FORMAT], ids=["format1", "format2"])
+@pytest.mark.parametrize(
+    "fmt", [MANIFEST_FORMAT, ENCRYPTED_FORMAT], ids=["unencrypted", "encrypted"]
+)
 @pytest.mark.parametrize("kind", KINDS)
 def test_forged_unsealed_manifest_is_refused(
     servers: LiveServers, client: Client, tmp_path: Path, kind: str, fmt: int

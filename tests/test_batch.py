@@ -40,6 +40,7 @@ from splitstore._batch import (
 )
 from splitstore._coalesce import BATCHED_STRIPE_BYTES, CoalescingRemote, _Batcher
 from splitstore._config import load_config
+from splitstore._digest import stripe_digest
 from splitstore._http_client import HttpsRemote
 from splitstore._remote import (
     Remote,
@@ -47,6 +48,7 @@ from splitstore._remote import (
     read_put_stripes_reply,
     read_record_lines,
     split_stripes,
+    upload_digest,
 )
 from splitstore._storage import ObjectRecord, StorageError
 from splitstore._tcp_client import TcpRemote
@@ -195,14 +197,14 @@ def test_batch_items_keep_their_own_outcomes(adapter: tuple[Client, Remote]) -> 
     run = client._run
     stripes = [(*_ids(), os.urandom(n)) for n in (0, 1, 2000, 70_000)]
     digests = run(remote.put_stripes(stripes))
-    assert digests == [hashlib.sha256(d).hexdigest() for _, _, d in stripes]
+    assert digests == [stripe_digest(d) for _, _, d in stripes]
 
     records = [
         (o, ObjectRecord(v, len(d), h, b"m" * 40))
         for (o, v, d), h in zip(stripes, digests, strict=True)
     ]
-    wrong = (records[1][0], ObjectRecord(records[1][1].version_id, 1, "0" * 64, b"m"))
-    never = (_ids()[0], ObjectRecord(_ids()[1], 5, "1" * 64, b"m"))
+    wrong = (records[1][0], ObjectRecord(records[1][1].version_id, 1, "blake3:" + "0" * 64, b"m"))
+    never = (_ids()[0], ObjectRecord(_ids()[1], 5, "blake3:" + "1" * 64, b"m"))
     results = run(remote.commit_records([records[0], wrong, never, *records[2:]]))
     assert results[0] is None
     assert results[3] is None
@@ -304,6 +306,26 @@ def test_client_side_batch_parsers_only_raise_protocol_errors(
         except ProtocolError:
             continue
         assert len(out) == n or len(out) == 1
+
+
+def test_upload_answers_must_carry_a_stripe_digest() -> None:
+    good = {"length": 3, "digest": "blake3:" + "ab" * 32}
+    assert upload_digest(good, 3, "srv") == good["digest"]
+    assert upload_digest({**good, "digest": "sha256:" + "ab" * 32}, 3, "srv")
+    # A server from before stripe digests answers with a bare SHA-256: named as older.
+    with pytest.raises(ProtocolError, match=r"older splitstore.*upgrade the server"):
+        upload_digest({"length": 3, "sha256": "ab" * 32}, 3, "srv")
+    for bad in (
+        {**good, "length": 4},
+        {**good, "digest": "ab" * 32},
+        {**good, "digest": "blake3:" + "AB" * 32},
+        {**good, "digest": None},
+        {"length": 3},
+    ):
+        with pytest.raises(ProtocolError, match="malformed upload reply"):
+            upload_digest(bad, 3, "srv")
+    with pytest.raises(ProtocolError, match="older splitstore"):
+        read_put_stripes_reply({"stripes": [{"length": 1, "sha256": "ab" * 32}]}, [1], "srv")
 
 
 def test_split_stripes_takes_each_stripe_where_the_answer_says() -> None:

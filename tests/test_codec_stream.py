@@ -37,8 +37,8 @@ def server_bytes(payloads: list[bytes]) -> bytes:
     """All a server sends in answer to a client's opening and one request: the preface
     reply, READY, then RESPONSE, DATA (one frame per payload), END."""
     client, server = p.Connection(p.Role.CLIENT), p.Connection(p.Role.SERVER)
-    _deliver(client.send(p.Preface(1, 1)), server)
-    out = [server.send(p.PrefaceReply(1))]
+    _deliver(client.send(p.Preface(2, 2)), server)
+    out = [server.send(p.PrefaceReply(2))]
     _deliver(out[-1], client)
     _deliver(client.send(p.Hello("t")), server)
     out.append(server.send(p.Ready()))
@@ -54,7 +54,7 @@ def server_bytes(payloads: list[bytes]) -> bytes:
 def client_conn() -> p.Connection:
     """A client codec that has sent its preface (the rest is sent as the answers come)."""
     conn = p.Connection(p.Role.CLIENT)
-    conn.send(p.Preface(1, 1))
+    conn.send(p.Preface(2, 2))
     return conn
 
 

@@ -15,7 +15,6 @@ cannot half-close); a shorter run sends garbage through TLS.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -33,6 +32,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from splitstore._digest import stripe_digest
 from splitstore._names import is_object_id, is_version_id
 from splitstore._protocol import (
     ERROR_CODES,
@@ -72,7 +72,7 @@ OID, VID = "ab" * 32, "cd" * 16
 OPS = ["put_stripe", "get_stripe", "commit", "get_record", "list", "delete", "ping"]
 OPS += ["put_stripes", "get_stripes", "commit_records", "get_records"]
 HELLO, READY, REQUEST, RESPONSE, DATA, END, ERROR = (int(t) for t in FrameType)
-PREFACE = b"SPST\x01\x01\x00\x00"
+PREFACE = b"SPST\x02\x02\x00\x00"
 
 # For the live tests: each runs its examples against servers started once for all of them.
 fuzz_settings = settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -109,6 +109,8 @@ record_fields = st.fixed_dictionaries(
     optional={
         "version_id": ids,
         "stripe_length": lengths,
+        "stripe_digest": st.sampled_from(["blake3:" + "0" * 64, "0" * 64, "z"])
+        | st.text(max_size=72),
         "stripe_sha256": st.sampled_from(["0" * 64, "z"]) | st.text(max_size=64),
         "manifest": st.sampled_from(["", "AAAA", "!!"]) | st.text(max_size=30),
     },
@@ -180,7 +182,7 @@ def valid_session(token: str) -> bytes:
     record = {
         "version_id": VID,
         "stripe_length": len(stripe),
-        "stripe_sha256": hashlib.sha256(stripe).hexdigest(),
+        "stripe_digest": stripe_digest(stripe),
         "manifest": "AAAA",
     }
     return (

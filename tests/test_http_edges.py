@@ -98,7 +98,7 @@ def test_manifest_listing_other_servers_is_an_integrity_error(
     m = Manifest.from_bytes(base64.b64decode(doc["current"]["manifest"]))
     https = m.stripe_for("https")
     forged = dataclasses.replace(
-        m, size=https.length, stripes=(StripeInfo("https", https.length, https.sha256),)
+        m, size=https.length, stripes=(StripeInfo("https", https.length, https.digest),)
     )
     doc["current"]["manifest"] = base64.b64encode(forged.to_bytes()).decode()
     record_file.write_text(json.dumps(doc))

@@ -101,7 +101,7 @@ def eventually_admitted(servers: LiveServers, kind: str, source: str = "127.0.0.
 def tcp_session(servers: LiveServers, source: str = "127.0.0.1") -> ssl.SSLSocket:
     """A TCP connection past preface and HELLO."""
     sock = tls_connect(servers, "tcp", source)
-    sock.sendall(b"SPST\x01\x01\x00\x00" + json_frame(HELLO, {"token": servers.config.token()}))
+    sock.sendall(b"SPST\x02\x02\x00\x00" + json_frame(HELLO, {"token": servers.config.token()}))
     reply = read_exactly(sock, 8 + 5)
     assert reply[8] == 0x02  # READY
     read_exactly(sock, struct.unpack(">I", reply[9:13])[0])

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import orjson
 import pytest
 
 from splitstore import Client, _service
+from splitstore._digest import stripe_digest
 from splitstore._errors import ProtocolError
 from splitstore._remote import MAX_LISTING_LINE, ListingParser
 from splitstore._storage import ObjectRecord
@@ -17,7 +17,7 @@ from .conftest import LiveServers
 
 
 def line(oid: str, vid: str = "a" * 32) -> bytes:
-    rec = ObjectRecord(vid, 5, hashlib.sha256(b"hello").hexdigest(), b"sealed")
+    rec = ObjectRecord(vid, 5, stripe_digest(b"hello"), b"sealed")
     return orjson.dumps({"object_id": oid, **rec.to_json()}) + b"\n"
 
 

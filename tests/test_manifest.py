@@ -10,11 +10,18 @@ from hypothesis import strategies as st
 
 from splitstore import IntegrityError, InvalidNameError
 from splitstore._crypto import ciphertext_size
-from splitstore._manifest import ENCRYPTED_FORMAT, PAYLOAD_ENCRYPTION, Manifest, StripeInfo
+from splitstore._manifest import (
+    ENCRYPTED_FORMAT,
+    MANIFEST_FORMAT,
+    PAYLOAD_ENCRYPTION,
+    Manifest,
+    StripeInfo,
+)
 from splitstore._names import is_object_id, object_id_for, validate_name
 from splitstore._stripes import stripe_lengths
 
 H = "ab" * 32
+D = "blake3:" + "cd" * 32  # a stripe digest
 
 
 def sample(**overrides: object) -> Manifest:
@@ -25,7 +32,7 @@ def sample(**overrides: object) -> Manifest:
         "sha256": H,
         "version_id": "c" * 32,
         "created_ns": 1,
-        "stripes": (StripeInfo("https", 1976, H), StripeInfo("tcp", 1024, H)),
+        "stripes": (StripeInfo("https", 1976, D), StripeInfo("tcp", 1024, D)),
     }
     fields.update(overrides)
     return Manifest(**fields)  # type: ignore[arg-type]
@@ -71,12 +78,19 @@ def test_any_printable_name_roundtrips(name: str) -> None:
         lambda d: d.update(created_ns=1.5),
         lambda d: d.update(encryption=None),
         lambda d: d.update(stripes={"https": 1}),
-        lambda d: d.update(stripes=[["https", 1976, H], *d["stripes"][1:]]),
+        lambda d: d.update(stripes=[["https", 1976, D], *d["stripes"][1:]]),
         lambda d: d["stripes"][0].update(length=1976.0),
         lambda d: d["stripes"][0].update(length=True),
         lambda d: d["stripes"][0].update(server=5),
-        lambda d: d["stripes"][0].update(sha256=5),
-        lambda d: d["stripes"][0].pop("sha256"),
+        lambda d: d["stripes"][0].update(digest=5),
+        lambda d: d["stripes"][0].pop("digest"),
+        lambda d: d["stripes"][0].update(digest="cd" * 32),  # no algorithm
+        lambda d: d["stripes"][0].update(digest="blake3:" + "CD" * 32),
+        lambda d: d["stripes"][0].update(digest="blake3:" + "cd" * 31),
+        lambda d: d["stripes"][0].update(digest="md5:" + "cd" * 32),
+        # Format 3 stripes are BLAKE3; SHA-256 ones belong to formats 1 and 2 only.
+        lambda d: d["stripes"][0].update(digest="sha256:" + H),
+        lambda d: d.update(format=1),  # format 1 has bare SHA-256s, not digests
         lambda d: d.update(scan=[]),
     ],
 )
@@ -89,7 +103,7 @@ def test_malformed_manifests_are_integrity_errors(mutate: object) -> None:
 
 def test_unknown_format_asks_for_an_upgrade() -> None:
     doc = json.loads(sample().to_bytes())
-    doc["format"] = 3
+    doc["format"] = 4
     with pytest.raises(IntegrityError, match="upgrade"):
         Manifest.from_bytes(json.dumps(doc).encode())
 
@@ -117,12 +131,11 @@ def encrypted_sample() -> Manifest:
     stored = ciphertext_size(size)
     return sample(
         size=size,
-        format=ENCRYPTED_FORMAT,
         encryption=PAYLOAD_ENCRYPTION,
         padded_size=size,
         file_key="11" * 32,
         stripes=tuple(
-            StripeInfo(kind, length, H)
+            StripeInfo(kind, length, D)
             for kind, length in zip(("https", "tcp"), stripe_lengths(stored, 1024, 2), strict=True)
         ),
     )
@@ -131,6 +144,35 @@ def encrypted_sample() -> Manifest:
 def test_encrypted_manifest_roundtrips() -> None:
     m = encrypted_sample()
     assert Manifest.from_bytes(m.to_bytes()) == m
+    assert m.encrypted
+    assert json.loads(m.to_bytes())["format"] == 3
+
+
+@pytest.mark.parametrize("fmt", [MANIFEST_FORMAT, ENCRYPTED_FORMAT])
+def test_older_formats_with_bare_sha256_stripes_are_read(fmt: int) -> None:
+    """Manifests written before stripe digests (formats 1 and 2) still open, their
+    stripes' SHA-256s read as sha256: digests, and are written back byte for byte."""
+    base = encrypted_sample() if fmt == ENCRYPTED_FORMAT else sample()
+    doc = json.loads(base.to_bytes())
+    doc["format"] = fmt
+    for entry in doc["stripes"]:
+        entry["sha256"] = H
+        del entry["digest"]
+    raw = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    m = Manifest.from_bytes(raw)
+    assert (m.format, m.encrypted) == (fmt, fmt == ENCRYPTED_FORMAT)
+    assert [s.digest for s in m.stripes] == ["sha256:" + H] * 2
+    assert m.to_bytes() == raw
+    for bad in ({"digest": D}, {"sha256": "sha256:" + H}, {"sha256": "xyz"}):
+        broken = json.loads(raw)
+        del broken["stripes"][0]["sha256"]
+        broken["stripes"][0].update(bad)
+        with pytest.raises(IntegrityError):
+            Manifest.from_bytes(json.dumps(broken).encode())
+    other = json.loads(raw)
+    other["encryption"] = PAYLOAD_ENCRYPTION if fmt == MANIFEST_FORMAT else "none"
+    with pytest.raises(IntegrityError):  # each old format stands for one way of storing
+        Manifest.from_bytes(json.dumps(other).encode())
 
 
 @pytest.mark.parametrize(

@@ -90,11 +90,11 @@ def deliver(data: bytes, conn: Connection, sizes: Sequence[int] = ()) -> list[Ev
 
 def handshake() -> tuple[Connection, Connection]:
     client, server = Connection(Role.CLIENT), Connection(Role.SERVER)
-    assert deliver(client.send(Preface(1, 1)), server) == [Preface(1, 1)]
-    assert deliver(server.send(PrefaceReply(1)), client) == [PrefaceReply(1)]
+    assert deliver(client.send(Preface(2, 2)), server) == [Preface(2, 2)]
+    assert deliver(server.send(PrefaceReply(2)), client) == [PrefaceReply(2)]
     assert deliver(client.send(Hello("secret")), server) == [Hello("secret")]
-    assert deliver(server.send(Ready({"server": "splitstore/0.1.0"})), client) == [
-        Ready({"server": "splitstore/0.1.0"})
+    assert deliver(server.send(Ready({"server": "splitstore/0.2.0"})), client) == [
+        Ready({"server": "splitstore/0.2.0"})
     ]
     assert client.our_state is State.IDLE
     assert server.our_state is State.IDLE
@@ -127,20 +127,20 @@ def exchange(
 
 def test_preface_and_reply_bytes() -> None:
     client, server = Connection(Role.CLIENT), Connection(Role.SERVER)
-    preface = client.send(Preface(1, 1))
-    assert preface == b"SPST\x01\x01\x00\x00"
+    preface = client.send(Preface(2, 2))
+    assert preface == b"SPST\x02\x02\x00\x00"
     server.receive_data(preface)
-    assert server.next_event() == Preface(1, 1)
-    assert server.send(PrefaceReply(1)) == b"SPST\x01\x00\x00\x00"
-    assert server.version == 1
+    assert server.next_event() == Preface(2, 2)
+    assert server.send(PrefaceReply(2)) == b"SPST\x02\x00\x00\x00"
+    assert server.version == 2
 
 
 def test_frame_layouts() -> None:
     client = Connection(Role.CLIENT)
-    client.send(Preface(1, 1))
-    client.receive_data(b"SPST\x01\x00\x00\x00")
-    assert client.next_event() == PrefaceReply(1)
-    assert client.version == 1
+    client.send(Preface(2, 2))
+    client.receive_data(b"SPST\x02\x00\x00\x00")
+    assert client.next_event() == PrefaceReply(2)
+    assert client.version == 2
     assert client.send(Hello("t")) == b'\x01\x00\x00\x00\x0d{"token":"t"}'
     client.receive_data(b"\x02\x00\x00\x00\x02{}")
     assert client.next_event() == Ready({})
@@ -171,32 +171,33 @@ def test_request_fields_round_trip_without_op() -> None:
 
 
 def test_choose_version() -> None:
-    assert choose_version(Preface(1, 1)) == 1
-    assert choose_version(Preface(0, 9)) == 1
-    assert choose_version(Preface(2, 3)) == 0
+    assert choose_version(Preface(2, 2)) == 2
+    assert choose_version(Preface(0, 9)) == 2
+    assert choose_version(Preface(1, 1)) == 0  # version 1 answered uploads with SHA-256s
+    assert choose_version(Preface(3, 4)) == 0
     assert choose_version(Preface(3, 1)) == 0
 
 
 def test_refusal_path() -> None:
     client, server = Connection(Role.CLIENT), Connection(Role.SERVER)
-    client.send(Preface(1, 1))
-    # A (future) client offering only versions 2..3, as the server sees it.
-    events = deliver(b"SPST\x02\x03\x00\x00", server)
-    assert events == [Preface(2, 3)]
+    client.send(Preface(2, 2))
+    # A (future) client offering only versions 3..4, as the server sees it.
+    events = deliver(b"SPST\x03\x04\x00\x00", server)
+    assert events == [Preface(3, 4)]
     with pytest.raises(ProtocolViolation):
-        server.send(PrefaceReply(1))  # 1 was not offered
+        server.send(PrefaceReply(2))  # 2 was not offered
     with pytest.raises(ProtocolViolation):
         server.send(Ready())
     reply = server.send(PrefaceReply(0))
     assert reply == b"SPST\x00\x00\x00\x00"
     assert server.our_state is State.SEND_REFUSAL
-    error = server.send(Error("unsupported_version", "this server speaks version 1"))
+    error = server.send(Error("unsupported_version", "this server speaks version 2"))
     assert our_state(server) is State.CLOSED
     with pytest.raises(ProtocolViolation):
         server.send(Error("internal", "again"))
 
     got = deliver(reply + error, client)
-    assert got == [PrefaceReply(0), Error("unsupported_version", "this server speaks version 1")]
+    assert got == [PrefaceReply(0), Error("unsupported_version", "this server speaks version 2")]
     assert client.version == 0
     assert client.our_state is State.CLOSED
     with pytest.raises(ProtocolViolation):
@@ -207,8 +208,8 @@ def test_refusal_path() -> None:
 
 def test_client_rejects_a_version_it_did_not_offer() -> None:
     client = Connection(Role.CLIENT)
-    client.send(Preface(1, 1))
-    client.receive_data(b"SPST\x02\x00\x00\x00")
+    client.send(Preface(2, 2))
+    client.receive_data(b"SPST\x03\x00\x00\x00")
     with pytest.raises(ProtocolViolation) as info:
         client.next_event()
     assert info.value.code == "unsupported_version"
@@ -216,7 +217,7 @@ def test_client_rejects_a_version_it_did_not_offer() -> None:
 
 def test_client_only_offers_versions_it_speaks() -> None:
     client = Connection(Role.CLIENT)
-    for bad in (Preface(0, 1), Preface(1, 2), Preface(2, 1)):
+    for bad in (Preface(0, 1), Preface(1, 1), Preface(1, 2), Preface(2, 3), Preface(2, 1)):
         with pytest.raises(ProtocolViolation):
             client.send(bad)
     assert client.our_state is State.SEND_PREFACE
@@ -225,8 +226,8 @@ def test_client_only_offers_versions_it_speaks() -> None:
 
 def test_reserved_preface_bytes_are_ignored() -> None:
     server = Connection(Role.SERVER)
-    server.receive_data(b"SPST\x01\x01\xff\xff")
-    assert server.next_event() == Preface(1, 1)
+    server.receive_data(b"SPST\x02\x02\xff\xff")
+    assert server.next_event() == Preface(2, 2)
 
 
 @pytest.mark.parametrize("garbage", [b"GET / HTTP/1.1\r\n", b"SPSX", b"S\x00"])
@@ -245,8 +246,8 @@ def test_partial_magic_waits() -> None:
 
 def test_unauthorized() -> None:
     client, server = Connection(Role.CLIENT), Connection(Role.SERVER)
-    deliver(client.send(Preface(1, 1)), server)
-    deliver(server.send(PrefaceReply(1)), client)
+    deliver(client.send(Preface(2, 2)), server)
+    deliver(server.send(PrefaceReply(2)), client)
     deliver(client.send(Hello("wrong")), server)
     assert server.our_state is State.SEND_READY
     error = server.send(Error("unauthorized", "bad token"))
@@ -264,10 +265,10 @@ def test_client_must_wait_for_reply_and_ready() -> None:
     client = Connection(Role.CLIENT)
     with pytest.raises(ProtocolViolation):
         client.send(Hello("t"))
-    client.send(Preface(1, 1))
+    client.send(Preface(2, 2))
     with pytest.raises(ProtocolViolation):
         client.send(Hello("t"))  # the reply has not come yet
-    client.receive_data(b"SPST\x01\x00\x00\x00")
+    client.receive_data(b"SPST\x02\x00\x00\x00")
     client.next_event()
     client.send(Hello("t"))
     with pytest.raises(ProtocolViolation):
@@ -278,14 +279,14 @@ def test_client_must_wait_for_reply_and_ready() -> None:
 
 def test_server_rejects_pipelined_hello_and_early_request() -> None:
     server = Connection(Role.SERVER)
-    server.receive_data(b"SPST\x01\x01\x00\x00" + json_frame(FrameType.HELLO, {"token": "t"}))
-    assert server.next_event() == Preface(1, 1)
+    server.receive_data(b"SPST\x02\x02\x00\x00" + json_frame(FrameType.HELLO, {"token": "t"}))
+    assert server.next_event() == Preface(2, 2)
     with pytest.raises(ProtocolViolation):
         server.next_event()  # HELLO before our reply
 
     server = Connection(Role.SERVER)
-    deliver(b"SPST\x01\x01\x00\x00", server)
-    server.send(PrefaceReply(1))
+    deliver(b"SPST\x02\x02\x00\x00", server)
+    server.send(PrefaceReply(2))
     hello = json_frame(FrameType.HELLO, {"token": "t"})
     request = json_frame(FrameType.REQUEST, {"op": "ping"})
     server.receive_data(hello + request)
@@ -303,7 +304,7 @@ def test_hello_twice_is_a_violation() -> None:
 
 def test_server_speaking_first_is_a_violation() -> None:
     client = Connection(Role.CLIENT)
-    client.receive_data(b"SPST\x01\x00\x00\x00")
+    client.receive_data(b"SPST\x02\x00\x00\x00")
     with pytest.raises(ProtocolViolation):
         client.next_event()
 
@@ -595,8 +596,8 @@ def test_bad_error_and_hello_payloads() -> None:
     with pytest.raises(ProtocolViolation):
         client.next_event()
     server = Connection(Role.SERVER)
-    deliver(b"SPST\x01\x01\x00\x00", server)
-    server.send(PrefaceReply(1))
+    deliver(b"SPST\x02\x02\x00\x00", server)
+    server.send(PrefaceReply(2))
     server.receive_data(json_frame(FrameType.HELLO, {"token": None}))
     with pytest.raises(ProtocolViolation):
         server.next_event()
@@ -806,10 +807,10 @@ def test_round_trip_arbitrary_exchanges(
 def client_stream(script: list[tuple[list[Event], list[Event]]]) -> tuple[bytes, list[Event]]:
     """Everything a client sends in a session running ``script``, and the events it sent."""
     client, server = Connection(Role.CLIENT), Connection(Role.SERVER)
-    sent: list[Event] = [Preface(1, 1), Hello("t")]
-    stream = client.send(Preface(1, 1))
+    sent: list[Event] = [Preface(2, 2), Hello("t")]
+    stream = client.send(Preface(2, 2))
     deliver(stream, server)
-    deliver(server.send(PrefaceReply(1)), client)
+    deliver(server.send(PrefaceReply(2)), client)
     hello = client.send(Hello("t"))
     deliver(hello, server)
     deliver(server.send(Ready()), client)
@@ -869,9 +870,9 @@ RARE_KINDS = ["refuse", "error"]
 
 def make_event(kind: str, rnd: random.Random) -> Event:
     if kind == "preface":
-        return Preface(1, 1)
+        return Preface(2, 2)
     if kind == "reply":
-        return PrefaceReply(1)
+        return PrefaceReply(2)
     if kind == "refuse":
         return PrefaceReply(0)
     if kind == "hello":
@@ -971,7 +972,7 @@ def test_garbage_only_raises_protocol_violation(
         conn = Connection(Role.SERVER)
     elif stage == "client":
         conn = Connection(Role.CLIENT)
-        conn.send(Preface(1, 1))
+        conn.send(Preface(2, 2))
     else:
         conn = handshaken_for(Role.SERVER if stage == "server-open" else Role.CLIENT)
     feed_garbage(conn, garbage, sizes)

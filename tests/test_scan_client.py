@@ -483,7 +483,10 @@ def _plain_manifest_with_scan(record: object) -> bytes:
         sha256="e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
         version_id="0" * 32,
         created_ns=1,
-        stripes=(StripeInfo("https", 0, "0" * 64), StripeInfo("tcp", 0, "0" * 64)),
+        stripes=(
+            StripeInfo("https", 0, "blake3:" + "0" * 64),
+            StripeInfo("tcp", 0, "blake3:" + "0" * 64),
+        ),
     )
     doc = json.loads(manifest.to_bytes())
     doc["scan"] = record

@@ -55,8 +55,8 @@ def json_frame(kind: int, doc: dict[str, object]) -> bytes:
 
 def tcp_handshake(servers: LiveServers, token: str | None = None) -> ssl.SSLSocket:
     sock = tls_socket(servers, "tcp")
-    sock.sendall(b"SPST\x01\x01\x00\x00")
-    assert sock.recv(8) == b"SPST\x01\x00\x00\x00"
+    sock.sendall(b"SPST\x02\x02\x00\x00")
+    assert sock.recv(8) == b"SPST\x02\x00\x00\x00"
     sock.sendall(json_frame(HELLO, {"token": token or servers.config.token()}))
     head = sock.recv(5)
     assert head[0] == 0x02  # READY
@@ -94,24 +94,29 @@ def test_tcp_garbage_bytes(servers: LiveServers, client: Client, tmp_path: Path)
     assert_still_serving(client, tmp_path)
 
 
-def test_tcp_wrong_version_is_refused(servers: LiveServers) -> None:
+# 7..9: versions from the future; 1..1: a client from before stripe digests (version 1
+# answered uploads with SHA-256s, which this server no longer makes).
+@pytest.mark.parametrize("offer", [b"\x07\x09", b"\x01\x01"], ids=["newer", "version-1"])
+def test_tcp_wrong_version_is_refused(servers: LiveServers, offer: bytes) -> None:
     sock = tls_socket(servers, "tcp")
-    sock.sendall(b"SPST\x07\x09\x00\x00")
+    sock.sendall(b"SPST" + offer + b"\x00\x00")
     reply = recv_all(sock)
     assert reply[:8] == b"SPST\x00\x00\x00\x00"
     assert error_codes(reply[8:]) == ["unsupported_version"]
+    assert b"speaks version 2 only" in reply
+    assert b"use a client of the same version" in reply
 
 
 def test_tcp_wrong_token_is_refused(servers: LiveServers) -> None:
     sock = tls_socket(servers, "tcp")
-    sock.sendall(b"SPST\x01\x01\x00\x00" + json_frame(HELLO, {"token": "not-the-token"}))
+    sock.sendall(b"SPST\x02\x02\x00\x00" + json_frame(HELLO, {"token": "not-the-token"}))
     reply = recv_all(sock)
     assert error_codes(reply[8:]) == ["unauthorized"]
 
 
 def test_tcp_request_before_hello_is_refused(servers: LiveServers) -> None:
     sock = tls_socket(servers, "tcp")
-    sock.sendall(b"SPST\x01\x01\x00\x00" + json_frame(REQUEST, {"op": "list"}) + frame(END, b""))
+    sock.sendall(b"SPST\x02\x02\x00\x00" + json_frame(REQUEST, {"op": "list"}) + frame(END, b""))
     reply = recv_all(sock)
     assert error_codes(reply[8:]) == ["bad_request"]
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import threading
 from collections.abc import AsyncIterator
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from splitstore._digest import stripe_digest
 from splitstore._service import IO_BATCH_BYTES, WRITE_BATCH_BYTES, StorageService, StripeChunks
 from splitstore._storage import (
     DataFolder,
@@ -36,12 +38,12 @@ def put(store: LocalDiskStore, oid: str, vid: str, data: bytes) -> str:
 
 
 def record(vid: str, data: bytes, manifest: bytes = b"m") -> ObjectRecord:
-    return ObjectRecord(vid, len(data), hashlib.sha256(data).hexdigest(), manifest)
+    return ObjectRecord(vid, len(data), stripe_digest(data), manifest)
 
 
 def test_stripe_then_commit(tmp_path: Path) -> None:
     store = LocalDiskStore(tmp_path)
-    assert put(store, OID, V1, b"hello") == hashlib.sha256(b"hello").hexdigest()
+    assert put(store, OID, V1, b"hello") == stripe_digest(b"hello")
     store.commit(OID, record(V1, b"hello"))
     assert store.get_record(OID) == record(V1, b"hello")
     f, length = store.open_stripe(OID, V1)
@@ -144,11 +146,36 @@ def test_records_from_json_are_validated() -> None:
         ("version_id", "x"),
         ("stripe_length", -1),
         ("stripe_length", True),
-        ("stripe_sha256", "Z" * 64),
+        ("stripe_digest", "Z" * 64),
+        ("stripe_digest", "blake3:" + "Z" * 64),
+        ("stripe_digest", "md5:" + "0" * 64),
+        ("stripe_digest", None),
         ("manifest", "not base64!"),
     ]:
         with pytest.raises(StorageError):
             ObjectRecord.from_json({**good, key: value})
+
+
+def test_records_and_metas_of_older_servers_still_commit_and_read(tmp_path: Path) -> None:
+    """Servers before stripe digests kept bare SHA-256s in records and .meta files: they
+    are read as sha256: digests, so an old data folder needs no conversion."""
+    old = {**record(V1, b"x").to_json(), "stripe_sha256": hashlib.sha256(b"x").hexdigest()}
+    del old["stripe_digest"]
+    parsed = ObjectRecord.from_json(old)
+    assert parsed.stripe_digest == "sha256:" + hashlib.sha256(b"x").hexdigest()
+    assert parsed.to_json()["stripe_digest"] == parsed.stripe_digest
+    with pytest.raises(StorageError):
+        ObjectRecord.from_json({**old, "stripe_sha256": "sha256:" + "0" * 64})
+
+    store = LocalDiskStore(tmp_path)
+    put(store, OID, V1, b"x")
+    meta = store._object_dir(OID) / f"{V1}.meta"
+    meta.write_text(json.dumps({"length": 1, "sha256": hashlib.sha256(b"x").hexdigest()}))
+    with pytest.raises(StorageError) as other:  # a new digest cannot match an old .meta
+        store.commit(OID, record(V1, b"x"))
+    assert other.value.code == "conflict"
+    store.commit(OID, parsed)
+    assert store.get_record(OID) == parsed
 
 
 def test_listing_is_sorted_and_leaves_out_damaged_records(tmp_path: Path) -> None:

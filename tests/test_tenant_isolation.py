@@ -97,8 +97,8 @@ class Tcp:
     def __init__(self, servers: LiveServers, token: str) -> None:
         self.sock = tls_socket(servers, "tcp")
         self.conn = p.Connection(p.Role.CLIENT)
-        self.sock.sendall(self.conn.send(p.Preface(1, 1)))
-        assert self._next() == p.PrefaceReply(1)
+        self.sock.sendall(self.conn.send(p.Preface(2, 2)))
+        assert self._next() == p.PrefaceReply(2)
         self.sock.sendall(self.conn.send(p.Hello(token)))
         assert isinstance(self._next(), p.Ready)
 

@@ -129,7 +129,7 @@ def error_item(exc: StorageError) -> dict[str, Any]:
 
 
 def write_stripes(store: StripeStore, items: Sequence[StripeItem], body: bytes) -> list[str]:
-    """Store each stripe of ``body`` (the items' bytes back to back); their SHA-256s."""
+    """Store each stripe of ``body`` (the items' bytes back to back); their digests."""
     if sum(item.length or 0 for item in items) != len(body):
         raise StorageError("bad_request", "the body's length differs from the stripes' lengths")
     view = memoryview(body)

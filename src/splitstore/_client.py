@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import hashlib
 import io
 import os
 import tempfile
@@ -26,6 +25,7 @@ from typing import Any, BinaryIO, TypeVar, cast
 from ._coalesce import CoalescingRemote
 from ._config import Config, load_config
 from ._crypto import PayloadCipher, ciphertext_size, manifest_key_id, new_file_key, padme
+from ._digest import hasher_for
 from ._errors import (
     ConfigError,
     IntegrityError,
@@ -40,13 +40,7 @@ from ._http_client import HttpsRemote
 from ._keyring import Keyring
 from ._keys import load_master_key
 from ._localfile import open_regular_file
-from ._manifest import (
-    ENCRYPTED_FORMAT,
-    MANIFEST_FORMAT,
-    PAYLOAD_ENCRYPTION,
-    Manifest,
-    StripeInfo,
-)
+from ._manifest import DIGEST_FORMAT, PAYLOAD_ENCRYPTION, Manifest, StripeInfo
 from ._many import (
     FileCallback,
     FileSpec,
@@ -337,7 +331,7 @@ class AsyncClient:
         for remote, length, local, remote_digest in zip(
             remotes, lengths, pieces.stripes, results[1:], strict=True
         ):
-            if remote_digest != local.hexdigest():
+            if remote_digest != local.digest():
                 raise IntegrityError(
                     f"the {remote.label} received different bytes than were sent",
                     server=remote.label,
@@ -351,7 +345,7 @@ class AsyncClient:
             version_id=version_id,
             created_ns=created_ns,
             stripes=tuple(stripes),
-            format=MANIFEST_FORMAT if file_key is None else ENCRYPTED_FORMAT,
+            format=DIGEST_FORMAT,
             encryption="none" if file_key is None else PAYLOAD_ENCRYPTION,
             padded_size=None if file_key is None else padded,
             file_key=None if file_key is None else file_key.hex(),
@@ -366,7 +360,7 @@ class AsyncClient:
         # Both commits run to their end, even if one fails, so we can say where it landed.
         outcomes = await asyncio.gather(
             *(
-                r.commit(oid, ObjectRecord(version_id, s.length, s.sha256, body))
+                r.commit(oid, ObjectRecord(version_id, s.length, s.digest, body))
                 for r, s in zip(remotes, stripes, strict=True)
             ),
             return_exceptions=True,
@@ -610,7 +604,9 @@ class AsyncClient:
         expected = [manifest.stripe_for(r.kind) for r in remotes]
         cipher = self.keyring().payload_cipher(oid, manifest)
         opener = StreamOpener(cipher, stored) if cipher is not None else None
-        sink = PieceSink(manifest.size, chunk, k, out, opener, hash_stripes=cipher is None)
+        # Encrypted, the tags check every byte: the stripes are hashed only if one fails.
+        plain_digests = [info.digest for info in expected] if cipher is None else []
+        sink = PieceSink(manifest.size, chunk, k, out, opener, stripe_digests=plain_digests)
         async with contextlib.AsyncExitStack() as stack:
             await stack.enter_async_context(large_read_turn(stored))
             readers: list[StripeReader] = []
@@ -671,15 +667,15 @@ class AsyncClient:
         where = _damaged_range(sink.failed, chunk)
         digests: list[str | None] = [None] * k  # None: not hashed, nothing to compare
         if cipher is None:
-            digests = [d.hexdigest() for d in sink.stripes]
+            digests = [d.digest() for d in sink.stripes]
         elif sink.failed is not None:
             # Encrypted, every segment is authenticated, so the stripes are hashed only now
             # that something is wrong: to name the server whose data it is.
-            digests = [*await self._hash_stripes(oid, manifest.version_id)]
+            digests = [*await self._hash_stripes(oid, manifest)]
         for remote, info, digest in zip(remotes, expected, digests, strict=True):
-            if digest is not None and digest != info.sha256:
+            if digest is not None and digest != info.digest:
                 raise IntegrityError(
-                    f"the {remote.label}'s data of {name!r} is damaged (its SHA-256 does not "
+                    f"the {remote.label}'s data of {name!r} is damaged (its digest does not "
                     f"match the manifest{where}); nothing was written",
                     server=remote.label,
                 )
@@ -694,11 +690,13 @@ class AsyncClient:
                 f"{name!r} reassembled to different bytes than were stored; nothing was written"
             )
 
-    async def _hash_stripes(self, oid: str, version_id: str) -> list[str]:
-        """SHA-256 of each server's stripe of a version, read again in full."""
+    async def _hash_stripes(self, oid: str, manifest: Manifest) -> list[str]:
+        """The digest of each server's stripe of a version, read again in full, each by
+        the algorithm the manifest names for it."""
+        version_id = manifest.version_id
 
         async def digest(remote: Remote) -> str:
-            h = hashlib.sha256()
+            h = hasher_for(manifest.stripe_for(remote.kind).digest)
             async with contextlib.AsyncExitStack() as stack:
                 try:
                     reader = await stack.enter_async_context(remote.get_stripe(oid, version_id))
@@ -714,7 +712,7 @@ class AsyncClient:
                         break
                     h.update(piece)
                     done += len(piece)
-            return h.hexdigest()
+            return h.digest()
 
         return await _run_all([digest(r) for r in self.remotes()])
 
@@ -765,7 +763,7 @@ class AsyncClient:
             info = manifest.stripe_for(remote.kind)
             if (
                 info is None
-                or (record.stripe_length, record.stripe_sha256) != (info.length, info.sha256)
+                or (record.stripe_length, record.stripe_digest) != (info.length, info.digest)
                 or record.version_id != manifest.version_id
             ):
                 raise IntegrityError(

@@ -33,6 +33,7 @@ from ._remote import (
     split_stripes,
     stripe_index,
     stripe_keys,
+    upload_digest,
 )
 from ._storage import MAX_RECORD_BYTES, ObjectRecord
 from ._tls import describe_ssl_error
@@ -109,12 +110,7 @@ class HttpsRemote:
                     deadline.reschedule(loop.time() + self._io_timeout)
 
                 reply = await self._upload(url, paced(), length)
-        digest = reply.get("sha256")
-        if reply.get("length") != length or not isinstance(digest, str):
-            raise ProtocolError(
-                f"the {self.label} sent a malformed upload reply", server=self.label
-            )
-        return digest
+        return upload_digest(reply, length, self.label)
 
     async def _upload(self, url: str, body: AsyncIterator[bytes], length: int) -> dict[str, Any]:
         async with self._http().put(

@@ -150,7 +150,7 @@ async def _put_stripe(request: web.Request) -> web.Response:
         request.content_length,
         _BodyReader(request).pieces(),
     )
-    return web.json_response({"status": "ok", "length": length, "sha256": digest}, status=201)
+    return web.json_response({"status": "ok", "length": length, "digest": digest}, status=201)
 
 
 async def _get_stripe(request: web.Request) -> web.StreamResponse:
@@ -206,7 +206,7 @@ async def _put_stripes(request: web.Request) -> web.Response:
     stored = await request.app[_SERVICE].put_stripes(
         _TENANT.get(), items, lambda: body.read_rest(total)
     )
-    stripes = [{"length": n, "sha256": digest} for n, digest in stored]
+    stripes = [{"length": n, "digest": digest} for n, digest in stored]
     return web.json_response({"status": "ok", "stripes": stripes}, status=201)
 
 

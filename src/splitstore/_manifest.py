@@ -1,13 +1,16 @@
 """The manifest: the small document that makes a stored version exist.
 
 A manifest says everything needed to rebuild and check a file: its name, size, chunk
-size, the servers in order with the length and SHA-256 of each one's stripe, and the
+size, the servers in order with the length and digest of each one's stripe, and the
 whole file's SHA-256. Writing it to both servers is the commit point of a store. Its
 byte layout (canonical JSON) is specified in docs/format.md.
 
-Format 1 describes a file stored as it is (encryption off). Format 2 describes a file
-stored encrypted: it adds the version's random file key and the padded size, and is only
-ever stored sealed (``_crypto.seal_manifest``), so servers never see it.
+Format 3, the one written now, names each stripe's digest with its algorithm
+(``_digest``: BLAKE3 for new stripes), and says in ``encryption`` whether the file is
+stored as it is or encrypted; an encrypted one adds the version's random file key and the
+padded size, and is only ever stored sealed (``_crypto.seal_manifest``), so servers never
+see it. Formats 1 (stored as it is) and 2 (encrypted), written before, gave each stripe a
+bare SHA-256; they are still read.
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ import orjson
 
 from ._config import MAX_CHUNK_SIZE
 from ._crypto import KEY_SIZE, ciphertext_size
+from ._digest import from_sha256_hex, is_digest
 from ._errors import IntegrityError, InvalidNameError
 from ._names import MAX_NAME_BYTES, is_version_id, validate_name
 from ._stripes import stripe_lengths
 from .scanning import ScanReport
 
 __all__ = [
+    "DIGEST_FORMAT",
     "ENCRYPTED_FORMAT",
     "MANIFEST_FORMAT",
     "MAX_MANIFEST_BYTES",
@@ -35,8 +40,12 @@ __all__ = [
     "StripeInfo",
 ]
 
+#: Older formats, still read: stripes with bare SHA-256s, unencrypted (1) or encrypted (2).
 MANIFEST_FORMAT = 1
 ENCRYPTED_FORMAT = 2
+#: The format written now: stripes with named digests, either way.
+DIGEST_FORMAT = 3
+_FORMATS = (MANIFEST_FORMAT, ENCRYPTED_FORMAT, DIGEST_FORMAT)
 #: The payload construction of format 2 (docs/format.md, "Encrypted stream").
 PAYLOAD_ENCRYPTION = "aes-256-gcm-stream-64k"
 # A name of MAX_NAME_BYTES escaped as JSON is at most 6x longer; the rest is a few hundred bytes.
@@ -55,7 +64,8 @@ class StripeInfo:
 
     server: str
     length: int
-    sha256: str
+    #: ``ALGORITHM:HEX`` (``_digest``); ``sha256:HEX`` in formats 1 and 2.
+    digest: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +78,7 @@ class Manifest:
     created_ns: int
     stripes: tuple[StripeInfo, ...]
     encryption: str = "none"
-    format: int = MANIFEST_FORMAT
+    format: int = DIGEST_FORMAT
     #: Format 2 only: the plaintext size after padding, and the version's file key (hex).
     padded_size: int | None = None
     file_key: str | None = None
@@ -77,7 +87,7 @@ class Manifest:
 
     @property
     def encrypted(self) -> bool:
-        return self.format == ENCRYPTED_FORMAT
+        return self.encryption != "none"
 
     @property
     def stored_size(self) -> int:
@@ -100,21 +110,21 @@ class Manifest:
             raise ValueError("bad hash or version id")
         if not _is_uint(self.created_ns):
             raise ValueError("bad creation time")
-        if type(self.format) is not int:
+        if type(self.format) is not int or self.format not in _FORMATS:
             raise ValueError("unsupported manifest format")
-        if self.format == MANIFEST_FORMAT:
-            if self.encryption != "none" or (self.padded_size, self.file_key) != (None, None):
-                raise ValueError("format 1 stores files unencrypted")
-        elif self.format == ENCRYPTED_FORMAT:
-            if self.encryption != PAYLOAD_ENCRYPTION:
-                raise ValueError("unsupported encryption")
+        if self.encryption not in ("none", PAYLOAD_ENCRYPTION):
+            raise ValueError("unsupported encryption")
+        if (self.format, self.encrypted) in ((MANIFEST_FORMAT, True), (ENCRYPTED_FORMAT, False)):
+            raise ValueError(f"format {self.format} says the other way of storing")
+        if not self.encrypted:
+            if (self.padded_size, self.file_key) != (None, None):
+                raise ValueError("an unencrypted file has no padding or file key")
+        else:
             padded = self.padded_size
             if not _is_uint(padded) or not self.size <= padded <= MAX_FILE_SIZE:
                 raise ValueError("padded_size out of range")
             if not _is_hex(self.file_key, 2 * KEY_SIZE):
                 raise ValueError("bad file key")
-        else:
-            raise ValueError("unsupported manifest format")
         if type(self.stripes) is not tuple or not self.stripes:
             raise ValueError("stripes must be a non-empty tuple")
         expected = stripe_lengths(self.stored_size, self.chunk_size, len(self.stripes))
@@ -123,7 +133,10 @@ class Manifest:
                 raise ValueError("bad stripe entry")
             if s.length != length:
                 raise ValueError("stripe lengths do not match the size and chunk size")
-            if not _is_sha256(s.sha256) or type(s.server) is not str:
+            legacy = self.format != DIGEST_FORMAT
+            if not is_digest(s.digest) or legacy != s.digest.startswith("sha256:"):
+                raise ValueError("bad stripe digest")
+            if type(s.server) is not str:
                 raise ValueError("bad stripe entry")
         if self.scan is not None and not isinstance(self.scan, ScanReport):
             raise ValueError("bad scan record")
@@ -144,9 +157,7 @@ class Manifest:
             "version_id": self.version_id,
             "created_ns": self.created_ns,
             "encryption": self.encryption,
-            "stripes": [
-                {"server": s.server, "length": s.length, "sha256": s.sha256} for s in self.stripes
-            ],
+            "stripes": [_stripe_entry(s, self.format) for s in self.stripes],
         }
         if self.encrypted:
             doc.update(padded_size=self.padded_size, file_key=self.file_key)
@@ -169,7 +180,7 @@ class Manifest:
             fmt = doc["format"]
             if type(fmt) is not int:
                 raise TypeError("'format' has the wrong type")
-            if fmt not in (MANIFEST_FORMAT, ENCRYPTED_FORMAT):
+            if fmt not in _FORMATS:
                 raise IntegrityError(
                     f"the manifest{where} has format {fmt!r}, which this version of "
                     "splitstore cannot read; upgrade splitstore",
@@ -180,7 +191,8 @@ class Manifest:
                 raise TypeError("'stripes' has the wrong type")
             if type(name) is not str:  # before the scan record, which takes the name
                 raise TypeError("'name' has the wrong type")
-            encrypted = fmt == ENCRYPTED_FORMAT
+            encryption = doc["encryption"]
+            encrypted = encryption != "none"
             # Only shapes are taken here; __post_init__ checks every value's type and range.
             return cls(
                 name=name,
@@ -189,8 +201,8 @@ class Manifest:
                 sha256=doc["sha256"],
                 version_id=doc["version_id"],
                 created_ns=doc["created_ns"],
-                encryption=doc["encryption"],
-                stripes=tuple(_stripe_info(s) for s in stripes),
+                encryption=encryption,
+                stripes=tuple(_stripe_info(s, fmt) for s in stripes),
                 format=fmt,
                 padded_size=doc["padded_size"] if encrypted else None,
                 file_key=doc["file_key"] if encrypted else None,
@@ -222,10 +234,19 @@ def _scan_record(doc: dict[str, Any]) -> ScanReport | None:
     return ScanReport.from_json({**record, "name": doc["name"]})
 
 
-def _stripe_info(entry: object) -> StripeInfo:
+def _stripe_info(entry: object, fmt: int) -> StripeInfo:
     if type(entry) is not dict:
         raise TypeError("a stripe entry is not an object")
-    return StripeInfo(server=entry["server"], length=entry["length"], sha256=entry["sha256"])
+    # Formats 1 and 2 held a bare SHA-256.
+    # (A bad value is refused by StripeInfo's owner, Manifest.__post_init__.)
+    digest = entry["digest"] if fmt == DIGEST_FORMAT else from_sha256_hex(entry["sha256"]) or ""
+    return StripeInfo(server=entry["server"], length=entry["length"], digest=digest)
+
+
+def _stripe_entry(s: StripeInfo, fmt: int) -> dict[str, Any]:
+    if fmt == DIGEST_FORMAT:
+        return {"server": s.server, "length": s.length, "digest": s.digest}
+    return {"server": s.server, "length": s.length, "sha256": s.digest.partition(":")[2]}
 
 
 def _is_uint(value: object) -> TypeGuard[int]:

@@ -1,9 +1,10 @@
 """A file to per-server pieces (storing), and pieces back to the file (fetching).
 
-Both directions hash as they go: the whole plaintext, and each server's stripe exactly as
-that server holds it. With encryption on, the stream between the file and the pieces is
-the sealed ciphertext (``_payload``); with it off, it is the file itself. Each call handles
-one block and runs in a worker thread, one at a time, so memory stays at a few blocks.
+Both directions hash as they go: the whole plaintext (SHA-256), and each server's stripe
+exactly as that server holds it (a stripe digest, ``_digest``). With encryption on, the
+stream between the file and the pieces is the sealed ciphertext (``_payload``); with it
+off, it is the file itself. Each call handles one block and runs in a worker thread, one
+at a time, so memory stays at a few blocks.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import io
 from collections.abc import Sequence
 from typing import BinaryIO
 
+from ._digest import hasher_for, new_stripe_hasher
 from ._errors import LocalFileError
 from ._payload import PLAIN_BLOCK_BYTES, RoundSealer, SegmentFailed, StreamOpener, StreamSealer
 from ._stripes import block_size_for, join_block, split_block
@@ -53,7 +55,7 @@ class PieceSource:
         )
         self._buf = bytearray(largest)
         self.whole = hashlib.sha256()
-        self.stripes = [hashlib.sha256() for _ in range(servers)]
+        self.stripes = [new_stripe_hasher() for _ in range(servers)]
         self.done = 0  # plaintext bytes of the stream consumed (file and padding)
         self._ended = False
 
@@ -101,9 +103,10 @@ class PieceSink:
     With an opener, every byte is checked by its segment's tag, so the plaintext is not
     hashed (``whole`` is None): the manifest's plaintext hash could only repeat what the
     STREAM tags prove. Without one, the plaintext is hashed for the manifest, and with
-    ``hash_stripes`` each stripe too. A segment that does not authenticate stops the
-    writing but not the reading, so the stripe hashes can still tell which server's data
-    is bad. ``failed`` then holds the first failing segment.
+    ``stripe_digests`` (the manifest's) each stripe too, by the algorithm each names. A
+    segment that does not authenticate stops the writing but not the reading, so the
+    stripe hashes can still tell which server's data is bad. ``failed`` then holds the
+    first failing segment.
     """
 
     def __init__(
@@ -114,15 +117,15 @@ class PieceSink:
         out: BinaryIO | None,
         opener: StreamOpener | None = None,
         *,
-        hash_stripes: bool = True,
+        stripe_digests: Sequence[str] = (),
     ) -> None:
         self._size = size
         self._chunk = chunk_size
         self._out = out
         self._opener = opener
         self.whole = hashlib.sha256() if opener is None else None
-        # Without ``hash_stripes`` (the caller hashes them only if something fails), empty.
-        self.stripes = [hashlib.sha256() for _ in range(servers)] if hash_stripes else []
+        # Without digests (the caller hashes the stripes only if something fails), empty.
+        self.stripes = [hasher_for(d) for d in stripe_digests]
         self.failed: SegmentFailed | None = None
         self._written = 0
         self._joined = bytearray()  # reused for each block's interleaved stream

@@ -60,7 +60,9 @@ __all__ = [
 # Lets either side tell at once that the peer is not a splitstore peer (e.g. an HTTP client).
 MAGIC: Final = b"SPST"
 # The only version this module speaks; the preface lets a later one be negotiated.
-PROTOCOL_VERSION: Final = 1
+# Version 2 (splitstore 0.2) answers uploads with a named stripe digest in place of
+# version 1's SHA-256 (docs/protocol.md §12); the framing is the same.
+PROTOCOL_VERSION: Final = 2
 # JSON frames carry a few ids and a base64 manifest; 64 KiB is ample and bounds parse cost.
 MAX_JSON_FRAME: Final = 64 * 1024
 # Large enough to make per-frame overhead negligible, small enough to bound the read buffer.
@@ -656,7 +658,7 @@ class Connection:
         self._next_state(self.our_role, key)
         if isinstance(event, Preface):
             # Offer only what this module speaks, so any version the server picks is usable.
-            if not 1 <= event.min_version <= event.max_version <= PROTOCOL_VERSION:
+            if not event.min_version == event.max_version == PROTOCOL_VERSION:
                 raise ProtocolViolation(
                     f"the preface may only offer version {PROTOCOL_VERSION}, the one spoken here"
                 )

@@ -13,6 +13,7 @@ from typing import Any, NoReturn, Protocol
 
 import orjson
 
+from ._digest import is_digest
 from ._errors import (
     AuthenticationError,
     ConflictError,
@@ -40,6 +41,7 @@ __all__ = [
     "split_stripes",
     "stripe_index",
     "stripe_keys",
+    "upload_digest",
 ]
 
 # One listing line is an object id and a record.
@@ -66,7 +68,7 @@ class Remote(Protocol):
     async def put_stripe(
         self, object_id: str, version_id: str, length: int, body: AsyncIterator[bytes]
     ) -> str:
-        """Upload a stripe; return the SHA-256 the server computed."""
+        """Upload a stripe; return the digest the server computed (``_digest``)."""
 
     def get_stripe(
         self, object_id: str, version_id: str, *, expected_length: int | None = None
@@ -82,7 +84,7 @@ class Remote(Protocol):
 
     # Batches of small items (docs/protocol.md, "Batches"): each as its single operation.
     async def put_stripes(self, stripes: Sequence[tuple[str, str, bytes]]) -> list[str]:
-        """Upload (object_id, version_id, bytes) stripes; their SHA-256s as the server saw."""
+        """Upload (object_id, version_id, bytes) stripes; their digests as the server saw."""
 
     async def get_stripes(
         self, stripes: Sequence[tuple[str, str]]
@@ -206,13 +208,22 @@ def _item_error(item: dict[str, Any], label: str) -> SplitStoreError | None:
 
 
 def read_put_stripes_reply(reply: dict[str, Any], lengths: Sequence[int], label: str) -> list[str]:
-    digests = []
-    for item, length in zip(_items(reply, "stripes", len(lengths), label), lengths, strict=True):
-        digest = item.get("sha256")
-        if item.get("length") != length or not isinstance(digest, str):
-            raise ProtocolError(f"the {label} sent a malformed upload reply", server=label)
-        digests.append(digest)
-    return digests
+    items = _items(reply, "stripes", len(lengths), label)
+    return [upload_digest(item, n, label) for item, n in zip(items, lengths, strict=True)]
+
+
+def upload_digest(reply: dict[str, Any], length: int, label: str) -> str:
+    """The digest a server's answer to an upload gives of what it stored."""
+    digest = reply.get("digest")
+    if digest is None and "sha256" in reply:
+        raise ProtocolError(
+            f"the {label} runs an older splitstore than this client (it answered an upload "
+            "with a SHA-256, not a stripe digest): upgrade the server",
+            server=label,
+        )
+    if reply.get("length") != length or not is_digest(digest):
+        raise ProtocolError(f"the {label} sent a malformed upload reply", server=label)
+    return str(digest)
 
 
 def read_commit_results(reply: dict[str, Any], n: int, label: str) -> list[SplitStoreError | None]:

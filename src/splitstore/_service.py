@@ -133,7 +133,7 @@ class StorageService:
         length: object,
         body: AsyncIterator[bytes],
     ) -> tuple[int, str]:
-        """Receive a stripe of exactly ``length`` bytes; return (length, sha256)."""
+        """Receive a stripe of exactly ``length`` bytes; return (length, digest)."""
         if not isinstance(length, int) or isinstance(length, bool) or length < 0:
             raise StorageError("bad_request", "length must be a whole number of bytes")
         store = await self._store(tenant)
@@ -167,7 +167,7 @@ class StorageService:
         items: list[StripeItem],
         read_body: Callable[[], Awaitable[bytes]],
     ) -> list[tuple[int, str]]:
-        """Store a batch of stripes (their bytes back to back); each one's (length, sha256).
+        """Store a batch of stripes (their bytes back to back); each one's (length, digest).
 
         The batch is admitted against the quota as a whole before its body is read.
         """

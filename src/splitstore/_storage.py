@@ -9,11 +9,11 @@ are specified in docs/format.md; in short::
     DATA_DIR/tmp/                             uploads in progress (emptied at start)
     DATA_DIR/tenants/<tenant>/objects/<id[:2]>/<id>/record.json   the committed record
     DATA_DIR/tenants/<tenant>/objects/<id[:2]>/<id>/<vid>.stripe  one version's stripe
-    DATA_DIR/tenants/<tenant>/objects/<id[:2]>/<id>/<vid>.meta    its length and SHA-256
+    DATA_DIR/tenants/<tenant>/objects/<id[:2]>/<id>/<vid>.meta    its length and digest
 
 A stripe is written to tmp/, flushed, fsynced and renamed into place only once it has
 exactly the declared length. A record is committed only if it names a complete stripe
-whose length and hash match what the client declared. Every file is replaced atomically.
+whose length and digest match what the client declared. Every file is replaced atomically.
 A folder of format 1 (``objects/`` at the top, one user) is moved into the tenant
 ``default`` when a server starts on it.
 """
@@ -24,10 +24,8 @@ import base64
 import binascii
 import contextlib
 import errno
-import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 import threading
@@ -39,6 +37,7 @@ from typing import Any, BinaryIO, Protocol, cast
 
 import orjson
 
+from ._digest import from_sha256_hex, is_digest, new_stripe_hasher, stripe_digest
 from ._manifest import MAX_MANIFEST_BYTES
 from ._names import is_object_id, is_version_id
 from ._syncing import SyncingWriter
@@ -65,7 +64,8 @@ DATA_FORMAT_1 = "splitstore-server-data 1"
 MAX_STRIPE_BYTES = 2**53 - 1
 # A record is a few hashes and an encoded manifest.
 MAX_RECORD_BYTES = 2 * MAX_MANIFEST_BYTES
-# The .meta file beside each stripe ({"length": N, "sha256": HEX} is under 100 bytes):
+# The .meta file beside each stripe ({"length": N, "digest": "blake3:HEX"} is under 100
+# bytes):
 # quotas count it with the stripe.
 STRIPE_OVERHEAD_BYTES = 128
 
@@ -85,14 +85,15 @@ class ObjectRecord:
 
     version_id: str
     stripe_length: int
-    stripe_sha256: str
+    #: ``ALGORITHM:HEX`` (``_digest``); records written before 0.2 said ``stripe_sha256``.
+    stripe_digest: str
     manifest: bytes
 
     def to_json(self) -> dict[str, Any]:
         return {
             "version_id": self.version_id,
             "stripe_length": self.stripe_length,
-            "stripe_sha256": self.stripe_sha256,
+            "stripe_digest": self.stripe_digest,
             "manifest": base64.b64encode(self.manifest).decode("ascii"),
         }
 
@@ -104,15 +105,19 @@ class ObjectRecord:
         vid, length, digest, manifest = (
             doc.get("version_id"),
             doc.get("stripe_length"),
-            doc.get("stripe_sha256"),
+            doc.get("stripe_digest"),
             doc.get("manifest"),
         )
+        if digest is None and "stripe_sha256" in doc:  # a record kept by an older server
+            digest = from_sha256_hex(doc["stripe_sha256"])
         if not is_version_id(vid):
             raise StorageError("bad_request", "version_id must be 32 lowercase hex digits")
         if not _is_length(length):
             raise StorageError("bad_request", "stripe_length must be a whole number")
-        if not is_sha256_hex(digest):
-            raise StorageError("bad_request", "stripe_sha256 must be 64 lowercase hex digits")
+        if not is_digest(digest):
+            raise StorageError(
+                "bad_request", "stripe_digest must be 'blake3:' or 'sha256:' and 64 lowercase hex"
+            )
         if not isinstance(manifest, str) or len(manifest) > MAX_RECORD_BYTES:
             raise StorageError("bad_request", "manifest must be base64 text of bounded size")
         try:
@@ -126,7 +131,7 @@ class ObjectRecord:
 class StripeUpload(Protocol):
     def write(self, data: bytes | memoryview) -> None: ...
     def finish(self) -> str:
-        """Check the length, make the stripe durable and visible; return its SHA-256."""
+        """Check the length, make the stripe durable and visible; return its digest."""
 
     def abort(self) -> None: ...
 
@@ -139,7 +144,7 @@ class StripeStore(Protocol):
     def commit(self, object_id: str, record: ObjectRecord) -> None: ...
     def put_stripes(self, stripes: Sequence[tuple[str, str, bytes | memoryview]]) -> list[str]:
         """Store several (object_id, version_id, bytes) stripes, each as one complete
-        upload would be; their SHA-256s. On a failure, none or only some are stored."""
+        upload would be; their digests. On a failure, none or only some are stored."""
 
     def commit_many(self, records: Sequence[tuple[str, ObjectRecord]]) -> list[StorageError | None]:
         """Commit each record as ``commit`` would; each one's error, or None."""
@@ -322,13 +327,10 @@ class LocalDiskStore:
         meta = _read_json(folder / f"{record.version_id}.meta")
         if meta is None:
             raise StorageError("conflict", "the stripe of that version is not stored here")
-        if (meta.get("length"), meta.get("sha256")) != (
-            record.stripe_length,
-            record.stripe_sha256,
-        ):
+        if (meta.get("length"), _meta_digest(meta)) != (record.stripe_length, record.stripe_digest):
             raise StorageError(
                 "conflict",
-                "the stored stripe's length or SHA-256 differs from the declared one",
+                "the stored stripe's length or digest differs from the declared one",
             )
         current = self._read_entry(object_id)
         previous = current.get("current") if current else None
@@ -358,8 +360,8 @@ class LocalDiskStore:
                 # Each stripe and its .meta to tmp/, unsynced; then all synced at once.
                 digests = []
                 for _, _, data in stripes:
-                    digest = hashlib.sha256(data).hexdigest()
-                    meta = json.dumps({"length": len(data), "sha256": digest}).encode()
+                    digest = stripe_digest(data)
+                    meta = json.dumps({"length": len(data), "digest": digest}).encode()
                     staged += [_stage(self._tmp, data, ".part"), _stage(self._tmp, meta, ".meta")]
                     digests.append(digest)
                 _fsync_all(staged)
@@ -511,7 +513,7 @@ class LocalDiskStore:
             before = _file_bytes(final) + _file_bytes(meta)
             _make_folders(final.parent, self._objects)
             os.replace(tmp, final)
-            _atomic_write(meta, json.dumps({"length": length, "sha256": digest}).encode())
+            _atomic_write(meta, json.dumps({"length": length, "digest": digest}).encode())
             self._used += length + _file_bytes(meta) - before
 
 
@@ -523,7 +525,7 @@ class _DiskUpload:
         self._final = final
         self._length = length
         self._received = 0
-        self._hash = hashlib.sha256()
+        self._hash = new_stripe_hasher()
         fd, name = tempfile.mkstemp(dir=store._tmp, suffix=".part")
         self._tmp = Path(name)
         self._file: BinaryIO | None = os.fdopen(fd, "wb", buffering=0)
@@ -549,7 +551,7 @@ class _DiskUpload:
                 "bad_request",
                 f"the stripe ended after {self._received} of the declared {self._length} bytes",
             )
-        digest = self._hash.hexdigest()
+        digest = self._hash.digest()
         with _translate_os_errors():
             self._disk.finish()
             self._file.close()
@@ -734,8 +736,8 @@ def _is_length(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-
-
-def is_sha256_hex(value: object) -> bool:
-    return isinstance(value, str) and _SHA256_HEX.fullmatch(value) is not None
+def _meta_digest(meta: dict[str, Any]) -> str | None:
+    """The digest a .meta file gives its stripe; those of older servers held bare SHA-256."""
+    if "digest" in meta:
+        return meta["digest"] if is_digest(meta["digest"]) else None
+    return from_sha256_hex(meta.get("sha256"))

@@ -25,6 +25,7 @@ from ._remote import (
     split_stripes,
     stripe_index,
     stripe_keys,
+    upload_digest,
 )
 from ._storage import ObjectRecord
 from ._tls import describe_ssl_error, find_ssl_error
@@ -128,12 +129,7 @@ class TcpRemote:
     ) -> str:
         fields = {"object_id": object_id, "version_id": version_id, "length": length}
         reply = await self._with_body(p.Request("put_stripe", fields), body)
-        digest = reply.get("sha256")
-        if reply.get("length") != length or not isinstance(digest, str):
-            raise ProtocolError(
-                f"the {self.label} sent a malformed upload reply", server=self.label
-            )
-        return digest
+        return upload_digest(reply, length, self.label)
 
     @asynccontextmanager
     async def get_stripe(

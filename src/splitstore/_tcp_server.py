@@ -146,7 +146,11 @@ class _Session:
                 raise p.ProtocolViolation("expected the protocol preface")
             if not preface.min_version <= p.PROTOCOL_VERSION <= preface.max_version:
                 await self._send(p.PrefaceReply(0))
-                await self._send_error("unsupported_version", "this server speaks version 1 only")
+                await self._send_error(
+                    "unsupported_version",
+                    f"this server speaks version {p.PROTOCOL_VERSION} only (splitstore "
+                    f"{__version__}): use a client of the same version",
+                )
                 return False
             await self._send(p.PrefaceReply(p.PROTOCOL_VERSION))
             hello = await self._next()
@@ -191,7 +195,7 @@ class _Session:
                 fields.get("length"),
                 self._body(),
             )
-            await self._reply({"status": "ok", "length": length, "sha256": digest})
+            await self._reply({"status": "ok", "length": length, "digest": digest})
             return
         if op == "put_stripes":
             items = _batch.parse_stripe_items(fields.get("stripes"), with_lengths=True)
@@ -199,7 +203,7 @@ class _Session:
                 check_stripe_length(item.length, self.limits)
             total = sum(item.length or 0 for item in items)
             stored = await svc.put_stripes(tenant, items, lambda: self._read_body(total))
-            stripes = [{"length": n, "sha256": digest} for n, digest in stored]
+            stripes = [{"length": n, "digest": digest} for n, digest in stored]
             await self._reply({"status": "ok", "stripes": stripes})
             return
         if op == "commit_records":
