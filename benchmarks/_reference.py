@@ -117,8 +117,10 @@ class Rclone:
         work.mkdir(parents=True, exist_ok=True)
         self.log = work / "rclone.log"
         self.store = work / "crypt-store"
+        # Hex, not token_urlsafe: a password starting with "-" was taken for a flag (one
+        # run in 64 measured no rclone at all).
         obscured = subprocess.run(
-            [exe, "obscure", secrets.token_urlsafe(16)], capture_output=True, text=True, check=True
+            [exe, "obscure", secrets.token_hex(16)], capture_output=True, text=True, check=True
         ).stdout.strip()
         config = work / "rclone.conf"
         config.touch()  # an empty config file: rclone reads nothing of the user's
