@@ -47,7 +47,13 @@ from splitstore._crypto import (
 )
 from splitstore._digest import stripe_digest
 from splitstore._keys import create_key_file
-from splitstore._manifest import ENCRYPTED_FORMAT, MANIFEST_FORMAT, PAYLOAD_ENCRYPTION, Manifest
+from splitstore._manifest import (
+    DIGEST_FORMAT,
+    ENCRYPTED_FORMAT,
+    MANIFEST_FORMAT,
+    PAYLOAD_ENCRYPTION,
+    Manifest,
+)
 from splitstore._manifest import StripeInfo as ManifestStripe
 from splitstore._names import object_id_for
 from splitstore._payload import SegmentFailed
@@ -363,8 +369,9 @@ def test_deleted_file_served_again(
 # -- 5. forged manifests ---------------------------------------------------------------
 
 
-def forged_plain_manifest(servers: LiveServers, name: str, fmt: int) -> bytes:
-    """An unsealed manifest describing exactly the stripes both servers hold.
+def forged_plain_manifest(servers: LiveServers, name: str, fmt: int, encrypted: bool) -> bytes:
+    """An unsealed manifest of format ``fmt`` describing exactly the stripes both servers
+    hold (in formats 1 and 2, by their bare SHA-256s, as older versions wrote them).
 
     An unencrypted one would have the client output the ciphertext stream as the file (a
     downgrade); an encrypted one in the clear names a file key the forger chose (here: the
@@ -372,17 +379,21 @@ def forged_plain_manifest(servers: LiveServers, name: str, fmt: int) -> bytes:
     records = [read_record(servers, kind, name)["current"] for kind in KINDS]
     stripes = [servers.stripe_path(kind, name).read_bytes() for kind in KINDS]
     stream = bytes(join_block(stripes, CHUNK))
+    digests = [r["stripe_digest"] for r in records]
+    if fmt != DIGEST_FORMAT:
+        digests = ["sha256:" + hashlib.sha256(stripe).hexdigest() for stripe in stripes]
     common: dict[str, Any] = {
         "name": name,
         "chunk_size": CHUNK,
         "version_id": records[0]["version_id"],
         "created_ns": 2**62,  # newer than anything: it would win
+        "format": fmt,
         "stripes": tuple(
-            ManifestStripe(kind, r["stripe_length"], r["stripe_digest"])
-            for kind, r in zip(KINDS, records, strict=True)
+            ManifestStripe(kind, r["stripe_length"], digest)
+            for kind, r, digest in zip(KINDS, records, digests, strict=True)
         ),
     }
-    if fmt == MANIFEST_FORMAT:
+    if not encrypted:
         manifest = Manifest(size=len(stream), sha256=hashlib.sha256(stream).hexdigest(), **common)
     else:
         size = len(stream) - TAG_SIZE * (-(-len(stream) // SEALED_SEGMENT))
@@ -399,15 +410,22 @@ def forged_plain_manifest(servers: LiveServers, name: str, fmt: int) -> bytes:
 
 
 @pytest.mark.parametrize(
-    "fmt", [MANIFEST_FORMAT, ENCRYPTED_FORMAT], ids=["unencrypted", "encrypted"]
+    ("fmt", "encrypted"),
+    [
+        (DIGEST_FORMAT, False),
+        (DIGEST_FORMAT, True),
+        (MANIFEST_FORMAT, False),
+        (ENCRYPTED_FORMAT, True),
+    ],
+    ids=["unencrypted", "encrypted", "format1", "format2"],
 )
 @pytest.mark.parametrize("kind", KINDS)
 def test_forged_unsealed_manifest_is_refused(
-    servers: LiveServers, client: Client, tmp_path: Path, kind: str, fmt: int
+    servers: LiveServers, client: Client, tmp_path: Path, kind: str, fmt: int, encrypted: bool
 ) -> None:
     data = write_random(tmp_path / "in", 5000)
     client.store(tmp_path / "in", "doc")
-    forged = forged_plain_manifest(servers, "doc", fmt)
+    forged = forged_plain_manifest(servers, "doc", fmt, encrypted)
     doc = read_record(servers, kind, "doc")
     doc["current"]["manifest"] = base64.b64encode(forged).decode()
     write_record(servers, kind, "doc", doc)

@@ -101,6 +101,11 @@ def test_files_stored_before_stripe_digests_fetch_verify_and_name_a_damaged_serv
         assert fetched(client, "old", tmp_path) == data
         client.verify("old")
         assert client.stat("old").sha256 == hashlib.sha256(data).hexdigest()
+        assert [info.name for info in client.list()] == ["old"]
+        # Small files go in batches (get_records, get_stripes): old records there too.
+        (tmp_path / "many").mkdir()
+        client.fetch_many(["old"], tmp_path / "many")
+        assert (tmp_path / "many" / "old").read_bytes() == data
 
         # A damaged old stripe is found, and the server holding it named, by its SHA-256.
         stripe = servers.stripe_path("tcp", "old")

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from splitstore._digest import stripe_digest
 from splitstore._protocol import (
     ERROR_CODES,
     HEADER_SIZE,
@@ -316,14 +317,14 @@ def test_put_and_get_exchanges() -> None:
     client, server = handshake()
     stripe = bytes(range(256)) * 10
     put = Request("put_stripe", {"object_id": OBJECT_ID, "version_id": VERSION_ID, "length": 2560})
-    digest = hashlib.sha256(stripe).hexdigest()
+    digest = stripe_digest(stripe)
     request_bytes = client.send(put) + b"".join(client.send_data(stripe)) + client.send(End())
     events = deliver(request_bytes, server)
     assert events[0] == put
     assert b"".join(e.payload for e in events if isinstance(e, Data)) == stripe
     assert events[-1] == End()
     assert server.our_state is State.SEND_RESPONSE
-    reply: list[Event] = [Response({"status": "ok", "length": 2560, "sha256": digest}), End()]
+    reply: list[Event] = [Response({"status": "ok", "length": 2560, "digest": digest}), End()]
     assert deliver(send_all(server, reply), client) == reply
     assert client.our_state is State.IDLE
 

@@ -483,6 +483,26 @@ def test_an_interrupted_upgrade_is_finished(tmp_path: Path) -> None:
     assert (tmp_path / "FORMAT").read_text() == DATA_FORMAT + "\n"
 
 
+def test_a_format_2_folder_is_only_marked_3_and_a_newer_one_refused(tmp_path: Path) -> None:
+    """Format 2 differs only in its bare SHA-256s, which format 3 still reads."""
+    store = DataFolder(tmp_path).tenant("default")
+    upload = store.begin_stripe("1" * 64, "a" * 32, 3)
+    upload.write(b"abc")
+    store.commit("1" * 64, ObjectRecord("a" * 32, 3, upload.finish(), b"m"))
+    (tmp_path / "FORMAT").write_text("splitstore-server-data 2\n")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.name != "FORMAT")
+
+    data = DataFolder(tmp_path)
+    assert (tmp_path / "FORMAT").read_text() == DATA_FORMAT + "\n" == "splitstore-server-data 3\n"
+    after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.name != "FORMAT")
+    assert after == before
+    assert data.tenant("default").get_record("1" * 64).stripe_length == 3
+
+    (tmp_path / "FORMAT").write_text("splitstore-server-data 4\n")
+    with pytest.raises(StorageError, match="format"):
+        DataFolder(tmp_path)
+
+
 def test_servers_upgrade_an_old_data_folder(servers: LiveServers, tmp_path: Path) -> None:
     data = write(tmp_path / "in", os.urandom(9000))
     with servers.client() as client:

@@ -26,6 +26,7 @@ __all__ = [
     "from_sha256_hex",
     "hasher_for",
     "is_digest",
+    "is_new_digest",
     "new_stripe_hasher",
     "stripe_digest",
 ]
@@ -91,3 +92,8 @@ def from_sha256_hex(value: object) -> str | None:
 
 def is_digest(value: object) -> bool:
     return isinstance(value, str) and _DIGEST.fullmatch(value) is not None
+
+
+def is_new_digest(value: object) -> bool:
+    """A digest of the algorithm new stripes are hashed with."""
+    return is_digest(value) and str(value).startswith(STRIPE_ALGORITHM + ":")

@@ -46,7 +46,7 @@ ENCRYPTED_FORMAT = 2
 #: The format written now: stripes with named digests, either way.
 DIGEST_FORMAT = 3
 _FORMATS = (MANIFEST_FORMAT, ENCRYPTED_FORMAT, DIGEST_FORMAT)
-#: The payload construction of format 2 (docs/format.md, "Encrypted stream").
+#: The payload construction of an encrypted file (docs/format.md, "Encrypted stream").
 PAYLOAD_ENCRYPTION = "aes-256-gcm-stream-64k"
 # A name of MAX_NAME_BYTES escaped as JSON is at most 6x longer; the rest is a few hundred bytes.
 # A name escaped as JSON is at most 2x longer (quotes and backslashes; control characters
@@ -79,7 +79,7 @@ class Manifest:
     stripes: tuple[StripeInfo, ...]
     encryption: str = "none"
     format: int = DIGEST_FORMAT
-    #: Format 2 only: the plaintext size after padding, and the version's file key (hex).
+    #: Encrypted only: the plaintext size after padding, and the version's file key (hex).
     padded_size: int | None = None
     file_key: str | None = None
     #: What the malicious-file checks found when this version was stored (None: not scanned).

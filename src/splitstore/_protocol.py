@@ -1,4 +1,4 @@
-"""Sans-IO implementation of the splitstore TCP wire protocol, version 1.
+"""Sans-IO implementation of the splitstore TCP wire protocol, version 2.
 
 No sockets and no asyncio here: a :class:`Connection` turns received bytes into events
 (:meth:`Connection.receive_data`, :meth:`Connection.next_event`) and events into bytes

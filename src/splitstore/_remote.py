@@ -13,7 +13,7 @@ from typing import Any, NoReturn, Protocol
 
 import orjson
 
-from ._digest import is_digest
+from ._digest import is_new_digest
 from ._errors import (
     AuthenticationError,
     ConflictError,
@@ -221,7 +221,8 @@ def upload_digest(reply: dict[str, Any], length: int, label: str) -> str:
             "with a SHA-256, not a stripe digest): upgrade the server",
             server=label,
         )
-    if reply.get("length") != length or not is_digest(digest):
+    # What a server makes of a new stripe is always BLAKE3 (sha256: only names old data).
+    if reply.get("length") != length or not is_new_digest(digest):
         raise ProtocolError(f"the {label} sent a malformed upload reply", server=label)
     return str(digest)
 

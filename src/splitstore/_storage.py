@@ -5,7 +5,7 @@ backend (an object store, say) can come later without touching them. Each tenant
 store of its own; ``DataFolder`` hands them out. The on-disk layout and its commit rules
 are specified in docs/format.md; in short::
 
-    DATA_DIR/FORMAT                           "splitstore-server-data 2"
+    DATA_DIR/FORMAT                           "splitstore-server-data 3"
     DATA_DIR/tmp/                             uploads in progress (emptied at start)
     DATA_DIR/tenants/<tenant>/objects/<id[:2]>/<id>/record.json   the committed record
     DATA_DIR/tenants/<tenant>/objects/<id[:2]>/<id>/<vid>.stripe  one version's stripe
@@ -15,7 +15,8 @@ A stripe is written to tmp/, flushed, fsynced and renamed into place only once i
 exactly the declared length. A record is committed only if it names a complete stripe
 whose length and digest match what the client declared. Every file is replaced atomically.
 A folder of format 1 (``objects/`` at the top, one user) is moved into the tenant
-``default`` when a server starts on it.
+``default`` when a server starts on it; one of format 2 (bare SHA-256s, still read) only
+gets the new marker.
 """
 
 from __future__ import annotations
@@ -57,14 +58,17 @@ __all__ = [
     "tenant_stored_bytes",
 ]
 
-DATA_FORMAT = "splitstore-server-data 2"
+DATA_FORMAT = "splitstore-server-data 3"
+# Format 2 kept bare SHA-256s in records and .meta files, which format 3 still reads: a
+# format-2 folder needs only its marker changed (so that older servers refuse it).
+DATA_FORMAT_2 = "splitstore-server-data 2"
 # One user's objects at the top of the folder; moved into tenants/default on start.
 DATA_FORMAT_1 = "splitstore-server-data 1"
 # One stripe of a 2**53-byte file; the per-tenant quotas of later versions sit below this.
 MAX_STRIPE_BYTES = 2**53 - 1
 # A record is a few hashes and an encoded manifest.
 MAX_RECORD_BYTES = 2 * MAX_MANIFEST_BYTES
-# The .meta file beside each stripe ({"length": N, "digest": "blake3:HEX"} is under 100
+# The .meta file beside each stripe ({"length": N, "digest": "blake3:HEX"}, at most 113
 # bytes):
 # quotas count it with the stripe.
 STRIPE_OVERHEAD_BYTES = 128
@@ -184,7 +188,7 @@ class DataFolder:
             found = marker.read_text(encoding="utf-8", errors="replace").strip()
         if found == DATA_FORMAT_1:
             self._upgrade_from_1()
-        elif found != DATA_FORMAT:
+        elif found not in (DATA_FORMAT, DATA_FORMAT_2):
             raise StorageError(
                 "internal", f"{self.root} holds data of format {found!r}, not {DATA_FORMAT!r}"
             )
