@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from splitstore import Client, _service
+from splitstore import Client, ProtocolError, _service
+from splitstore._tls import server_ssl_context
 
 from .conftest import TEST_LIMITS, LiveServers, LoopThread
 
@@ -326,3 +327,44 @@ def test_https_stalled_upload_times_out(servers: LiveServers) -> None:
     reply = http_exchange(servers, request)
     assert status(reply) == 408
     assert not list((servers.data_dir("https") / "tmp").iterdir())
+
+
+def test_a_client_told_of_an_older_tcp_server_says_to_match_versions(
+    servers: LiveServers, tmp_path: Path
+) -> None:
+    """A TCP server of version 1 (before stripe digests) refuses this client's preface:
+    the one line the user sees says which versions met and what to do."""
+    context = server_ssl_context(servers.paths.server_cert, servers.paths.server_key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def old_server() -> None:
+        conn, _ = listener.accept()
+        with context.wrap_socket(conn, server_side=True) as tls:
+            assert tls.recv(8) == b"SPST\x02\x02\x00\x00"
+            tls.sendall(
+                b"SPST\x00\x00\x00\x00"
+                + json_frame(ERROR, {"code": "unsupported_version", "message": "v1 only"})
+            )
+
+    thread = threading.Thread(target=old_server, daemon=True)
+    thread.start()
+    config = tmp_path / "old-tcp.toml"
+    text = servers.paths.config.read_text()
+    tcp_port = servers.config.server("tcp").port
+    config.write_text(text.replace(f"port = {tcp_port}\n", f"port = {port}\n"))
+    for name in ("token", "key", "tls"):
+        source = servers.paths.config.parent / name
+        if source.exists() and not (tmp_path / name).exists():
+            (tmp_path / name).symlink_to(source)
+    (tmp_path / "in").write_bytes(b"x" * 5000)
+    try:
+        with Client(config) as client, pytest.raises(ProtocolError) as info:
+            client.store(tmp_path / "in", "doc")
+    finally:
+        thread.join(10)
+        listener.close()
+    message = str(info.value)
+    assert "speaks another protocol version (v1 only)" in message
+    assert "this client, splitstore 0.2.0, speaks version 2" in message
+    assert "run the same splitstore version on the client and the servers" in message

@@ -29,6 +29,7 @@ from ._remote import (
 )
 from ._storage import ObjectRecord
 from ._tls import describe_ssl_error, find_ssl_error
+from ._version import __version__
 
 __all__ = ["TcpRemote"]
 
@@ -285,7 +286,9 @@ class _Link:
             error = await self.next()
             message = error.message if isinstance(error, p.Error) else "no common version"
             raise ProtocolError(
-                f"the {self.remote.label} speaks another protocol version: {message}",
+                f"the {self.remote.label} speaks another protocol version ({message[:200]}); "
+                f"this client, splitstore {__version__}, speaks version {p.PROTOCOL_VERSION}: "
+                "run the same splitstore version on the client and the servers",
                 server=self.remote.label,
             )
         if not isinstance(reply, p.PrefaceReply):
