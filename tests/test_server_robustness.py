@@ -104,7 +104,7 @@ def test_tcp_wrong_version_is_refused(servers: LiveServers, offer: bytes) -> Non
     reply = recv_all(sock)
     assert reply[:8] == b"SPST\x00\x00\x00\x00"
     assert error_codes(reply[8:]) == ["unsupported_version"]
-    assert b"speaks version 2 only" in reply
+    assert b"speaks protocol version 2 only" in reply
     assert b"use a client of the same version" in reply
 
 
@@ -366,5 +366,5 @@ def test_a_client_told_of_an_older_tcp_server_says_to_match_versions(
         listener.close()
     message = str(info.value)
     assert "speaks another protocol version (v1 only)" in message
-    assert "this client, splitstore 0.2.0, speaks version 2" in message
+    assert "this client, splitstore 0.2.0, speaks protocol version 2" in message
     assert "run the same splitstore version on the client and the servers" in message

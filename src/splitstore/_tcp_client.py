@@ -287,7 +287,8 @@ class _Link:
             message = error.message if isinstance(error, p.Error) else "no common version"
             raise ProtocolError(
                 f"the {self.remote.label} speaks another protocol version ({message[:200]}); "
-                f"this client, splitstore {__version__}, speaks version {p.PROTOCOL_VERSION}: "
+                f"this client, splitstore {__version__}, speaks protocol version "
+                f"{p.PROTOCOL_VERSION}: "
                 "run the same splitstore version on the client and the servers",
                 server=self.remote.label,
             )

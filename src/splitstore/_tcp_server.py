@@ -148,7 +148,7 @@ class _Session:
                 await self._send(p.PrefaceReply(0))
                 await self._send_error(
                     "unsupported_version",
-                    f"this server speaks version {p.PROTOCOL_VERSION} only (splitstore "
+                    f"this server speaks protocol version {p.PROTOCOL_VERSION} only (splitstore "
                     f"{__version__}): use a client of the same version",
                 )
                 return False
