@@ -15,6 +15,7 @@ import pytest
 from splitstore import Client, IntegrityError, MaliciousFileError, SplitStoreError
 from splitstore._cli import main
 from splitstore._pipeline import PieceSink
+from splitstore._syncing import SyncingWriter
 from splitstore.scanning import Finding, Policy, Scanner, ScanReport, ScanSettings
 
 from .conftest import LiveServers
@@ -136,6 +137,42 @@ def test_a_scanned_get_checks_the_bytes_written_against_the_manifest(
     with pytest.raises(IntegrityError, match="different bytes than were stored"):
         client.fetch("report.txt", out)
     assert list(out.parent.iterdir()) == []
+
+
+def test_only_an_archive_is_read_again_at_the_end_of_a_scan(tmp_path: Path) -> None:
+    scanner = Scanner(ScanSettings())
+    for head, reads in (
+        (os.urandom(100), True),  # too little yet to tell
+        (os.urandom(4096), False),
+        (b"plain text\n" * 400, False),
+        (zip_of({"a.txt": os.urandom(5000)}), True),
+    ):
+        stream = scanner.stream("f.bin")
+        stream.feed(head)
+        assert stream.reads_file() is reads
+
+
+@pytest.mark.parametrize("archive", [False, True], ids=["other", "zip"])
+def test_a_scanned_get_keeps_only_an_archive_cached_for_its_scan(
+    client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, archive: bool
+) -> None:
+    """A fetched file is written past the page cache as soon as its first block shows the
+    scan will not read it again; an archive stays cached for its members' scan."""
+    body = os.urandom(3 * 2**20)
+    data = zip_of({"big.bin": body}) if archive else body
+    (tmp_path / "f").write_bytes(data)
+    client.store(tmp_path / "f", "f")
+    released: list[bool] = []
+    real = SyncingWriter.drop_behind
+
+    def spying(self: SyncingWriter) -> None:
+        released.append(True)
+        real(self)
+
+    monkeypatch.setattr(SyncingWriter, "drop_behind", spying)
+    out = client.fetch("f", tmp_path / "out")
+    assert out.read_bytes() == data
+    assert released == ([] if archive else [True])
 
 
 def test_get_reports_the_scan_of_store_time(client: Client, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from splitstore import Client, LocalFileError
+from splitstore._direct import DirectStage
 from splitstore._syncing import SyncingWriter
 
 PIECE = 64 * 1024
@@ -95,6 +96,39 @@ def test_a_file_read_again_or_small_stays_cached(
             w.write(os.urandom(PIECE))
         w.finish()
     assert advised == []
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise here")
+def test_a_file_kept_cached_then_let_go_is_written_like_any_other(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """drop_behind (a scanned fetch that turned out not to be an archive): from then on
+    the file is dropped behind its syncs and written past the cache, where it can be."""
+    advised: list[tuple[int, int]] = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, o, n, a: advised.append((o, n)))
+    staged: list[int] = []
+    real_start = DirectStage.start
+
+    def counting_start(fd: int, depth: int = 1) -> DirectStage | None:
+        staged.append(fd)
+        return real_start(fd, depth)
+
+    monkeypatch.setattr(DirectStage, "start", counting_start)
+    data = os.urandom(40 * PIECE)
+    with (
+        (tmp_path / "out").open("wb") as raw,
+        SyncingWriter(raw, sync_every=4 * PIECE, keep_cached=True) as w,
+    ):
+        w.write(data[:PIECE])
+        w.drop_behind()
+        for i in range(PIECE, len(data), PIECE):
+            w.write(data[i : i + PIECE])
+            time.sleep(0.001)
+        w.finish()
+    assert (tmp_path / "out").read_bytes() == data
+    assert advised[0][0] == 0  # from the start of the file: nothing of it kept cached
+    assert advised[-1][1] == 0  # and the rest after the final fsync
+    assert staged  # O_DIRECT was tried (the file system may still refuse it)
 
 
 def test_a_file_system_that_refuses_the_advice_still_gets_its_data(

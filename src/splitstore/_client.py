@@ -500,7 +500,8 @@ class AsyncClient:
             raise LocalFileError(f"cannot write in {target.parent}: {exc.strerror}") from exc
         tmp = Path(tmp_name)
         try:
-            # Scanned, the file is read again at the end (archives): keep it cached till then.
+            # Scanned, an archive is read again at the end: kept cached until its first
+            # block shows the file is none (_ScanningWriter).
             with (
                 os.fdopen(fd, "wb") as raw,
                 SyncingWriter(
@@ -508,7 +509,7 @@ class AsyncClient:
                 ) as disk,
             ):
                 file = cast(BinaryIO, disk)
-                out = file if scanner is None else _ScanningWriter(file, scanner, target.name)
+                out = file if scanner is None else _ScanningWriter(disk, scanner, target.name)
                 manifest = await self._read_newest(name, versions, cast(BinaryIO, out), progress)
                 try:
                     await in_thread_to_the_end(disk.finish)
@@ -1065,17 +1066,27 @@ class Client:
 
 class _ScanningWriter:
     """The fetch's output file, scanning each block of plaintext as it is written, so the
-    reassembled file is scanned without being read again."""
+    reassembled file is scanned without being read again.
 
-    def __init__(self, raw: BinaryIO, scanner: Scanner, name: str) -> None:
-        self._raw = raw
+    The file is written to be kept in the page cache, since the scan reads an archive
+    again at the end to open its members. Once the first block shows that no engine will
+    (it is not an archive), the disk writer is told to write it as an unscanned fetch
+    does, past the cache: that is a large file's every byte not copied into fresh pages.
+    """
+
+    def __init__(self, disk: SyncingWriter, scanner: Scanner, name: str) -> None:
+        self._raw = disk
         self._scanner = scanner
         self._name = name
         self._stream: ScanStream = scanner.stream(name)
+        self._cached = True
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         n = self._raw.write(data)
         self._stream.feed(data)
+        if self._cached and not self._stream.reads_file():
+            self._raw.drop_behind()
+            self._cached = False
         return n
 
     def seek(self, offset: int, whence: int = 0) -> int:

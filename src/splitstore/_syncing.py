@@ -74,8 +74,8 @@ class SyncingWriter:
     Use as a context manager inside the one that closes ``raw``: leaving it waits for a
     sync still running, so the file is never closed under it. With ``keep_cached`` the
     pages stay cached and no O_DIRECT is used (the caller reads the file again at once,
-    as a scan of archives does); a file that never reached ``sync_every`` is small and
-    stays cached too.
+    as a scan of archives does) until ``drop_behind``; a file that never reached
+    ``sync_every`` is small and stays cached too.
     """
 
     def __init__(
@@ -98,7 +98,8 @@ class SyncingWriter:
         self._pos = raw.tell()  # where the next byte goes
         self._stage: DirectStage | None = None  # writing with O_DIRECT
         self._go_direct = False  # to start at the next aligned offset
-        self._no_direct = keep_cached  # or refused by the file system
+        self._refused = False  # the file system refused O_DIRECT
+        self._no_direct = keep_cached  # or refused
         self._failed = False  # an error was raised: no further writing
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
@@ -129,9 +130,16 @@ class SyncingWriter:
             self._unsynced = 0
             if self._stage is not None and not self._stage.direct:
                 self._end_direct()  # refused: no more copying through the stage
-                self._no_direct = True
+                self._refused = self._no_direct = True
             self._go_direct = self._stage is None and not self._no_direct
         return n
+
+    def drop_behind(self) -> None:
+        """The file will not be read again after all (``keep_cached`` was a guess): from
+        the next background sync on it is written as without ``keep_cached``. Called
+        before the first sync, that is the whole file."""
+        self._keep = False
+        self._no_direct = self._refused
 
     def seek(self, offset: int, whence: int = 0) -> int:
         with self._failing():
@@ -212,7 +220,8 @@ class SyncingWriter:
             self._go_direct = False
             self._raw.flush()  # nothing buffered may land after the direct writes
             self._stage = DirectStage.start(self._raw.fileno(), self._depth)
-            self._no_direct = self._stage is None
+            if self._stage is None:
+                self._refused = self._no_direct = True
         return view[head:]
 
     def _end_direct(self, *, flush: bool = True) -> None:

@@ -159,6 +159,10 @@ class _ArchiveSession:
     def feed(self, block: memoryview) -> None:
         self._head.take(block)
 
+    def reads_file(self) -> bool:
+        """Only an archive is read again, to open its members."""
+        return len(self._head) < _HEAD or sniff(self._head.bytes()) is not None
+
     def finish(self, path: Path | None) -> list[Finding]:
         kind = sniff(self._head.bytes())
         if kind is None:

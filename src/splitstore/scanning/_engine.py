@@ -114,6 +114,11 @@ class Head:
 # A session may also offer ``share_sha256(hasher)``: the scanner then hands it the hashlib
 # object it updates with every block, so an engine that needs the file's SHA-256 does not
 # hash the file a second time (it must then not update the hasher itself).
+#
+# And ``reads_file() -> bool``: whether its ``finish(path)`` will read the file on disk
+# again, judged from what it was fed so far (True while it cannot tell yet). A session
+# without it is taken to read the file. A fetch keeps the file it writes in the page cache
+# only while some session may read it again (``ScanStream.reads_file``).
 
 
 class Engine(Protocol):

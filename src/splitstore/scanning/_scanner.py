@@ -185,6 +185,11 @@ class ScanStream:
                 self._sessions.remove(pair)
                 self._fail(pair[0], exc)
 
+    def reads_file(self) -> bool:
+        """Whether ``finish`` may read the file on disk again (an archive's members), from
+        what was fed so far; True while some engine cannot tell yet."""
+        return any(_reads_file(session) for _, session in self._sessions)
+
     def findings(self, path: Path | None) -> list[Finding]:
         found = list(self._failed)
         for engine, session in self._sessions:
@@ -215,6 +220,11 @@ class ScanStream:
         self._failed.append(
             Finding(engine, "not-scanned", "engine-error", f"{type(exc).__name__}: {exc}")
         )
+
+
+def _reads_file(session: EngineSession) -> bool:
+    reads = getattr(session, "reads_file", None)  # optional (_engine.py)
+    return reads is None or bool(reads())
 
 
 def _pump(f: io.BufferedIOBase, stream: ScanStream) -> None:
