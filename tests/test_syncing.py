@@ -131,6 +131,29 @@ def test_a_file_kept_cached_then_let_go_is_written_like_any_other(
     assert staged  # O_DIRECT was tried (the file system may still refuse it)
 
 
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise here")
+def test_let_go_after_a_sync_while_kept_drops_from_the_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    advised: list[tuple[int, int]] = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, o, n, a: advised.append((o, n)))
+    monkeypatch.setattr(os, "fdatasync", lambda fd: None)
+    data = os.urandom(12 * PIECE)
+    with (
+        (tmp_path / "out").open("wb") as raw,
+        SyncingWriter(raw, sync_every=4 * PIECE, keep_cached=True) as w,
+    ):
+        w.write(data[: 4 * PIECE])  # a sync is due while the file is still kept
+        w.drop_behind()
+        for i in range(4 * PIECE, len(data), PIECE):
+            w.write(data[i : i + PIECE])
+            time.sleep(0.001)
+        w.finish()
+    assert (tmp_path / "out").read_bytes() == data
+    assert advised
+    assert advised[0][0] == 0  # the part synced while kept is dropped too
+
+
 def test_a_file_system_that_refuses_the_advice_still_gets_its_data(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

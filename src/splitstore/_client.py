@@ -1082,15 +1082,17 @@ class _ScanningWriter:
         self._cached = True
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
-        n = self._raw.write(data)
+        # Scanned first, then written (the same bytes): a first block that is already as
+        # large as a background sync is then written knowing whether it may be dropped.
         self._stream.feed(data)
         if self._cached and not self._stream.reads_file():
             self._raw.drop_behind()
             self._cached = False
-        return n
+        return self._raw.write(data)
 
     def seek(self, offset: int, whence: int = 0) -> int:
-        # Only ever to start again (an older version is read instead): so does the scan.
+        # Only ever to start again (an older version is read instead), before a byte was
+        # written, so the file is still cached if the older one is an archive.
         self._stream = self._scanner.stream(self._name)
         return self._raw.seek(offset, whence)
 

@@ -126,7 +126,8 @@ class SyncingWriter:
                 end -= self._stage.staged  # not in the file yet
             start = end if self._keep else self._dropped
             self._syncing = _syncer().submit(_sync_then_forget, fd, start, end)
-            self._dropped = max(self._dropped, end)
+            if not self._keep:  # kept, nothing is dropped: a drop_behind starts from 0
+                self._dropped = max(self._dropped, end)
             self._unsynced = 0
             if self._stage is not None and not self._stage.direct:
                 self._end_direct()  # refused: no more copying through the stage
@@ -136,8 +137,9 @@ class SyncingWriter:
 
     def drop_behind(self) -> None:
         """The file will not be read again after all (``keep_cached`` was a guess): from
-        the next background sync on it is written as without ``keep_cached``. Called
-        before the first sync, that is the whole file."""
+        the next background sync on it is written as without ``keep_cached``, and that
+        sync drops everything durable so far. Called before the first sync, it is as if
+        ``keep_cached`` had never been given."""
         self._keep = False
         self._no_direct = self._refused
 

@@ -224,7 +224,10 @@ class ScanStream:
 
 def _reads_file(session: EngineSession) -> bool:
     reads = getattr(session, "reads_file", None)  # optional (_engine.py)
-    return reads is None or bool(reads())
+    try:
+        return reads is None or bool(reads())
+    except Exception:  # an engine's bug: assume the worst (the file stays cached)
+        return True
 
 
 def _pump(f: io.BufferedIOBase, stream: ScanStream) -> None:
