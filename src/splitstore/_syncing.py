@@ -98,8 +98,8 @@ class SyncingWriter:
         self._pos = raw.tell()  # where the next byte goes
         self._stage: DirectStage | None = None  # writing with O_DIRECT
         self._go_direct = False  # to start at the next aligned offset
-        self._refused = False  # the file system refused O_DIRECT
-        self._no_direct = keep_cached  # or refused
+        # The file system refused O_DIRECT (none is tried either while the file is kept).
+        self._refused = False
         self._failed = False  # an error was raised: no further writing
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
@@ -131,8 +131,8 @@ class SyncingWriter:
             self._unsynced = 0
             if self._stage is not None and not self._stage.direct:
                 self._end_direct()  # refused: no more copying through the stage
-                self._refused = self._no_direct = True
-            self._go_direct = self._stage is None and not self._no_direct
+                self._refused = True
+            self._go_direct = self._stage is None and not (self._keep or self._refused)
         return n
 
     def drop_behind(self) -> None:
@@ -141,7 +141,6 @@ class SyncingWriter:
         sync drops everything durable so far. Called before the first sync, it is as if
         ``keep_cached`` had never been given."""
         self._keep = False
-        self._no_direct = self._refused
 
     def seek(self, offset: int, whence: int = 0) -> int:
         with self._failing():
@@ -222,8 +221,7 @@ class SyncingWriter:
             self._go_direct = False
             self._raw.flush()  # nothing buffered may land after the direct writes
             self._stage = DirectStage.start(self._raw.fileno(), self._depth)
-            if self._stage is None:
-                self._refused = self._no_direct = True
+            self._refused = self._stage is None
         return view[head:]
 
     def _end_direct(self, *, flush: bool = True) -> None:

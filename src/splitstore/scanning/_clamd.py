@@ -263,9 +263,6 @@ class ClamdSession:
         except _Unscanned as exc:
             self._fail(str(exc))
 
-    def reads_file(self) -> bool:
-        return False  # all it needs is what it was fed
-
     def finish(self, path: Path | None) -> list[Finding]:
         if self._done:
             return []

@@ -115,10 +115,11 @@ class Head:
 # object it updates with every block, so an engine that needs the file's SHA-256 does not
 # hash the file a second time (it must then not update the hasher itself).
 #
-# And ``reads_file() -> bool``: whether its ``finish(path)`` will read the file on disk
-# again, judged from what it was fed so far (True while it cannot tell yet). A session
-# without it is taken to read the file. A fetch keeps the file it writes in the page cache
-# only while some session may read it again (``ScanStream.reads_file``).
+# A session whose ``finish(path)`` may read the file on disk again (the archive engine)
+# offers ``reads_file() -> bool``: whether it will, judged from what it was fed so far
+# (True while it cannot tell yet). A fetch keeps the file it writes in the page cache only
+# while some session may read it again (``ScanStream.reads_file``); a session without the
+# method is taken not to, which at worst makes its read come from disk.
 
 
 class Engine(Protocol):

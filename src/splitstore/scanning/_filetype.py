@@ -211,9 +211,6 @@ class _FileTypeSession:
     def feed(self, block: memoryview) -> None:
         self._head.take(block)
 
-    def reads_file(self) -> bool:
-        return False  # all it needs is what it was fed
-
     def finish(self, path: Path | None) -> list[Finding]:
         head = self._head.bytes()
         try:

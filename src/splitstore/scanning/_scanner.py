@@ -225,8 +225,8 @@ class ScanStream:
 def _reads_file(session: EngineSession) -> bool:
     reads = getattr(session, "reads_file", None)  # optional (_engine.py)
     try:
-        return reads is None or bool(reads())
-    except Exception:  # an engine's bug: assume the worst (the file stays cached)
+        return reads is not None and bool(reads())
+    except Exception:  # an engine's bug: assume it reads (the file stays cached)
         return True
 
 

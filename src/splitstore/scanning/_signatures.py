@@ -117,9 +117,6 @@ class _SignatureSession:
             self._head += block[: _EICAR_MAX_SIZE + 1 - len(self._head)]
         self._size += len(block)
 
-    def reads_file(self) -> bool:
-        return False  # all it needs is what it was fed
-
     def finish(self, path: Path | None) -> list[Finding]:
         found: list[Finding] = []
         if _is_eicar_file(self._head, self._size):

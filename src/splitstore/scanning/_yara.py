@@ -293,9 +293,6 @@ class _YaraSession:
         self._start = self._end - len(self._buf)
         self._end += self._engine.window_size
 
-    def reads_file(self) -> bool:
-        return False  # all it needs is what it was fed
-
     def finish(self, path: Path | None) -> list[Finding]:
         if not self._stopped and (self._first or self._start + len(self._buf) > self._scanned):
             self._scan_window()
