@@ -20,7 +20,7 @@ from splitstore import _client as splitstore_client
 from splitstore._cli import main
 from splitstore._pipeline import PieceSink
 from splitstore._syncing import SyncingWriter
-from splitstore.scanning import Finding, Policy, Scanner, ScanReport, ScanSettings
+from splitstore.scanning import Finding, Policy, Scanner, ScanReport, ScanSettings, ScanStream
 
 from .conftest import LiveServers
 from .scan_samples import dropper_script, eicar, elf_binary, macro_docx, zip_of
@@ -120,11 +120,12 @@ def test_get_refuses_to_deliver_a_malicious_file(client: Client, tmp_path: Path)
     assert then.verdict == "malicious"
 
 
-def test_a_scanned_get_checks_the_bytes_written_against_the_manifest(
-    client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_an_unencrypted_scanned_get_checks_the_bytes_written_against_the_manifest(
+    plain_client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A client-side fault after decryption (the tags cannot see it) is caught by the
-    scan's hash of what was written: nothing is delivered."""
+    """Unencrypted, a client-side fault after reassembly is caught by the scan's hash of
+    what was written as well as the sink's: nothing is delivered."""
+    client = plain_client
     original = tmp_path / "report.txt"
     original.write_bytes(b"quarterly figures\n" * 5000)
     client.store(original)
@@ -141,6 +142,76 @@ def test_a_scanned_get_checks_the_bytes_written_against_the_manifest(
     with pytest.raises(IntegrityError, match="different bytes than were stored"):
         client.fetch("report.txt", out)
     assert list(out.parent.iterdir()) == []
+
+
+def _recording_vouches(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    vouched: list[str] = []
+    real = ScanStream.vouch_sha256
+
+    def recording(self: ScanStream, hexdigest: str) -> None:
+        vouched.append(hexdigest)
+        real(self, hexdigest)
+
+    monkeypatch.setattr(ScanStream, "vouch_sha256", recording)
+    return vouched
+
+
+def test_an_encrypted_scanned_get_takes_the_sealed_digest_and_still_checks_lists(
+    servers: LiveServers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Encrypted, every byte is checked by its segment's tag against the sealed manifest,
+    which carries the file's SHA-256: the scan takes that digest instead of hashing the
+    file again, and the known-bad lists still catch the file by it."""
+    src = tmp_path / "dump.bin"
+    src.write_bytes(os.urandom(3 * 1024 * 1024 + 17))
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    listed = tmp_path / "bad.sha256"
+    listed.write_text(f"{digest}  leaked-dump\n")
+    vouched = _recording_vouches(monkeypatch)
+    with servers.client() as client:
+        client.store(src)  # not listed yet: clean
+        assert vouched == []  # a store hashes what it reads
+        seen: list[ScanReport] = []
+        client.fetch("dump.bin", tmp_path / "clean.bin", on_scan=lambda now, _: seen.append(now))
+    assert vouched == [digest]
+    assert seen[0].sha256 == digest
+    assert (tmp_path / "clean.bin").read_bytes() == src.read_bytes()
+    config = dataclasses.replace(servers.config, scan=ScanSettings(hash_lists=(listed,)))
+    with Client(config) as client, pytest.raises(MaliciousFileError, match="leaked-dump"):
+        client.fetch("dump.bin", tmp_path / "out.bin")
+    assert vouched == [digest, digest]
+    assert not (tmp_path / "out.bin").exists()
+
+
+def test_an_unencrypted_scanned_get_hashes_what_it_writes(
+    plain_client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without encryption nothing vouches for the bytes: the scan hashes them itself."""
+    src = tmp_path / "notes.txt"
+    src.write_bytes(b"minutes of the meeting\n" * 1000)
+    vouched = _recording_vouches(monkeypatch)
+    seen: list[ScanReport] = []
+    plain_client.store(src)
+    plain_client.fetch("notes.txt", tmp_path / "out.txt", on_scan=lambda now, _: seen.append(now))
+    assert vouched == []
+    assert seen[0].sha256 == hashlib.sha256(src.read_bytes()).hexdigest()
+
+
+def test_a_scan_stream_takes_a_vouched_digest_only_before_its_first_block() -> None:
+    scanner = Scanner(ScanSettings())
+    stream = scanner.stream("a.bin")
+    with pytest.raises(ValueError, match="64 lowercase hex"):
+        stream.vouch_sha256("ab" * 31)
+    with pytest.raises(ValueError, match="64 lowercase hex"):
+        stream.vouch_sha256("AB" * 32)
+    stream.vouch_sha256("ab" * 32)
+    stream.feed(b"what the caller vouches for")
+    assert stream.finish(None).sha256 == "ab" * 32
+    late = scanner.stream("b.bin")
+    late.feed(b"x")
+    with pytest.raises(RuntimeError, match="before feeding"):
+        late.vouch_sha256("ab" * 32)
+    assert late.finish(None).sha256 == hashlib.sha256(b"x").hexdigest()
 
 
 def test_only_an_archive_is_read_again_at_the_end_of_a_scan(tmp_path: Path) -> None:

@@ -517,8 +517,9 @@ class AsyncClient:
                     raise LocalFileError(f"cannot write {tmp}: {exc.strerror}") from exc
             if isinstance(out, _ScanningWriter):
                 report = await asyncio.to_thread(out.finish, tmp)
-                # The scan hashed every byte written: one more end-to-end check, free here
-                # (an encrypted fetch otherwise relies on the segments' tags alone).
+                # Unencrypted, the scan hashed every byte written: one more end-to-end
+                # check. (Encrypted, it took the manifest's digest, which the segments'
+                # tags vouch for: _read_version.)
                 if report.sha256 != manifest.sha256:
                     raise IntegrityError(
                         f"{name!r} reassembled to different bytes than were stored; "
@@ -608,6 +609,10 @@ class AsyncClient:
         # Encrypted, the tags check every byte: the stripes are hashed only if one fails.
         plain_digests = [info.digest for info in expected] if cipher is None else []
         sink = PieceSink(manifest.size, chunk, k, out, opener, stripe_digests=plain_digests)
+        if opener is not None and isinstance(out, _ScanningWriter):
+            # The tags check every byte against the sealed manifest, which carries the
+            # file's SHA-256: the scan takes that instead of hashing the file again.
+            out.vouch_sha256(manifest.sha256)
         async with contextlib.AsyncExitStack() as stack:
             await stack.enter_async_context(large_read_turn(stored))
             readers: list[StripeReader] = []
@@ -1089,6 +1094,9 @@ class _ScanningWriter:
             self._raw.drop_behind()
             self._cached = False
         return self._raw.write(data)
+
+    def vouch_sha256(self, hexdigest: str) -> None:
+        self._stream.vouch_sha256(hexdigest)
 
     def seek(self, offset: int, whence: int = 0) -> int:
         # Only ever to start again (an older version is read instead), before a byte was

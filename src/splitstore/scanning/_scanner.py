@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import threading
 import time
 from collections.abc import Sequence
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from .._errors import LocalFileError
 from .._localfile import open_regular_file
-from ._engine import Engine, EngineSession, Finding
+from ._engine import Engine, EngineSession, FileHash, Finding
 from ._policy import Policy
 from ._report import Reason, ScanReport
 
@@ -148,6 +149,27 @@ class Scanner:
         return stream.findings(path)
 
 
+_HEX_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class _FileDigest:
+    """The file's SHA-256 for one scan: hashed from what is fed, unless vouched for."""
+
+    def __init__(self) -> None:
+        self._hasher: FileHash = hashlib.sha256()
+        self._vouched: str | None = None
+
+    def vouch(self, hexdigest: str) -> None:
+        self._vouched = hexdigest
+
+    def update(self, data: bytes | bytearray | memoryview, /) -> None:
+        if self._vouched is None:
+            self._hasher.update(data)
+
+    def hexdigest(self) -> str:
+        return self._hasher.hexdigest() if self._vouched is None else self._vouched
+
+
 class ScanStream:
     """One file's scan in progress: ``feed`` its bytes in order, then ``finish``."""
 
@@ -158,7 +180,7 @@ class ScanStream:
         self.name = name
         self._started = time.monotonic()
         self._fed = 0
-        self._sha256 = hashlib.sha256()
+        self._sha256 = _FileDigest()
         self._failed: list[Finding] = []
         self._sessions: list[tuple[str, EngineSession]] = []
         for engine in engines:
@@ -171,6 +193,21 @@ class ScanStream:
                 self._sessions.append((engine.name, session))
             except Exception as exc:
                 self._fail(engine.name, exc)
+
+    def vouch_sha256(self, hexdigest: str) -> None:
+        """Take ``hexdigest`` as the file's SHA-256 instead of hashing what is fed.
+
+        For a caller whose bytes are proven some other way to be those the digest was
+        made of: an encrypted fetch checks every segment against the sealed manifest that
+        carries the file's SHA-256, so hashing the file again would only cost (a third of
+        a scanned fetch's CPU on a large file) and prove nothing more. The report and the
+        known-bad lists then use this digest. Before the first ``feed`` only.
+        """
+        if self._fed:
+            raise RuntimeError("vouch for the digest before feeding the file")
+        if not _HEX_SHA256.fullmatch(hexdigest):
+            raise ValueError("a SHA-256 is 64 lowercase hex digits")
+        self._sha256.vouch(hexdigest)
 
     def feed(self, block: bytes | bytearray | memoryview) -> None:
         view = memoryview(block)
