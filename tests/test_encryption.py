@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from splitstore import Client, ConfigError, UsageError, WrongKeyError, load_config
+from splitstore import Client, ConfigError, IntegrityError, UsageError, WrongKeyError, load_config
 from splitstore._cli import main
 from splitstore._client import AsyncClient
 from splitstore._crypto import ciphertext_size, padme
@@ -218,6 +218,19 @@ def test_reading_encrypted_files_with_encryption_off_is_explained(
     load_config(servers.config_path)  # such a config loads; opening the record explains
     with pytest.raises(ConfigError, match="encryption off"):
         Keyring(None).open(oid, record, "https server")
+
+
+def test_an_unsealed_manifest_that_claims_encryption_is_refused_as_forged(
+    servers: LiveServers, tmp_path: Path
+) -> None:
+    """With encryption off nothing is sealed, so a manifest carrying a file key was
+    written by someone else: its data and digest would be whatever they chose."""
+    oid, record = stored_record(servers, tmp_path)
+    with Client(servers.config_path) as client:
+        manifest = client._async.keyring().open(oid, record, "https server")
+    assert manifest.encrypted
+    with pytest.raises(IntegrityError, match=r"unsealed manifest .* says the file is encrypted"):
+        Keyring(None).open(oid, manifest.to_bytes(), "https server")
 
 
 def stored_record(servers: LiveServers, tmp_path: Path) -> tuple[str, bytes]:

@@ -123,8 +123,9 @@ def test_get_refuses_to_deliver_a_malicious_file(client: Client, tmp_path: Path)
 def test_an_unencrypted_scanned_get_checks_the_bytes_written_against_the_manifest(
     plain_client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Unencrypted, a client-side fault after reassembly is caught by the scan's hash of
-    what was written as well as the sink's: nothing is delivered."""
+    """Unencrypted, a client-side fault after reassembly is caught by the sink's hash of
+    what it writes, before the scan (which took the manifest's digest) is used: nothing
+    is delivered."""
     client = plain_client
     original = tmp_path / "report.txt"
     original.write_bytes(b"quarterly figures\n" * 5000)
@@ -156,12 +157,15 @@ def _recording_vouches(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return vouched
 
 
-def test_an_encrypted_scanned_get_takes_the_sealed_digest_and_still_checks_lists(
-    servers: LiveServers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("setup", ["servers", "plain_servers"], ids=["encrypted", "plain"])
+def test_a_scanned_get_takes_the_manifests_digest_and_still_checks_lists(
+    setup: str, request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Encrypted, every byte is checked by its segment's tag against the sealed manifest,
-    which carries the file's SHA-256: the scan takes that digest instead of hashing the
-    file again, and the known-bad lists still catch the file by it."""
+    """The scan takes the file's SHA-256 from the manifest instead of hashing the file
+    again (encrypted, every segment's tag is checked against the sealed manifest that
+    carries it; unencrypted, the sink compares the file's own hash with it), and the
+    known-bad lists still catch the file by it."""
+    servers: LiveServers = request.getfixturevalue(setup)
     src = tmp_path / "dump.bin"
     src.write_bytes(os.urandom(3 * 1024 * 1024 + 17))
     digest = hashlib.sha256(src.read_bytes()).hexdigest()
@@ -181,20 +185,6 @@ def test_an_encrypted_scanned_get_takes_the_sealed_digest_and_still_checks_lists
         client.fetch("dump.bin", tmp_path / "out.bin")
     assert vouched == [digest, digest]
     assert not (tmp_path / "out.bin").exists()
-
-
-def test_an_unencrypted_scanned_get_hashes_what_it_writes(
-    plain_client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Without encryption nothing vouches for the bytes: the scan hashes them itself."""
-    src = tmp_path / "notes.txt"
-    src.write_bytes(b"minutes of the meeting\n" * 1000)
-    vouched = _recording_vouches(monkeypatch)
-    seen: list[ScanReport] = []
-    plain_client.store(src)
-    plain_client.fetch("notes.txt", tmp_path / "out.txt", on_scan=lambda now, _: seen.append(now))
-    assert vouched == []
-    assert seen[0].sha256 == hashlib.sha256(src.read_bytes()).hexdigest()
 
 
 def test_a_scan_stream_takes_a_vouched_digest_only_before_its_first_block() -> None:

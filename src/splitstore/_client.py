@@ -517,14 +517,6 @@ class AsyncClient:
                     raise LocalFileError(f"cannot write {tmp}: {exc.strerror}") from exc
             if isinstance(out, _ScanningWriter):
                 report = await asyncio.to_thread(out.finish, tmp)
-                # Unencrypted, the scan hashed every byte written: one more end-to-end
-                # check. (Encrypted, it took the manifest's digest, which the segments'
-                # tags vouch for: _read_version.)
-                if report.sha256 != manifest.sha256:
-                    raise IntegrityError(
-                        f"{name!r} reassembled to different bytes than were stored; "
-                        "nothing was written"
-                    )
                 if report.verdict == "malicious" and not allow_unsafe:
                     raise MaliciousFileError(
                         f"{name!r} was not delivered: {report.summary()}; nothing was written",
@@ -609,9 +601,11 @@ class AsyncClient:
         # Encrypted, the tags check every byte: the stripes are hashed only if one fails.
         plain_digests = [info.digest for info in expected] if cipher is None else []
         sink = PieceSink(manifest.size, chunk, k, out, opener, stripe_digests=plain_digests)
-        if opener is not None and isinstance(out, _ScanningWriter):
-            # The tags check every byte against the sealed manifest, which carries the
-            # file's SHA-256: the scan takes that instead of hashing the file again.
+        if isinstance(out, _ScanningWriter) and (opener is None or self.keyring().encrypted):
+            # The scan takes the manifest's SHA-256 instead of hashing the file again.
+            # Encrypted, the tags check every byte against the sealed manifest that
+            # carries it; unencrypted, the sink hashes the file and compares it with the
+            # manifest below, before the scan's report is used.
             out.vouch_sha256(manifest.sha256)
         async with contextlib.AsyncExitStack() as stack:
             await stack.enter_async_context(large_read_turn(stored))

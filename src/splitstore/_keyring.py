@@ -68,7 +68,16 @@ class Keyring:
                     f"the {label} holds the file{of} encrypted, but this config has encryption "
                     "off: use the config (and key_file) it was stored with"
                 )
-            return Manifest.from_bytes(stored, server=label)
+            manifest = Manifest.from_bytes(stored, server=label)
+            if manifest.encrypted:
+                # Only a sealed manifest may say so: an unsealed one carrying a file key
+                # would have us trust data and a digest its writer chose.
+                raise IntegrityError(
+                    f"the {label} holds an unsealed manifest{of} that says the file is "
+                    "encrypted: it was forged or damaged there",
+                    server=label,
+                )
+            return manifest
         if kid is None:
             raise IntegrityError(
                 f"the {label} holds a manifest{of} that is not sealed with this setup's key: "

@@ -112,8 +112,9 @@ class Head:
 
 
 # A session may also offer ``share_sha256(hasher)``: the scanner then hands it the
-# ``FileHash`` it updates with every block, so an engine that needs the file's SHA-256 does
-# not hash the file a second time (it must then not update the hasher itself).
+# ``FileHash`` it keeps for the file (updated with every block, or a digest the caller
+# vouched for), so an engine that needs the file's SHA-256 does not hash the file a second
+# time (it must then not update the hasher itself).
 #
 # A session whose ``finish(path)`` may read the file on disk again (the archive engine)
 # offers ``reads_file() -> bool``: whether it will, judged from what it was fed so far

@@ -197,11 +197,12 @@ class ScanStream:
     def vouch_sha256(self, hexdigest: str) -> None:
         """Take ``hexdigest`` as the file's SHA-256 instead of hashing what is fed.
 
-        For a caller whose bytes are proven some other way to be those the digest was
-        made of: an encrypted fetch checks every segment against the sealed manifest that
-        carries the file's SHA-256, so hashing the file again would only cost (a third of
-        a scanned fetch's CPU on a large file) and prove nothing more. The report and the
-        known-bad lists then use this digest. Before the first ``feed`` only.
+        For a caller that has the file's digest from a source it trusts and checks the
+        bytes against it some other way: a fetch takes the one in the manifest (sealed by
+        the storing client when encrypted, every segment's tag checked; compared with
+        the sink's own hash when not). Hashing the file again here would cost a scanned
+        fetch about a sixth of its client's CPU and prove nothing more. The report and
+        the known-bad lists then use this digest. Before the first ``feed`` only.
         """
         if self._fed:
             raise RuntimeError("vouch for the digest before feeding the file")
