@@ -77,7 +77,7 @@ def _small(
 
 
 def _scan(client: Client, source: str) -> dict[str, Any]:
-    """The built-in engines over one file, as ``put`` runs them (on one core)."""
+    """The built-in engines over one file, as ``put`` runs them."""
     from splitstore.scanning import Scanner, ScanSettings
 
     scanner = Scanner(ScanSettings(policy=client.config.scan.policy))

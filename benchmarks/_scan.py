@@ -1,4 +1,4 @@
-"""The malicious-file checks: engine speed on one core, and a false-positive run.
+"""The malicious-file checks: engine speed, and a false-positive run.
 
 Speed is measured by scanning the large random test file with the built-in engines
 (signatures, YARA, file type, archives; no clamd) in a child process, so its peak memory

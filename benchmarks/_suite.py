@@ -116,7 +116,7 @@ class _Suite:
             with self._phase("large file", f"store and fetch {mib}: encrypted, not, scanned"):
                 self._large_file(setups, big)
             encrypted = setups["encrypted"]
-            with self._phase("scan", f"scan {mib} with the built-in engines, on one core"):
+            with self._phase("scan", f"scan {mib} with the built-in engines"):
                 self._scan_speed(encrypted, big)
             with self._phase("tls copy", f"loopback TLS copy of {mib} (the reference)"):
                 self._tls_copy(encrypted.paths)

@@ -187,6 +187,48 @@ def test_a_scanned_get_takes_the_manifests_digest_and_still_checks_lists(
     assert not (tmp_path / "out.bin").exists()
 
 
+_BLOCK = 4 * 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    "where",
+    [100, _BLOCK - 30, 5 * 1024 * 1024 - 20, 3 * _BLOCK],
+    ids=["first-window", "across-blocks", "across-windows", "deep"],
+)
+def test_a_file_scanned_from_disk_reads_as_when_fed_in_pieces(tmp_path: Path, where: int) -> None:
+    """``scan_path`` hashes in one thread while the engines read in another: its report
+    is the one a caller feeding the same bytes in odd pieces gets, offsets included."""
+    data = bytearray(os.urandom(3 * _BLOCK + 12345))
+    data[where : where + len(eicar())] = eicar()
+    big = tmp_path / "big.bin"
+    big.write_bytes(data)
+    listed = tmp_path / "bad.sha256"
+    listed.write_text(f"{hashlib.sha256(data).hexdigest()}  whole-file\n")
+    scanner = Scanner(ScanSettings(hash_lists=(listed,)))
+    from_disk = scanner.scan_path(big)
+    stream = scanner.stream(big.name, len(data))
+    for start in range(0, len(data), 777_777):
+        stream.feed(data[start : start + 777_777])
+    fed = stream.finish(big)
+
+    def found(report: ScanReport) -> list[tuple[str, str, int | None]]:
+        return sorted((r.finding.engine, r.finding.rule, r.finding.offset) for r in report.reasons)
+
+    assert from_disk.sha256 == fed.sha256 == hashlib.sha256(data).hexdigest()
+    assert found(from_disk) == found(fed)
+    assert found(from_disk) == [
+        ("signatures", "whole-file", None),
+        ("yara", "EICAR_Test_String", where),
+    ]
+
+
+def test_a_file_of_a_block_and_a_byte_is_hashed_whole(tmp_path: Path) -> None:
+    data = os.urandom(_BLOCK + 1)
+    f = tmp_path / "edge.bin"
+    f.write_bytes(data)
+    assert Scanner(ScanSettings()).scan_path(f).sha256 == hashlib.sha256(data).hexdigest()
+
+
 def test_a_scan_stream_takes_a_vouched_digest_only_before_its_first_block() -> None:
     scanner = Scanner(ScanSettings())
     stream = scanner.stream("a.bin")
