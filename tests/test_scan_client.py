@@ -57,6 +57,53 @@ def test_put_refuses_a_malicious_file_and_sends_nothing(
     assert stored_objects(servers) == []
 
 
+@pytest.mark.parametrize("change", ["same-size", "grown"])
+def test_put_of_a_file_changed_after_its_scan_commits_nothing(
+    client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str
+) -> None:
+    """The bytes sent must be the bytes scanned: a file rewritten between the scan and
+    the read that sends it (here, as the scan ends) is refused, and the version stored
+    before stays the current one. A large file, so the scan reads it in several blocks."""
+    src = tmp_path / "ledger.bin"
+    before = os.urandom(9 * 1024 * 1024)
+    src.write_bytes(before)
+    first = client.store(src)
+    scanned = os.urandom(len(before))
+    src.write_bytes(scanned)
+    real_scan = Scanner.scan_open_file
+
+    def scan_then_change(self: Scanner, *args: Any, **kwargs: Any) -> ScanReport:
+        report = real_scan(self, *args, **kwargs)
+        with src.open("r+b") as f:  # the same file, changed in place
+            if change == "same-size":
+                f.seek(5 * 1024 * 1024)
+                f.write(b"tampered")
+            else:
+                f.seek(0, os.SEEK_END)
+                f.write(b"more")
+        return report
+
+    monkeypatch.setattr(Scanner, "scan_open_file", scan_then_change)
+    with pytest.raises(SplitStoreError, match="changed while it was being stored"):
+        client.store(src)
+    assert client.stat("ledger.bin").sha256 == first.sha256
+    out = tmp_path / "out.bin"
+    client.fetch("ledger.bin", out)
+    assert out.read_bytes() == before
+
+
+def test_a_scanned_put_records_the_files_own_sha256(client: Client, tmp_path: Path) -> None:
+    """Scanned, the store takes the file's SHA-256 from the scan (and checks what it sends
+    against it with BLAKE3): the manifest holds the hash ``sha256sum`` gives."""
+    src = tmp_path / "photo.raw"
+    data = os.urandom(6 * 1024 * 1024 + 3)
+    src.write_bytes(data)
+    info = client.store(src)
+    assert info.scan is not None
+    assert info.sha256 == info.scan.sha256 == hashlib.sha256(data).hexdigest()
+    assert client.stat("photo.raw").sha256 == hashlib.sha256(data).hexdigest()
+
+
 def test_put_with_allow_unsafe_stores_and_records_the_verdict(
     client: Client, tmp_path: Path
 ) -> None:

@@ -25,7 +25,7 @@ from typing import Any, BinaryIO, TypeVar, cast
 from ._coalesce import CoalescingRemote
 from ._config import Config, load_config
 from ._crypto import PayloadCipher, ciphertext_size, manifest_key_id, new_file_key, padme
-from ._digest import hasher_for
+from ._digest import Hasher, hasher_for, new_check_hasher
 from ._errors import (
     ConfigError,
     IntegrityError,
@@ -282,7 +282,11 @@ class AsyncClient:
         remotes = self.remotes()
         oid = keyring.object_id(name)
         with open_regular_file(source_path) as f:
-            report = await self._scan_before_store(f, source_path, name, allow_unsafe)
+            # Scanned, the file was hashed (SHA-256) as it was scanned: this read is only
+            # checked against that one, with BLAKE3 (the bytes sent must be those scanned).
+            scanned = new_check_hasher()
+            report = await self._scan_before_store(f, source_path, name, allow_unsafe, scanned)
+            sent = None if report is None else new_check_hasher()
             seen = self._seen_versions()
             await self._reach(remotes)
             size = os.fstat(f.fileno()).st_size
@@ -297,10 +301,11 @@ class AsyncClient:
                 padded = padme(size) if self.config.padding == "padme" else size
                 file_key = new_file_key()
                 sealer = StreamSealer(PayloadCipher(file_key, oid, version_id), padded)
-                pieces = PieceSource(f, size, chunk, k, sealer, padded)
+                pieces = PieceSource(f, size, chunk, k, sealer, padded, whole=sent)
                 stored_size = ciphertext_size(padded)
             else:
-                padded, pieces, stored_size = size, PieceSource(f, size, chunk, k), size
+                padded, stored_size = size, size
+                pieces = PieceSource(f, size, chunk, k, whole=sent)
             lengths = stripe_lengths(stored_size, chunk, k)
             queues: list[asyncio.Queue[bytes | None]] = [
                 asyncio.Queue(maxsize=QUEUE_DEPTH) for _ in remotes
@@ -337,11 +342,16 @@ class AsyncClient:
                     server=remote.label,
                 )
             stripes.append(StripeInfo(remote.kind, length, remote_digest))
+        if report is not None and pieces.whole.hexdigest() != scanned.hexdigest():
+            raise LocalFileError(
+                f"{source_path} changed while it was being stored (the bytes sent are not "
+                "the bytes scanned); nothing was committed, store it again"
+            )
         manifest = Manifest(
             name=name,
             size=size,
             chunk_size=chunk,
-            sha256=pieces.whole.hexdigest(),
+            sha256=pieces.whole.hexdigest() if report is None else report.sha256,
             version_id=version_id,
             created_ns=created_ns,
             stripes=tuple(stripes),
@@ -351,11 +361,6 @@ class AsyncClient:
             file_key=None if file_key is None else file_key.hex(),
             scan=report,
         )
-        if report is not None and report.sha256 != manifest.sha256:
-            raise LocalFileError(
-                f"{source_path} changed while it was being stored (the bytes sent are not "
-                "the bytes scanned); nothing was committed, store it again"
-            )
         body = keyring.seal(oid, manifest)
         # Both commits run to their end, even if one fails, so we can say where it landed.
         outcomes = await asyncio.gather(
@@ -405,13 +410,16 @@ class AsyncClient:
             raise
 
     async def _scan_before_store(
-        self, f: io.BufferedReader, path: Path, name: str, allow_unsafe: bool
+        self, f: io.BufferedReader, path: Path, name: str, allow_unsafe: bool, also: Hasher
     ) -> ScanReport | None:
+        """The file's scan (None when scanning is off), ``also`` updated with its bytes."""
         scanner = await self._scanner_off_loop()
         if scanner is None:
             return None
         # The stored name's extension is what a recipient will see.
-        report = await asyncio.to_thread(scanner.scan_open_file, f, path, _base_name(name))
+        report = await asyncio.to_thread(
+            scanner.scan_open_file, f, path, _base_name(name), also=also
+        )
         f.seek(0)
         if report.verdict == "malicious" and not allow_unsafe:
             raise MaliciousFileError(f"{name!r} was not stored: {report.summary()}", report)

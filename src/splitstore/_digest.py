@@ -27,6 +27,7 @@ __all__ = [
     "hasher_for",
     "is_digest",
     "is_new_digest",
+    "new_check_hasher",
     "new_stripe_hasher",
     "stripe_digest",
 ]
@@ -60,6 +61,12 @@ class _Named:
     def digest(self) -> str:
         hex_digest: str = self._h.hexdigest()
         return f"{self.algorithm}:{hex_digest}"
+
+
+def new_check_hasher() -> Hasher:
+    """A hasher to tell whether two reads of a file gave the same bytes (BLAKE3: about
+    four times SHA-256's speed, with the same collision strength)."""
+    return blake3()
 
 
 def new_stripe_hasher() -> _Named:

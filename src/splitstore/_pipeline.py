@@ -14,7 +14,7 @@ import io
 from collections.abc import Sequence
 from typing import BinaryIO
 
-from ._digest import hasher_for, new_stripe_hasher
+from ._digest import Hasher, hasher_for, new_stripe_hasher
 from ._errors import LocalFileError
 from ._payload import PLAIN_BLOCK_BYTES, RoundSealer, SegmentFailed, StreamOpener, StreamSealer
 from ._stripes import block_size_for, join_block, split_block
@@ -39,6 +39,8 @@ class PieceSource:
         servers: int,
         sealer: StreamSealer | None = None,
         padded_size: int | None = None,
+        *,
+        whole: Hasher | None = None,
     ) -> None:
         self._f = f
         self.size = size
@@ -54,7 +56,8 @@ class PieceSource:
             RoundSealer(sealer, chunk_size * servers, largest) if sealer is not None else None
         )
         self._buf = bytearray(largest)
-        self.whole = hashlib.sha256()
+        # The file's bytes: SHA-256 for the manifest unless the caller has that already.
+        self.whole: Hasher = hashlib.sha256() if whole is None else whole
         self.stripes = [new_stripe_hasher() for _ in range(servers)]
         self.done = 0  # plaintext bytes of the stream consumed (file and padding)
         self._ended = False

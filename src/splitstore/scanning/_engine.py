@@ -112,7 +112,7 @@ class Head:
 
 
 # A session may also offer ``share_sha256(hasher)``: the scanner then hands it the
-# ``FileHash`` it keeps for the file (updated with every block, or a digest the caller
+# hasher it keeps for the file (updated with every block, or a digest the caller
 # vouched for), so an engine that needs the file's SHA-256 does not hash the file a second
 # time (it must then not update the hasher itself).
 #
@@ -121,14 +121,6 @@ class Head:
 # (True while it cannot tell yet). A fetch keeps the file it writes in the page cache only
 # while some session may read it again (``ScanStream.reads_file``); a session without the
 # method is taken not to, which at worst makes its read come from disk.
-
-
-class FileHash(Protocol):
-    """The file's SHA-256 as a scan keeps it (a hashlib object, or a digest vouched for)."""
-
-    def update(self, data: bytes | bytearray | memoryview, /) -> None: ...
-
-    def hexdigest(self) -> str: ...
 
 
 class Engine(Protocol):

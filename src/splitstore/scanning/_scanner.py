@@ -24,9 +24,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .._digest import Hasher
 from .._errors import LocalFileError
 from .._localfile import open_regular_file
-from ._engine import Engine, EngineSession, FileHash, Finding
+from ._engine import Engine, EngineSession, Finding
 from ._policy import Policy
 from ._report import Reason, ScanReport
 
@@ -124,14 +125,19 @@ class Scanner:
         with open_regular_file(source) as f:
             return self.scan_open_file(f, source, name or source.name)
 
-    def scan_open_file(self, f: io.BufferedIOBase, path: Path, name: str) -> ScanReport:
+    def scan_open_file(
+        self, f: io.BufferedIOBase, path: Path, name: str, *, also: Hasher | None = None
+    ) -> ScanReport:
         """Scan an open file from where it is to its end; ``path`` is where it lies (for
-        the engines that need random access), ``name`` decides extension checks."""
+        the engines that need random access), ``name`` decides extension checks. ``also``
+        is updated with every byte read (``ScanStream.also_hash``)."""
         try:
             size: int | None = os.fstat(f.fileno()).st_size
         except (OSError, io.UnsupportedOperation):
             size = None
         stream = self.stream(name, size)
+        if also is not None:
+            stream.also_hash(also)
         try:
             stream.feed_file(f)
         except OSError as exc:
@@ -157,7 +163,7 @@ class _FileDigest:
     """The file's SHA-256 for one scan: hashed from what is fed, unless vouched for."""
 
     def __init__(self) -> None:
-        self._hasher: FileHash = hashlib.sha256()
+        self._hasher: Hasher = hashlib.sha256()
         self._vouched: str | None = None
 
     @property
@@ -186,6 +192,7 @@ class ScanStream:
         self._started = time.monotonic()
         self._fed = 0
         self._sha256 = _FileDigest()
+        self._also: Hasher | None = None
         self._failed: list[Finding] = []
         self._sessions: list[tuple[str, EngineSession]] = []
         for engine in engines:
@@ -214,6 +221,14 @@ class ScanStream:
         if not _HEX_SHA256.fullmatch(hexdigest):
             raise ValueError("a SHA-256 is 64 lowercase hex digits")
         self._sha256.vouch(hexdigest)
+
+    def also_hash(self, hasher: Hasher) -> None:
+        """Update ``hasher`` with every byte fed too, in order: a caller that reads the
+        file again later can tell whether it read the bytes scanned. Before the first
+        ``feed`` only."""
+        if self._fed:
+            raise RuntimeError("ask for another hash before feeding the file")
+        self._also = hasher
 
     def feed(self, block: bytes | bytearray | memoryview) -> None:
         view = memoryview(block)
@@ -258,6 +273,8 @@ class ScanStream:
 
     def _feed_engines(self, view: memoryview) -> None:
         self._fed += len(view)
+        if self._also is not None:
+            self._also.update(view)
         for pair in list(self._sessions):
             try:
                 pair[1].feed(view)

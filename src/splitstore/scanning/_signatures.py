@@ -20,8 +20,9 @@ from collections.abc import Iterable, Sequence
 from importlib.resources import files
 from pathlib import Path
 
+from .._digest import Hasher
 from .._errors import ConfigError
-from ._engine import FileHash, Finding
+from ._engine import Finding
 
 __all__ = ["SignatureEngine", "load_hash_list"]
 
@@ -100,12 +101,12 @@ class SignatureEngine:
 class _SignatureSession:
     def __init__(self, known: dict[str, tuple[str, str]]) -> None:
         self._known = known
-        self._sha256: FileHash = hashlib.sha256()
+        self._sha256: Hasher = hashlib.sha256()
         self._shared = False
         self._head = bytearray()
         self._size = 0
 
-    def share_sha256(self, sha256: FileHash) -> None:
+    def share_sha256(self, sha256: Hasher) -> None:
         """Use the scanner's hash of the file, which it updates itself, instead of ours."""
         self._sha256, self._shared = sha256, True
 
