@@ -92,16 +92,23 @@ def test_put_of_a_file_changed_after_its_scan_commits_nothing(
     assert out.read_bytes() == before
 
 
-def test_a_scanned_put_records_the_files_own_sha256(client: Client, tmp_path: Path) -> None:
+@pytest.mark.parametrize("setup", ["servers", "plain_servers"], ids=["encrypted", "plain"])
+def test_a_scanned_put_records_the_files_own_sha256(
+    setup: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
     """Scanned, the store takes the file's SHA-256 from the scan (and checks what it sends
     against it with BLAKE3): the manifest holds the hash ``sha256sum`` gives."""
+    servers: LiveServers = request.getfixturevalue(setup)
     src = tmp_path / "photo.raw"
     data = os.urandom(6 * 1024 * 1024 + 3)
     src.write_bytes(data)
-    info = client.store(src)
-    assert info.scan is not None
-    assert info.sha256 == info.scan.sha256 == hashlib.sha256(data).hexdigest()
-    assert client.stat("photo.raw").sha256 == hashlib.sha256(data).hexdigest()
+    with servers.client() as client:
+        info = client.store(src)
+        assert info.scan is not None
+        assert info.sha256 == info.scan.sha256 == hashlib.sha256(data).hexdigest()
+        assert client.stat("photo.raw").sha256 == hashlib.sha256(data).hexdigest()
+        client.fetch("photo.raw", tmp_path / "back.raw")
+    assert (tmp_path / "back.raw").read_bytes() == data
 
 
 def test_put_with_allow_unsafe_stores_and_records_the_verdict(
@@ -273,7 +280,9 @@ def test_a_file_of_a_block_and_a_byte_is_hashed_whole(tmp_path: Path) -> None:
     data = os.urandom(_BLOCK + 1)
     f = tmp_path / "edge.bin"
     f.write_bytes(data)
-    assert Scanner(ScanSettings()).scan_path(f).sha256 == hashlib.sha256(data).hexdigest()
+    report = Scanner(ScanSettings()).scan_path(f)
+    assert report.sha256 == hashlib.sha256(data).hexdigest()
+    assert report.size == len(data)  # the engines saw the one-byte tail too
 
 
 def test_a_scan_stream_takes_a_vouched_digest_only_before_its_first_block() -> None:

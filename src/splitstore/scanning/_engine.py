@@ -114,7 +114,8 @@ class Head:
 # A session may also offer ``share_sha256(hasher)``: the scanner then hands it the
 # hasher it keeps for the file (updated with every block, or a digest the caller
 # vouched for), so an engine that needs the file's SHA-256 does not hash the file a second
-# time (it must then not update the hasher itself).
+# time. It must not update the hasher, and may read it only in ``finish``: during ``feed``
+# another thread may still be hashing (``ScanStream.feed_file``).
 #
 # A session whose ``finish(path)`` may read the file on disk again (the archive engine)
 # offers ``reads_file() -> bool``: whether it will, judged from what it was fed so far

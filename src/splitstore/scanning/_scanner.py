@@ -27,6 +27,7 @@ from pathlib import Path
 from .._digest import Hasher
 from .._errors import LocalFileError
 from .._localfile import open_regular_file
+from .._threads import wait_through
 from ._engine import Engine, EngineSession, Finding
 from ._policy import Policy
 from ._report import Reason, ScanReport
@@ -269,7 +270,7 @@ class ScanStream:
                 engines.result()
         finally:
             if engines is not None:  # an error on the way: the engines are done with it first
-                concurrent.futures.wait([engines])
+                wait_through(engines)
 
     def _feed_engines(self, view: memoryview) -> None:
         self._fed += len(view)
@@ -330,7 +331,9 @@ def _reads_file(session: EngineSession) -> bool:
 # Blocks at least this large go to the engines' threads (below that, a hop costs more than
 # it saves). The threads are shared by every scan; each scan hands on a block only once its
 # engines are done with the one before, so two threads let two large files be scanned at
-# once, and each file's engines see its blocks in order.
+# once, and each file's engines see its blocks in order. No engine may scan (an archive's
+# members, through ``feed_file``) from its ``feed``, which runs on these threads: only from
+# ``finish``, on the caller's thread. Waiting on the pool from inside it could deadlock.
 _ENGINES_IN_THREAD_MIN = 256 * 1024
 _ENGINES: concurrent.futures.ThreadPoolExecutor | None = None
 _ENGINES_LOCK = threading.Lock()
