@@ -54,6 +54,7 @@ import yara
 
 from .._errors import ConfigError
 from ._engine import CATEGORIES, Finding
+from ._search import contains
 
 __all__ = ["YaraEngine"]
 
@@ -105,7 +106,7 @@ class _Needs:
         return (
             (is_text or not self.text)
             and head.startswith(self.magic)
-            and all(needle in window for needle in self.contains)
+            and all(contains(window, needle) for needle in self.contains)
         )
 
 
