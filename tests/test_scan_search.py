@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 
 import pytest
 from hypothesis import given, settings
@@ -14,19 +16,40 @@ from splitstore.scanning._search import contains
 BIG = 256 * 1024  # above the size from which memmem is used
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="memmem is checked where CI runs")
 def test_memmem_is_used_on_this_system() -> None:
-    # Linux, where CI runs, has it; elsewhere Python's search is the fallback.
     assert _search._MEMMEM is not None
+
+
+def test_a_c_library_that_cannot_be_loaded_leaves_pythons_search(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def failing(name: object) -> object:
+        raise TypeError("no C library here")  # what CDLL(None) raises on Windows
+
+    monkeypatch.setattr(ctypes, "CDLL", failing)
+    assert _search._load_memmem() is None
+
+
+def test_a_binding_that_raises_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Library:
+        def memmem(self, *args: object) -> int:
+            raise ctypes.ArgumentError("wrong types")
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: Library())
+    assert _search._load_memmem() is None
 
 
 @settings(max_examples=60, deadline=None)
 @given(
     needle=st.binary(min_size=1, max_size=80),
     where=st.one_of(st.none(), st.integers(min_value=0, max_value=BIG)),
-    filler=st.integers(min_value=0, max_value=255),
+    near_misses=st.booleans(),
 )
-def test_contains_answers_as_in_does(needle: bytes, where: int | None, filler: int) -> None:
-    haystack = bytearray([filler]) * BIG
+def test_contains_answers_as_in_does(needle: bytes, where: int | None, near_misses: bool) -> None:
+    # Filled with the needle cut short (near misses), or with its first byte repeated.
+    filler = needle[:-1] or needle[:1] if near_misses else needle[:1]
+    haystack = bytearray((filler + b"\xff") * (BIG // (len(filler) + 1) + 1))[:BIG]
     if where is not None:
         start = min(where, len(haystack) - len(needle))
         haystack[start : start + len(needle)] = needle
@@ -46,6 +69,12 @@ def test_a_needle_at_either_end_or_inside_is_found(where: int) -> None:
 def test_a_needle_cut_by_the_end_is_not_found() -> None:
     haystack = bytearray(os.urandom(BIG)) + b"EICAR-STAND"
     assert not contains(haystack, b"EICAR-STANDARD")
+
+
+def test_other_buffers_are_searched_by_python() -> None:
+    haystack = bytes(BIG) + b"needle"
+    assert contains(haystack, b"needle")  # type: ignore[arg-type]
+    assert contains(memoryview(bytearray(haystack)).tobytes(), b"needle")  # type: ignore[arg-type]
 
 
 def test_without_memmem_python_searches(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,14 +5,15 @@ The YARA engine looks for its rules' ``needs`` bytes in every 4 MiB window of a 
 window, so on a fetch it stalls the event loop that the fetch waits for, and it is half
 as fast as the C library's ``memmem`` (0.70 against 0.35 ms per 4 MiB window here).
 ``memmem`` is called through ctypes, which lets the GIL go for the call. It is in the C
-library of Linux (glibc, musl), macOS and the BSDs; where it is not, or does not answer a
-self-test correctly, Python's search is used.
+library of Linux (glibc, musl), macOS and the BSDs. Elsewhere (Windows), where it cannot
+be loaded or does not answer a self-test correctly, and for a buffer under 64 KiB or one
+that is not a ``bytearray``, Python's search is used.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import os
 from collections.abc import Callable
 
 __all__ = ["contains"]
@@ -24,16 +25,17 @@ _Memmem = Callable[[int, int, bytes, int], "int | None"]
 
 
 def _load_memmem() -> _Memmem | None:
-    try:
-        name = ctypes.util.find_library("c")
-        libc = ctypes.CDLL(name) if name else ctypes.CDLL(None)
-        memmem = libc.memmem
-    except (OSError, AttributeError):
+    """The C library's ``memmem``, or None: never an error, the scanner must load."""
+    if os.name != "posix":
         return None
-    memmem.restype = ctypes.c_void_p
-    memmem.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t]
-    found: _Memmem = memmem
-    return found if _answers_right(found) else None
+    try:
+        memmem = ctypes.CDLL(None).memmem  # the process's own C library, already loaded
+        memmem.restype = ctypes.c_void_p
+        memmem.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t]
+        found: _Memmem = memmem
+        return found if _answers_right(found) else None
+    except Exception:  # no such symbol, or a binding that fails its self-test by raising
+        return None
 
 
 def _answers_right(memmem: _Memmem) -> bool:
@@ -62,6 +64,11 @@ _MEMMEM = _load_memmem()
 
 def contains(haystack: bytearray, needle: bytes) -> bool:
     """``needle in haystack``, for a non-empty ``needle``."""
-    if _MEMMEM is None or len(haystack) < _MEMMEM_MIN_BYTES:
+    if (
+        _MEMMEM is None
+        or len(haystack) < _MEMMEM_MIN_BYTES
+        or type(haystack) is not bytearray
+        or type(needle) is not bytes
+    ):
         return needle in haystack
     return _search(_MEMMEM, haystack, needle) is not None
