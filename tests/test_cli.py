@@ -1055,3 +1055,33 @@ def test_json_output_keeps_small_floats_exact(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(sys, "stdout", out)
     print_json({"seconds": 1e-05})  # written 0.00001, not 1e-05: the same number
     assert json.loads(out.getvalue()) == {"seconds": 1e-05}
+
+
+@pytest.mark.parametrize("users", [None, "4"], ids=["unset", "user's own"])
+def test_the_program_runs_numpy_with_one_blas_thread(tmp_path: Path, users: str | None) -> None:
+    """Run as the program, the CLI keeps OpenBLAS to one thread (its spinning threads cost
+    a small command a fifth of its CPU), unless the user set the count."""
+    f = tmp_path / "x.txt"
+    f.write_text("hello\n")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    if users is not None:
+        env["OPENBLAS_NUM_THREADS"] = users
+    probe = (
+        "import os, sys\n"
+        "from splitstore._cli import main\n"
+        f"sys.argv = ['splitstore', 'scan', '-q', {str(f)!r}]\n"
+        "code = main()\n"
+        "print(code, os.environ.get('OPENBLAS_NUM_THREADS'))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.stdout.split()[-2:] == ["0", users or "1"], done.stderr
+
+
+def test_main_called_by_a_host_leaves_its_environment(tmp_path: Path) -> None:
+    before = os.environ.get("OPENBLAS_NUM_THREADS")
+    f = tmp_path / "x.txt"
+    f.write_text("hello\n")
+    assert main(["scan", "-q", str(f)]) == 0
+    assert os.environ.get("OPENBLAS_NUM_THREADS") == before
