@@ -74,7 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _one_blas_thread() -> None:
     """numpy (only ever used to reshape bytes) starts OpenBLAS's threads on import, and
-    they spin for a while: about 0.1 s of CPU per command, a fifth of a small `put`.
+    they spin for a while: up to about 0.1 s of CPU in a command that stores or fetches,
+    a fifth of a small `put`.
     A user's own setting is kept. (The library leaves its host process's BLAS alone.)"""
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 

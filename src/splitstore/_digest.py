@@ -9,6 +9,8 @@ choice is a fifth of a store's CPU. Stripes stored by splitstore before 0.2 carr
 digests (``sha256:HEX``, written as a bare ``sha256`` field then); they are still read,
 checked and verified with SHA-256. The whole file's hash in a manifest stays SHA-256: it
 is what users compare with ``sha256sum`` and what the scanner's signature lists use.
+A scanned store also hashes the file twice with BLAKE3 (``new_check_hasher``), in its
+scan and in its upload, to tell that it sent the bytes it scanned.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ off, ids are the plain SHA-256 of the name and manifests are stored as they are.
 
 Opening is strict in both directions: an encrypted setup never accepts an unsealed
 manifest (a server could forge one to downgrade a file to plaintext), and a setup with
-encryption off names a sealed manifest as such instead of failing obscurely.
+encryption off names a sealed manifest as such instead of failing obscurely, and refuses
+an unsealed manifest that claims encryption (only a sealed one may carry a file key).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """A file to per-server pieces (storing), and pieces back to the file (fetching).
 
-Both directions hash as they go: the whole plaintext (SHA-256, or on a scanned store the
-caller's BLAKE3, to compare with the scan's read), and each server's stripe exactly as
-that server holds it (a stripe digest, ``_digest``). With encryption on, the
+Both directions hash as they go: the whole plaintext (storing always, as SHA-256 or on a
+scanned store the caller's BLAKE3, to compare with the scan's read; fetching only with
+encryption off), and each server's stripe exactly as that server holds it (a stripe
+digest, ``_digest``). With encryption on, the
 stream between the file and the pieces is the sealed ciphertext (``_payload``); with it
 off, it is the file itself. Each call handles one block and runs in a worker thread, one
 at a time, so memory stays at a few blocks.

@@ -50,7 +50,8 @@ class ScanReport:
     #: Each engine that ran, as its ``describe()`` says (version, rules hash).
     engines: Mapping[str, Mapping[str, str]]
     size: int
-    #: SHA-256 of exactly the bytes scanned (ties the verdict to the stored content).
+    #: SHA-256 of the bytes scanned (ties the verdict to the stored content); on a
+    #: ``get``, the manifest's, which the fetch's tags or its own hash check.
     sha256: str
     seconds: float = 0.0
     #: Reasons left out of a recorded report to keep the manifest bounded.
