@@ -609,11 +609,12 @@ class AsyncClient:
         # Encrypted, the tags check every byte: the stripes are hashed only if one fails.
         plain_digests = [info.digest for info in expected] if cipher is None else []
         sink = PieceSink(manifest.size, chunk, k, out, opener, stripe_digests=plain_digests)
-        if isinstance(out, _ScanningWriter) and (opener is None or self.keyring().encrypted):
+        if isinstance(out, _ScanningWriter):
             # The scan takes the manifest's SHA-256 instead of hashing the file again.
             # Encrypted, the tags check every byte against the sealed manifest that
-            # carries it; unencrypted, the sink hashes the file and compares it with the
-            # manifest below, before the scan's report is used.
+            # carries it (only a sealed manifest may carry a file key: Keyring.open);
+            # unencrypted, the sink hashes the file and compares it with the manifest
+            # below, before the scan's report is used.
             out.vouch_sha256(manifest.sha256)
         async with contextlib.AsyncExitStack() as stack:
             await stack.enter_async_context(large_read_turn(stored))

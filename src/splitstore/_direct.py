@@ -27,6 +27,8 @@ import os
 import threading
 from typing import BinaryIO
 
+from ._threads import shared_pool
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows
@@ -52,16 +54,7 @@ DIRECT_BLOCK_BYTES = 1024 * 1024
 WRITER_THREADS = 4
 
 _O_DIRECT: int = getattr(os, "O_DIRECT", 0)
-_WRITER: concurrent.futures.ThreadPoolExecutor | None = None
-
-
-def _writer() -> concurrent.futures.ThreadPoolExecutor:
-    global _WRITER
-    if _WRITER is None:
-        _WRITER = concurrent.futures.ThreadPoolExecutor(
-            WRITER_THREADS, thread_name_prefix="splitstore-direct"
-        )
-    return _WRITER
+_writer = shared_pool(WRITER_THREADS, "splitstore-direct")
 
 
 def set_direct(fd: int, on: bool) -> bool:

@@ -30,7 +30,7 @@ from types import TracebackType
 from typing import BinaryIO
 
 from ._direct import ALIGN, DirectStage
-from ._threads import wait_through
+from ._threads import shared_pool, wait_through
 
 __all__ = ["SYNC_EVERY_BYTES", "SyncingWriter"]
 
@@ -38,16 +38,9 @@ __all__ = ["SYNC_EVERY_BYTES", "SyncingWriter"]
 # small enough that the final fsync of a large file is short.
 SYNC_EVERY_BYTES = 16 * 1024 * 1024
 
-_SYNCER: concurrent.futures.ThreadPoolExecutor | None = None
-
-
-def _syncer() -> concurrent.futures.ThreadPoolExecutor:
-    global _SYNCER
-    if _SYNCER is None:
-        # A few threads: a server syncs several uploads at once, and one slow disk must not
-        # hold back the others' syncs. Each file still has at most one sync at a time.
-        _SYNCER = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="splitstore-sync")
-    return _SYNCER
+# A few threads: a server syncs several uploads at once, and one slow disk must not hold
+# back the others' syncs. Each file still has at most one sync at a time.
+_syncer = shared_pool(4, "splitstore-sync")
 
 
 def _sync_then_forget(fd: int, start: int, end: int) -> None:

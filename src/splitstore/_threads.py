@@ -13,10 +13,11 @@ import asyncio
 import concurrent.futures
 import contextvars
 import functools
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-__all__ = ["in_thread", "in_thread_to_the_end", "outlast", "wait_through"]
+__all__ = ["in_thread", "in_thread_to_the_end", "outlast", "shared_pool", "wait_through"]
 
 T = TypeVar("T")
 
@@ -71,3 +72,18 @@ def wait_through(future: concurrent.futures.Future[Any]) -> None:
             interrupted = interrupted or exc
     if interrupted is not None:
         raise interrupted
+
+
+def shared_pool(workers: int, name: str) -> Callable[[], concurrent.futures.ThreadPoolExecutor]:
+    """A getter of one thread pool for the whole process, made on first use (a command
+    that never needs it starts no threads), whichever thread asks first."""
+    pool: list[concurrent.futures.ThreadPoolExecutor] = []
+    lock = threading.Lock()
+
+    def get() -> concurrent.futures.ThreadPoolExecutor:
+        with lock:
+            if not pool:
+                pool.append(concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix=name))
+            return pool[0]
+
+    return get

@@ -17,17 +17,16 @@ import concurrent.futures
 import hashlib
 import io
 import os
-import re
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .._digest import Hasher
+from .._digest import Hasher, from_sha256_hex
 from .._errors import LocalFileError
 from .._localfile import open_regular_file
-from .._threads import wait_through
+from .._threads import shared_pool, wait_through
 from ._engine import Engine, EngineSession, Finding
 from ._policy import Policy
 from ._report import Reason, ScanReport
@@ -157,9 +156,6 @@ class Scanner:
         return stream.findings(path)
 
 
-_HEX_SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
 class _FileDigest:
     """The file's SHA-256 for one scan: hashed from what is fed, unless vouched for."""
 
@@ -219,7 +215,7 @@ class ScanStream:
         """
         if self._fed:
             raise RuntimeError("vouch for the digest before feeding the file")
-        if not _HEX_SHA256.fullmatch(hexdigest):
+        if from_sha256_hex(hexdigest) is None:
             raise ValueError("a SHA-256 is 64 lowercase hex digits")
         self._sha256.vouch(hexdigest)
 
@@ -258,17 +254,18 @@ class ScanStream:
                 if engines is not None:
                     engines.result()
                     engines = None
-                if n >= _ENGINES_IN_THREAD_MIN and not self._sha256.vouched:
+                threaded = n >= _ENGINES_IN_THREAD_MIN and not self._sha256.vouched
+                if threaded:
                     engines = _engine_thread().submit(self._feed_engines, view)
                     if len(buffers) == 1:  # the next block is read while this one is scanned
                         buffers.append(memoryview(bytearray(BLOCK_SIZE)))
-                    self._sha256.update(view)
-                else:
-                    self._sha256.update(view)
+                self._sha256.update(view)
+                if not threaded:
                     self._feed_engines(view)
                 turn = (turn + 1) % len(buffers)
             if engines is not None:
                 engines.result()
+                engines = None
         finally:
             if engines is not None:  # an error on the way: the engines are done with it first
                 wait_through(engines)
@@ -336,15 +333,4 @@ def _reads_file(session: EngineSession) -> bool:
 # members, through ``feed_file``) from its ``feed``, which runs on these threads: only from
 # ``finish``, on the caller's thread. Waiting on the pool from inside it could deadlock.
 _ENGINES_IN_THREAD_MIN = 256 * 1024
-_ENGINES: concurrent.futures.ThreadPoolExecutor | None = None
-_ENGINES_LOCK = threading.Lock()
-
-
-def _engine_thread() -> concurrent.futures.ThreadPoolExecutor:
-    global _ENGINES
-    with _ENGINES_LOCK:
-        if _ENGINES is None:
-            _ENGINES = concurrent.futures.ThreadPoolExecutor(
-                2, thread_name_prefix="splitstore-scan"
-            )
-        return _ENGINES
+_engine_thread = shared_pool(2, "splitstore-scan")
