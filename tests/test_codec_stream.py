@@ -1,7 +1,8 @@
 """The client's connection fed straight from the transport: every byte reaches the codec
-in order, reading pauses while the codec holds too much and resumes as the reader takes
-events, writing waits while the peer does not read, and the end of a connection (clean,
-cut off, or with an error) is told apart. A real loopback peer, plain and TLS."""
+in order, or with partial_data the reader's own buffer; reading pauses while the codec
+holds too much and resumes as the reader takes events, writing waits while the peer does
+not read, and the end of a connection (clean, cut off, or with an error) is told apart.
+A real loopback peer, plain and TLS."""
 
 from __future__ import annotations
 
@@ -18,7 +19,13 @@ from pathlib import Path
 import pytest
 
 from splitstore import _protocol as p
-from splitstore._codec_stream import HIGH_WATER, RECEIVE_BYTES, CodecStream, open_codec_stream
+from splitstore._codec_stream import (
+    HIGH_WATER,
+    PARTIAL_HIGH_WATER,
+    RECEIVE_BYTES,
+    CodecStream,
+    open_codec_stream,
+)
 from splitstore._setup import SetupPaths, init_setup
 from splitstore._tls import client_ssl_context, server_ssl_context
 
@@ -51,9 +58,9 @@ def server_bytes(payloads: list[bytes]) -> bytes:
     return b"".join(out)
 
 
-def client_conn() -> p.Connection:
+def client_conn(*, partial_data: bool = False) -> p.Connection:
     """A client codec that has sent its preface (the rest is sent as the answers come)."""
-    conn = p.Connection(p.Role.CLIENT)
+    conn = p.Connection(p.Role.CLIENT, partial_data=partial_data)
     conn.send(p.Preface(2, 2))
     return conn
 
@@ -69,6 +76,26 @@ def sends(wire: bytes) -> Peer:
     return handle
 
 
+def sends_in_pieces(wire: bytes, size: int, pause: float = 0.0) -> Peer:
+    """A peer that sends ``wire`` in pieces of ``size`` (cutting frames anywhere), with
+    ``pause`` seconds between them (so that the reader waits now and then), then closes."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for i in range(0, len(wire), size):
+            writer.write(wire[i : i + size])
+            await writer.drain()
+            if pause:
+                await asyncio.sleep(pause)
+        writer.close()
+
+    return handle
+
+
+def mixed_payloads() -> list[bytes]:
+    """DATA payloads of one byte, a few, whole frames and odd sizes."""
+    return [os.urandom(n) for n in (1, 1000, p.MAX_DATA_FRAME, 70_000, p.MAX_DATA_FRAME)]
+
+
 @asynccontextmanager
 async def peer(handle: Peer, tls: ssl.SSLContext | None = None) -> AsyncIterator[int]:
     server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=tls)
@@ -80,12 +107,15 @@ async def peer(handle: Peer, tls: ssl.SSLContext | None = None) -> AsyncIterator
 
 
 @asynccontextmanager
-async def connected(handle: Peer, setup: SetupPaths | None = None) -> AsyncIterator[CodecStream]:
+async def connected(
+    handle: Peer, setup: SetupPaths | None = None, *, partial_data: bool = False
+) -> AsyncIterator[CodecStream]:
     """A client stream to a peer running ``handle``: TLS with ``setup``'s certificates."""
     server_ctx = server_ssl_context(setup.server_cert, setup.server_key) if setup else None
     async with peer(handle, server_ctx) as port:
         ctx = client_ssl_context(setup.ca_cert) if setup else None
-        stream = await open_codec_stream(client_conn(), "127.0.0.1", port, ssl_context=ctx)
+        conn = client_conn(partial_data=partial_data)
+        stream = await open_codec_stream(conn, "127.0.0.1", port, ssl_context=ctx)
         try:
             yield stream
         finally:
@@ -95,15 +125,32 @@ async def connected(handle: Peer, setup: SetupPaths | None = None) -> AsyncItera
                     await stream.wait_closed()
 
 
-async def events_until_end(stream: CodecStream) -> list[object]:
-    """Every event of the exchange, reading as the client link does."""
+async def events_until_end(
+    stream: CodecStream, into: bytearray | None = None, direct: list[int] | None = None
+) -> list[object]:
+    """Every event of the exchange, reading as the client link does. With ``into``, the
+    rest of a payload under way is received straight into it (after what it holds), each
+    such receipt's size appended to ``direct``, and the bytes of Data events are added to
+    it too: it ends up holding the whole body."""
     conn, seen = stream.conn, list[object]()
     while True:
         event = stream.next_event()
         if event is p.NEED_DATA:
-            if not await stream.receive():
+            if into is not None and conn.payload_left:
+                start = len(into)
+                into.extend(bytes(conn.payload_left))
+                with memoryview(into) as view:
+                    got = await stream.receive_into(view[start:])
+                del into[start + got :]
+                if direct is not None:
+                    direct.append(got)
+                if not got:
+                    conn.receive_data(b"")
+            elif not await stream.receive():
                 conn.receive_data(b"")
             continue
+        if into is not None and isinstance(event, p.Data):
+            into += event.payload
         seen.append(event)
         if isinstance(event, p.PrefaceReply):
             conn.send(p.Hello("t"))
@@ -131,14 +178,8 @@ def payloads_of(events: list[object]) -> bytes:
 @pytest.mark.parametrize("tls", [False, True])
 def test_every_byte_reaches_the_codec_in_order(tmp_path: Path, tls: bool) -> None:
     setup = init_setup(tmp_path / "setup") if tls else None
-    payloads = [os.urandom(n) for n in (1, 1000, p.MAX_DATA_FRAME, 70_000, p.MAX_DATA_FRAME)]
-    wire = server_bytes(payloads)
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        for i in range(0, len(wire), 9_999):  # in pieces that cut frames anywhere
-            writer.write(wire[i : i + 9_999])
-            await writer.drain()
-        writer.close()
+    payloads = mixed_payloads()
+    handle = sends_in_pieces(server_bytes(payloads), 9_999)
 
     async def run() -> list[object]:
         async with connected(handle, setup) as stream:
@@ -328,3 +369,61 @@ def test_a_reset_connection_raises_for_the_reader() -> None:
                     await stream.receive()  # and again: it does not turn into an end
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_payload_bytes_arrive_straight_in_the_readers_buffer(tmp_path: Path, tls: bool) -> None:
+    """With partial_data, a reader waiting in receive_into gets the rest of a payload
+    decrypted (or received) straight into its buffer: the body is whole and in order, and
+    most of it never passed through the codec."""
+    setup = init_setup(tmp_path / "setup") if tls else None
+    payloads = mixed_payloads()
+    handle = sends_in_pieces(server_bytes(payloads), 99_999, pause=0.001)
+
+    async def run() -> tuple[list[object], bytearray, list[int]]:
+        body, direct = bytearray(), list[int]()
+        async with connected(handle, setup, partial_data=True) as stream:
+            events = await events_until_end(stream, body, direct)
+        return events, body, direct
+
+    events, body, direct = asyncio.run(run())
+    assert isinstance(events[-1], p.End)
+    assert body == b"".join(payloads)
+    assert sum(direct) > len(body) // 2
+
+
+def test_partial_data_reading_pauses_at_a_lower_mark() -> None:
+    """No DATA frame needs to be whole, so a connection whose reader is busy elsewhere
+    holds little: the rest waits in the kernel, and goes to the reader's buffer."""
+    payloads = [os.urandom(p.MAX_DATA_FRAME) for _ in range(8)]
+    handle = sends(server_bytes(payloads))
+
+    async def run() -> tuple[int, bool, bytearray]:
+        body = bytearray()
+        async with connected(handle, partial_data=True) as stream:
+            reading = not await paused_in_time(stream)  # nobody reads meanwhile
+            held = stream.conn.buffered_bytes
+            await events_until_end(stream, body)
+            return held, reading, body
+
+    held, reading, body = asyncio.run(run())
+    assert PARTIAL_HIGH_WATER <= held <= PARTIAL_HIGH_WATER + RECEIVE_BYTES
+    assert not reading
+    assert body == b"".join(payloads)
+
+
+def test_a_connection_cut_mid_payload_is_not_an_end_for_a_direct_reader() -> None:
+    payload = os.urandom(1_000_000)
+    handle = sends(server_bytes([payload])[:-500_000])  # stops in the middle of the DATA frame
+
+    async def run() -> bytearray:
+        body = bytearray()
+        async with connected(handle, partial_data=True) as stream:
+            with pytest.raises(p.ProtocolViolation, match="middle of a frame"):
+                await events_until_end(stream, body)
+            assert await stream.receive_into(memoryview(bytearray(10))) == 0
+        return body
+
+    body = asyncio.run(run())
+    assert 0 < len(body) < len(payload)
+    assert body == payload[: len(body)]

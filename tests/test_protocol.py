@@ -89,8 +89,9 @@ def deliver(data: bytes, conn: Connection, sizes: Sequence[int] = ()) -> list[Ev
     return events
 
 
-def handshake() -> tuple[Connection, Connection]:
-    client, server = Connection(Role.CLIENT), Connection(Role.SERVER)
+def handshake(*, partial_data: bool = False) -> tuple[Connection, Connection]:
+    client = Connection(Role.CLIENT, partial_data=partial_data)
+    server = Connection(Role.SERVER)
     assert deliver(client.send(Preface(2, 2)), server) == [Preface(2, 2)]
     assert deliver(server.send(PrefaceReply(2)), client) == [PrefaceReply(2)]
     assert deliver(client.send(Hello("secret")), server) == [Hello("secret")]
@@ -1052,3 +1053,146 @@ def test_any_header_is_judged_on_its_own_five_bytes(
         assert frame_type == FrameType.END
         assert length == 0
         assert event == End()
+
+
+# --- partial DATA: payloads as they arrive, or straight into the reader's buffer ------------
+
+
+def merged(events: Iterable[Event]) -> list[Event]:
+    """``events`` with each run of Data events joined into one: a body's bytes, however
+    framed."""
+    out: list[Event] = []
+    for event in events:
+        if isinstance(event, Data) and out and isinstance(out[-1], Data):
+            out[-1] = Data(out[-1].payload + event.payload)
+        else:
+            out.append(event)
+    return out
+
+
+def response_wire(payloads: Sequence[bytes]) -> tuple[Connection, bytes]:
+    """A partial_data client that has sent a request, and the server's whole answer:
+    RESPONSE, a DATA frame per payload, END."""
+    client, server = handshake(partial_data=True)
+    deliver(send_all(client, [Request("get_stripe", {}), End()]), server)
+    return client, send_all(server, [Response({}), *(Data(d) for d in payloads), End()])
+
+
+big_payloads = st.lists(st.binary(min_size=1, max_size=3000), max_size=4)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(exchanges(), max_size=4), piece_sizes)
+def test_partial_data_gives_the_same_bodies_without_holding_a_data_frame(
+    script: list[tuple[list[Event], list[Event]]], sizes: list[int]
+) -> None:
+    """With partial_data, the client's events are those of a whole-frame codec but for how
+    a body's bytes are cut into Data events, none of them empty; and a DATA frame is
+    never buffered whole: only a JSON frame or a header may wait for its rest."""
+    client, server = handshake(partial_data=True)
+    for request, response in script:
+        assert deliver(send_all(client, request), server, sizes) == list(request)
+        events: list[Event] = []
+        for piece in chop(send_all(server, response), sizes):
+            client.receive_data(piece)
+            while (event := client.next_event()) is not NEED_DATA:
+                events.append(event)
+            assert client.buffered_bytes < HEADER_SIZE + MAX_JSON_FRAME
+        assert all(e.payload for e in events if isinstance(e, Data))
+        assert merged(events) == merged(response)
+        assert client.our_state is State.IDLE
+
+
+@settings(max_examples=150, deadline=None)
+@given(big_payloads, piece_sizes, st.data())
+def test_payload_bytes_received_straight_into_a_buffer_count_as_delivered(
+    payloads: list[bytes], sizes: list[int], data: st.DataObject
+) -> None:
+    """Whenever a payload is under way and nothing is buffered, a reader may take any
+    number of its bytes (up to payload_left) itself, as CodecStream.receive_into does:
+    the body is whole and in order whichever bytes took which way."""
+    client, wire = response_wire(payloads)
+    body, pos, events = bytearray(), 0, list[Event]()
+    while True:
+        event = client.next_event()
+        if event is not NEED_DATA:
+            events.append(event)
+            if isinstance(event, Data):
+                body += event.payload
+            if isinstance(event, End):
+                break
+            continue
+        left = client.payload_left
+        if left and not client.buffered_bytes and data.draw(st.booleans()):
+            n = min(left, data.draw(st.integers(1, 2 * left)))
+            body += wire[pos : pos + n]
+            client.receive_payload(n)
+        else:
+            n = len(piece := wire[pos : pos + sizes[len(events) % len(sizes)]])
+            client.receive_data(piece)
+        pos += n
+    assert pos == len(wire)
+    assert bytes(body) == b"".join(payloads)
+    assert isinstance(events[0], Response)
+    assert client.our_state is State.IDLE
+    assert client.payload_left == 0
+
+
+def test_payload_left_counts_down_a_frame_and_its_end_is_parsed_after() -> None:
+    client, wire = response_wire([b"x" * 1000])
+    header_end = wire.index(b"x")  # RESPONSE, then the DATA frame's header
+    client.receive_data(wire[:header_end])
+    assert isinstance(client.next_event(), Response)
+    assert client.next_event() is NEED_DATA
+    assert client.payload_left == 1000
+    client.receive_payload(600)
+    assert client.payload_left == 400
+    client.receive_data(wire[header_end + 600 : header_end + 700])
+    assert client.next_event() == Data(b"x" * 100)
+    client.receive_payload(300)
+    assert client.payload_left == 0
+    client.receive_data(wire[header_end + 1000 :])
+    assert client.next_event() == End()
+
+
+def test_receive_payload_refuses_what_the_codec_does_not_expect() -> None:
+    client, wire = response_wire([b"x" * 1000])
+    with pytest.raises(RuntimeError):
+        client.receive_payload(1)  # no payload under way
+    header_end = wire.index(b"x")
+    client.receive_data(wire[: header_end + 10])
+    assert isinstance(client.next_event(), Response)
+    with pytest.raises(RuntimeError):
+        client.receive_payload(1)  # ten bytes are buffered: they come first
+    assert client.next_event() == Data(b"x" * 10)
+    with pytest.raises(RuntimeError):
+        client.receive_payload(991)  # past the payload's end
+    with pytest.raises(RuntimeError):
+        client.receive_payload(0)
+    assert client.payload_left == 990
+    whole = Connection(Role.CLIENT)
+    with pytest.raises(RuntimeError):
+        whole.receive_payload(1)
+
+
+def test_partial_data_checks_a_data_header_before_taking_its_payload() -> None:
+    client, wire = response_wire([])
+    response_end = len(wire) - HEADER_SIZE  # before the END frame
+    client.receive_data(wire[:response_end])
+    assert isinstance(client.next_event(), Response)
+    client.receive_data(struct.pack(">BI", FrameType.DATA, MAX_DATA_FRAME + 1))
+    with pytest.raises(ProtocolViolation, match="over the limit") as info:
+        client.next_event()
+    assert info.value.code == "too_large"
+    assert client.payload_left == 0
+
+
+def test_a_connection_closed_mid_payload_is_a_violation_with_partial_data() -> None:
+    client, wire = response_wire([b"x" * 1000])
+    header_end = wire.index(b"x")
+    client.receive_data(wire[: header_end + 10])
+    assert isinstance(client.next_event(), Response)
+    assert client.next_event() == Data(b"x" * 10)
+    client.receive_data(b"")
+    with pytest.raises(ProtocolViolation, match="middle of a frame"):
+        client.next_event()

@@ -7,6 +7,13 @@ has the TLS layer decrypt into a buffer of ours, and from there the bytes go to 
 in one copy. On a 1 GiB fetch those copies were most of the client's event-loop time
 spent moving bytes, and that thread is the one a fetch waits for.
 
+A codec made with ``partial_data`` lets DATA payloads skip even that copy: a reader that
+waits in ``receive_into`` has the TLS layer (or the socket, without TLS) decrypt the
+payload straight into the reader's own buffer, and only frame headers, JSON frames and
+what arrived while no reader waited pass through the codec's buffer. On a fetch, those
+copies held the GIL for a quarter of the time the client's threads spent holding it
+(docs/performance.md).
+
 Reading stops while the codec holds ``high_water`` bytes not yet turned into events (the
 reader is behind) and starts again as soon as the reader has taken it below that, through
 ``next_event``; the kernel's socket buffer and TCP's window hold back the sender
@@ -30,15 +37,28 @@ RECEIVE_BYTES = 256 * 1024
 # Codec bytes not yet read as events at which reading pauses: above one largest frame,
 # so a reader waiting for the rest of a frame never stops the bytes it waits for.
 HIGH_WATER = 4 * 1024 * 1024
+# The same with ``partial_data``, where no DATA frame needs to be whole: low, so that
+# what arrives while the reader is busy elsewhere waits in the kernel, and most payload
+# bytes go straight to the reader's buffer once it waits again.
+PARTIAL_HIGH_WATER = 256 * 1024
 
 
 class CodecStream(asyncio.BufferedProtocol):
     """One connection: what arrives goes into ``conn``; writes go to the transport."""
 
-    def __init__(self, conn: p.Connection, *, high_water: int = HIGH_WATER) -> None:
+    def __init__(self, conn: p.Connection, *, high_water: int | None = None) -> None:
         self.conn = conn
-        self._high = max(high_water, p.HEADER_SIZE + p.MAX_DATA_FRAME + 1)
+        partial = conn.partial_data
+        if high_water is None:
+            high_water = PARTIAL_HIGH_WATER if partial else HIGH_WATER
+        largest_whole = p.MAX_JSON_FRAME if partial else p.MAX_DATA_FRAME
+        self._high = max(high_water, p.HEADER_SIZE + largest_whole + 1)
         self._buffer = memoryview(bytearray(RECEIVE_BYTES))
+        # A reader's buffer for DATA payload bytes (``receive_into``), and how much of it
+        # is filled; ``_direct``: the last get_buffer handed out a piece of it.
+        self._target: memoryview | None = None
+        self._filled = 0
+        self._direct = False
         self._transport: asyncio.Transport | None = None
         self._reading_paused = False
         self._writing_paused = False
@@ -56,11 +76,24 @@ class CodecStream(asyncio.BufferedProtocol):
         self._transport = transport
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        target = self._target
+        if target is not None and not self.conn.buffered_bytes:
+            # Never past the payload's end: what follows it is the codec's to parse.
+            room = min(len(target) - self._filled, self.conn.payload_left)
+            if room > 0:
+                self._direct = True
+                return target[self._filled : self._filled + room]
+        self._direct = False
         return self._buffer
 
     def buffer_updated(self, nbytes: int) -> None:
         if not nbytes:
             return  # nothing arrived (``receive_data(b"")`` would mean the peer closed)
+        if self._direct:
+            self.conn.receive_payload(nbytes)
+            self._filled += nbytes
+            self._wake_reader()
+            return
         self.conn.receive_data(self._buffer[:nbytes])
         if not self._reading_paused and self.conn.buffered_bytes >= self._high:
             assert self._transport is not None
@@ -128,6 +161,22 @@ class CodecStream(asyncio.BufferedProtocol):
         if self._error is not None:
             raise self._error
         return False
+
+    async def receive_into(self, target: memoryview) -> int:
+        """Like ``receive``, for the rest of a DATA payload (``conn.payload_left``), which
+        goes straight into ``target`` rather than into ``conn``; return how many bytes
+        went there, 0 once nothing more will come.
+
+        Call it when ``next_event()`` returned ``NEED_DATA`` in the middle of a payload
+        (with ``partial_data``). Bytes go on arriving into ``target`` until this returns,
+        never past the payload's end.
+        """
+        self._target, self._filled = target, 0
+        try:
+            await self.receive()
+        finally:
+            filled, self._target = self._filled, None
+        return filled
 
     def write(self, data: bytes | memoryview) -> None:
         self._writable().write(data)

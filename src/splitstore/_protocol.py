@@ -482,10 +482,18 @@ class Connection:
     may still send one ``Error`` (then our state is CLOSED) and should close the connection.
 
     A failed ``send`` leaves the connection as it was: nothing was emitted.
+
+    With ``partial_data``, a DATA frame's payload comes out as it arrives, in one or more
+    ``Data`` events (the protocol gives frame boundaries no meaning), so a DATA frame
+    need never be buffered whole, and its bytes may bypass the buffer altogether
+    (``payload_left``, ``receive_payload``).
     """
 
-    def __init__(self, role: Role) -> None:
+    def __init__(self, role: Role, *, partial_data: bool = False) -> None:
         self.our_role: Final = role
+        # DATA payloads as their bytes arrive, not whole frames (see ``receive_payload``).
+        self._partial_data: Final = partial_data
+        self._payload_left = 0  # of the DATA frame being received, with partial_data
         self.their_role: Final = Role.SERVER if role is Role.CLIENT else Role.CLIENT
         self._states = {Role.CLIENT: State.SEND_PREFACE, Role.SERVER: State.AWAIT_PREFACE}
         self._buf = bytearray()
@@ -513,6 +521,28 @@ class Connection:
     def buffered_bytes(self) -> int:
         """Bytes received but not yet turned into events."""
         return len(self._buf) - self._pos
+
+    @property
+    def partial_data(self) -> bool:
+        return self._partial_data
+
+    @property
+    def payload_left(self) -> int:
+        """With ``partial_data``: bytes of the DATA payload being received still to come
+        (some may be buffered already), else 0."""
+        return self._payload_left
+
+    def receive_payload(self, nbytes: int) -> None:
+        """Count ``nbytes`` of the DATA payload being received as delivered: the caller
+        read them from the connection straight into a buffer of its own, so they never
+        pass through this one. Only with ``partial_data``, with nothing buffered (every
+        earlier byte came out as events), and for at most ``payload_left`` bytes."""
+        if not (0 < nbytes <= self._payload_left) or self.buffered_bytes:
+            raise RuntimeError(
+                f"{nbytes} payload bytes delivered with {self._payload_left} expected and "
+                f"{self.buffered_bytes} buffered"
+            )
+        self._payload_left -= nbytes
 
     # -- receiving --
 
@@ -545,7 +575,7 @@ class Connection:
             self._violation = exc
             self._states[self.their_role] = State.ERROR
             self._buf = bytearray()  # nothing more will be parsed
-            self._pos = 0
+            self._pos = self._payload_left = 0
             raise
 
     def _next_event(self) -> Event | NeedData:
@@ -553,6 +583,8 @@ class Connection:
             return ConnectionClosed()
         their_state = self.their_state
         avail = len(self._buf) - self._pos
+        if self._payload_left:
+            return self._payload_piece(avail)
         if avail == 0:
             if not self._eof:
                 return NEED_DATA
@@ -624,6 +656,11 @@ class Connection:
             )
         if cls is Data and length == 0:
             raise ProtocolViolation("empty DATA frame")
+        if cls is Data and self._partial_data:
+            self._pos = pos + HEADER_SIZE
+            self._payload_left = length
+            self._advance(self.their_role, cls, received=True)
+            return self._payload_piece(avail - HEADER_SIZE)
         end = pos + HEADER_SIZE + length
         if avail < HEADER_SIZE + length:
             if self._eof:
@@ -641,6 +678,20 @@ class Connection:
             event = _event_from_json(cls, _decode_json(raw, _name(cls)))
         self._pos = end
         self._advance(self.their_role, cls, received=True)
+        return event
+
+    def _payload_piece(self, avail: int) -> Data | NeedData:
+        """With ``partial_data``: what is buffered of the DATA payload being received."""
+        if not avail:
+            if self._eof:
+                raise ProtocolViolation("the connection closed in the middle of a frame")
+            return NEED_DATA
+        pos = self._pos
+        end = pos + min(avail, self._payload_left)
+        with memoryview(self._buf) as view:
+            event = Data(bytes(view[pos:end]))
+        self._pos = end
+        self._payload_left -= end - pos
         return event
 
     # -- sending --

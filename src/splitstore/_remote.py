@@ -54,7 +54,7 @@ class StripeReader(Protocol):
     #: The length the server announced.
     length: int
 
-    async def read(self, n: int) -> bytes:
+    async def read(self, n: int) -> bytes | memoryview:
         """Return exactly ``n`` bytes, or fewer only where the stream ended."""
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from . import _protocol as p
 from ._batch import MAX_BATCH_BYTES, MAX_BATCH_ITEMS
@@ -32,6 +32,8 @@ from ._tls import describe_ssl_error, find_ssl_error
 from ._version import __version__
 
 __all__ = ["TcpRemote"]
+
+T = TypeVar("T")
 
 # Idle connections kept for reuse; more would only hold sockets open on the server.
 POOL_SIZE = 4
@@ -109,7 +111,7 @@ class TcpRemote:
     async def _connect(self) -> _Link:
         with self._translating():
             async with asyncio.timeout(self._connect_timeout):
-                conn = p.Connection(p.Role.CLIENT)
+                conn = p.Connection(p.Role.CLIENT, partial_data=True)
                 stream = await open_codec_stream(conn, self.host, self.port, ssl_context=self._ssl)
             link = _Link(stream, self)
             try:
@@ -326,16 +328,46 @@ class _Link:
 
     async def body(self) -> AsyncIterator[bytes]:
         while True:
-            event = await self.next()
-            if isinstance(event, p.Data):
-                yield event.payload
-            elif isinstance(event, p.End):
-                self.reusable = True
+            piece = self._body_piece(await self.next())
+            if piece is None:
                 return
-            elif isinstance(event, p.Error):
-                raise_for_code(event.code, event.message, self.remote.label)
-            else:
-                raise p.ProtocolViolation("expected DATA or END")
+            yield piece
+
+    async def body_into(self, view: memoryview) -> tuple[int, bytes | None]:
+        """Fill ``view`` from the response body, DATA payload bytes that had not arrived
+        yet going straight into it (``CodecStream.receive_into``). Return how many bytes
+        were filled, and what the body holds beyond them: bytes that arrived beyond
+        ``view`` (the next call's first), or None where the body has ended, which is
+        then the only reason for filling fewer than ``len(view)``."""
+        filled, size = 0, len(view)
+        while filled < size:
+            event = self._poll()
+            if event is p.NEED_DATA:
+                if self.conn.payload_left:
+                    filled += await self._await_more(self.stream.receive_into(view[filled:]))
+                else:
+                    await self._await_more(self.stream.receive())
+                continue
+            piece = self._body_piece(event)
+            if piece is None:
+                return filled, None
+            take = min(len(piece), size - filled)
+            view[filled : filled + take] = memoryview(piece)[:take]
+            filled += take
+            if take < len(piece):
+                return filled, piece[take:]
+        return filled, b""
+
+    def _body_piece(self, event: Any) -> bytes | None:
+        """A body event's bytes; None at the END."""
+        if isinstance(event, p.Data):
+            return event.payload
+        if isinstance(event, p.End):
+            self.reusable = True
+            return None
+        if isinstance(event, p.Error):
+            raise_for_code(event.code, event.message, self.remote.label)
+        raise p.ProtocolViolation("expected DATA or END")
 
     async def send(self, event: Any) -> None:
         self.stream.write(self.conn.send(event))
@@ -349,23 +381,32 @@ class _Link:
 
     async def next(self) -> Any:
         while True:
-            try:
-                event = self.stream.next_event()
-            except p.ProtocolViolation as exc:
-                if self._eof:  # cut off mid-message: the server went away, it did not misspeak
-                    raise ConnectionResetError(
-                        "the server closed the connection mid-transfer"
-                    ) from exc
-                raise
+            event = self._poll()
             if event is not p.NEED_DATA:
-                if isinstance(event, p.ConnectionClosed):
-                    raise ConnectionResetError("the server closed the connection")
                 return event
-            async with asyncio.timeout(self.remote._io_timeout):
-                more = await self.stream.receive()
-            if not more:
-                self.conn.receive_data(b"")
-                self._eof = True
+            await self._await_more(self.stream.receive())
+
+    def _poll(self) -> Any:
+        """The next event, or NEED_DATA."""
+        try:
+            event = self.stream.next_event()
+        except p.ProtocolViolation as exc:
+            if self._eof:  # cut off mid-message: the server went away, it did not misspeak
+                raise ConnectionResetError("the server closed the connection mid-transfer") from exc
+            raise
+        if isinstance(event, p.ConnectionClosed):
+            raise ConnectionResetError("the server closed the connection")
+        return event
+
+    async def _await_more(self, arrival: Awaitable[T]) -> T:
+        """Wait, within the I/O time-out, for ``arrival`` (bytes reaching the codec or
+        the reader's buffer); a falsy result means the peer closed: tell the codec."""
+        async with asyncio.timeout(self.remote._io_timeout):
+            more = await arrival
+        if not more:
+            self.conn.receive_data(b"")
+            self._eof = True
+        return more
 
     async def close(self) -> None:
         self.reusable = False
@@ -383,32 +424,30 @@ async def _close_all(links: list[_Link]) -> None:
 class _TcpStripe:
     def __init__(self, link: _Link, length: int) -> None:
         self.length = length
-        self._body = link.body()
+        self._link = link
         self._rest = b""  # what the last frame brought beyond the last read
         self._done = False
 
-    async def read(self, n: int) -> bytes:
-        # Frames are gathered and joined once: one copy per read, not one per frame.
-        parts = [self._rest] if self._rest else []
-        have = len(self._rest)
-        while have < n and not self._done:
-            try:
-                piece = await anext(self._body)
-            except StopAsyncIteration:
-                self._done = True
-            else:
-                parts.append(piece)
-                have += len(piece)
-        data = parts[0] if len(parts) == 1 else b"".join(parts)
-        if len(data) > n:
-            data, self._rest = data[:n], data[n:]
-        else:
-            self._rest = b""
-        return data
+    async def read(self, n: int) -> memoryview:
+        import numpy as np  # on first use, as in _stripes
+
+        # One buffer per read, which most payload bytes reach with no copy at all; left
+        # uninitialised (a bytearray would be zeroed first), as every byte is written.
+        view = np.empty(n, dtype=np.uint8).data
+        have = min(n, len(self._rest))
+        if have:
+            view[:have] = self._rest[:have]
+            self._rest = self._rest[have:]
+        if have < n and not self._done:
+            filled, rest = await self._link.body_into(view[have:])
+            have += filled
+            self._done = rest is None
+            self._rest = rest or b""
+        return view if have == n else view[:have]  # short only where the stripe ended
 
     async def drain(self) -> None:
         """Read to the END frame so the connection can be reused."""
         if self._done:
             return
-        async for _ in self._body:
+        async for _ in self._link.body():
             pass
