@@ -427,3 +427,52 @@ def test_a_connection_cut_mid_payload_is_not_an_end_for_a_direct_reader() -> Non
     body = asyncio.run(run())
     assert 0 < len(body) < len(payload)
     assert body == payload[: len(body)]
+
+
+def test_a_serving_stream_answers_after_the_peers_eof_and_can_discard() -> None:
+    """As the TCP server uses it (plain TCP): the session starts from on_connect, a
+    client's half-close leaves our side open for the answer, and once discarding, what
+    still arrives is read and dropped, never added to the codec's buffer."""
+    preface = p.Connection(p.Role.CLIENT).send(p.Preface(2, 2))
+    seen: list[object] = []
+    held: list[int] = []
+
+    async def serve(stream: CodecStream) -> None:
+        while (event := stream.next_event()) is p.NEED_DATA:
+            assert await stream.receive()
+        seen.append(event)
+        stream.discard_incoming()
+        while await stream.receive():  # the rest of what the client sends, then its EOF
+            held.append(stream.conn.buffered_bytes)
+        stream.write(stream.conn.send(p.PrefaceReply(2)))
+        await stream.drain()
+        stream.close()
+
+    async def run() -> bytes:
+        tasks: list[asyncio.Task[None]] = []
+
+        def factory() -> CodecStream:
+            conn = p.Connection(p.Role.SERVER, partial_data=True)
+            start = lambda s: tasks.append(asyncio.create_task(serve(s)))  # noqa: E731
+            return CodecStream(conn, on_connect=start, half_close=True)
+
+        server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(preface + os.urandom(3 * RECEIVE_BYTES))
+        await writer.drain()
+        writer.write_eof()
+        async with asyncio.timeout(10):
+            answer = await reader.read()
+            await asyncio.gather(*tasks)
+        writer.close()
+        server.close()
+        await server.wait_closed()
+        return answer
+
+    answer = asyncio.run(run())
+    assert seen == [p.Preface(2, 2)]
+    assert held
+    assert len(set(held)) == 1  # what came before discarding, and nothing since
+    assert held[0] <= RECEIVE_BYTES
+    assert answer.startswith(p.MAGIC)

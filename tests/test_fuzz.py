@@ -32,6 +32,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from splitstore._codec_stream import RECEIVE_BYTES
 from splitstore._digest import stripe_digest
 from splitstore._names import is_object_id, is_version_id
 from splitstore._protocol import (
@@ -59,7 +60,6 @@ from splitstore._protocol import (
     choose_version,
 )
 from splitstore._serve import start_server
-from splitstore._tcp_server import READ_BYTES
 
 from .conftest import TEST_LIMITS, LiveServers, LoopThread
 from .test_server_robustness import assert_still_serving, status
@@ -209,17 +209,17 @@ def valid_session(token: str) -> bytes:
 
 
 def feed_like_the_server(stream: bytes, sizes: list[int]) -> None:
-    """Feed ``stream`` in reads of the given sizes (at most READ_BYTES) to a server
+    """Feed ``stream`` in reads of the given sizes (at most RECEIVE_BYTES) to a server
     connection that answers like the TCP server, checking what it buffers after each read.
 
     Only ProtocolViolation may come out; after it the server can still send its one ERROR
     (once it has replied to the preface)."""
-    server = Connection(Role.SERVER)
+    server = Connection(Role.SERVER, partial_data=True)  # as the TCP server's
     fed = 0
     i = 0
     try:
         while fed < len(stream):
-            size = min(sizes[i % len(sizes)], READ_BYTES)
+            size = min(sizes[i % len(sizes)], RECEIVE_BYTES)
             i += 1
             server.receive_data(stream[fed : fed + size])
             fed += len(stream[fed : fed + size])
@@ -259,7 +259,8 @@ def answer_like_the_server(server: Connection, event: object) -> None:
 
 
 def assert_one_frame_buffered(server: Connection, stream: bytes, fed: int) -> None:
-    """At NEED_DATA the buffer holds at most one incomplete frame, within its type's limit."""
+    """At NEED_DATA the buffer holds at most one incomplete frame, within its type's limit,
+    and never a DATA frame's payload: that goes on as it arrives (partial_data)."""
     buffered = server.buffered_bytes
     start = fed - buffered
     if start < PREFACE_SIZE:
@@ -268,15 +269,15 @@ def assert_one_frame_buffered(server: Connection, stream: bytes, fed: int) -> No
     if buffered < HEADER_SIZE:
         return
     kind, length = struct.unpack_from(">BI", stream, start)
-    limit = MAX_DATA_FRAME if kind == DATA else MAX_JSON_FRAME
-    assert length <= limit
+    assert kind != DATA
+    assert length <= MAX_JSON_FRAME
     assert buffered < HEADER_SIZE + length
 
 
 @settings(max_examples=300, deadline=None)
 @given(
     st.lists(frames(), max_size=8),
-    st.lists(st.integers(1, 5000) | st.just(READ_BYTES), min_size=1, max_size=6),
+    st.lists(st.integers(1, 5000) | st.just(RECEIVE_BYTES), min_size=1, max_size=6),
     st.sampled_from([PREFACE, b"SPST\x02\x05\x00\x00", b"SPST\x00\x01\x00\x00"]),
     st.sampled_from(["t", "wrong"]),
 )

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 from . import _protocol as p
@@ -46,8 +47,20 @@ PARTIAL_HIGH_WATER = 256 * 1024
 class CodecStream(asyncio.BufferedProtocol):
     """One connection: what arrives goes into ``conn``; writes go to the transport."""
 
-    def __init__(self, conn: p.Connection, *, high_water: int | None = None) -> None:
+    def __init__(
+        self,
+        conn: p.Connection,
+        *,
+        high_water: int | None = None,
+        on_connect: Callable[[CodecStream], object] | None = None,
+        half_close: bool = False,
+    ) -> None:
+        """``on_connect`` is called once the connection is made (a server starts its
+        session there); with ``half_close``, the peer's EOF leaves our side open for an
+        answer (plain TCP only: TLS closes both sides)."""
         self.conn = conn
+        self._on_connect = on_connect
+        self._half_close = half_close
         partial = conn.partial_data
         if high_water is None:
             high_water = PARTIAL_HIGH_WATER if partial else HIGH_WATER
@@ -59,6 +72,7 @@ class CodecStream(asyncio.BufferedProtocol):
         self._target: memoryview | None = None
         self._filled = 0
         self._direct = False
+        self._discarding = False  # what arrives is dropped (``discard_incoming``)
         self._transport: asyncio.Transport | None = None
         self._reading_paused = False
         self._writing_paused = False
@@ -74,6 +88,8 @@ class CodecStream(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
+        if self._on_connect is not None:
+            self._on_connect(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         target = self._target
@@ -94,7 +110,19 @@ class CodecStream(asyncio.BufferedProtocol):
             self._filled += nbytes
             self._wake_reader()
             return
-        self.conn.receive_data(self._buffer[:nbytes])
+        self._received(self._buffer[:nbytes])
+
+    def data_received(self, data: bytes) -> None:
+        """Bytes handed on by a plain protocol in front of this one (the servers'
+        connection gate, ``_limits``)."""
+        if data:
+            self._received(data)
+
+    def _received(self, data: bytes | memoryview) -> None:
+        if self._discarding:
+            self._wake_reader()
+            return
+        self.conn.receive_data(data)
         if not self._reading_paused and self.conn.buffered_bytes >= self._high:
             assert self._transport is not None
             self._transport.pause_reading()
@@ -104,7 +132,8 @@ class CodecStream(asyncio.BufferedProtocol):
     def eof_received(self) -> bool:
         self._eof = True
         self._wake_reader()
-        return False  # close the transport
+        over_tls = self._transport is not None and self._transport.get_extra_info("sslcontext")
+        return self._half_close and not over_tls  # False: close the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._eof = self._lost = True
@@ -177,6 +206,12 @@ class CodecStream(asyncio.BufferedProtocol):
         finally:
             filled, self._target = self._filled, None
         return filled
+
+    def discard_incoming(self) -> None:
+        """Drop whatever arrives from now on, reading on: for a server that has refused
+        and is closing, but lets a client still sending finish, so that the client's
+        kernel does not reset the connection and lose the refusal."""
+        self._discarding = True
 
     def write(self, data: bytes | memoryview) -> None:
         self._writable().write(data)

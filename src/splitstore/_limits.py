@@ -3,9 +3,10 @@
 A :class:`ConnectionGate` is the protocol factory a server listens with. Each accepted
 connection is counted at once, in total and under its client's address, and closed on the
 spot if either count is full: before its TLS handshake, the costly part, and before the
-server's own protocol (aiohttp's or asyncio streams') ever sees it. asyncio has no hook
-between accepting a connection and its TLS handshake, so the servers listen without TLS and
-the gate does the handshake itself with ``loop.start_tls`` once it has admitted the client.
+server's own protocol (aiohttp's, or the TCP server's codec stream) ever sees it. asyncio
+has no hook between accepting a connection and its TLS handshake, so the servers listen
+without TLS and the gate does the handshake itself with ``loop.start_tls`` once it has
+admitted the client.
 After that it only passes calls through, and gives the slot back when the connection ends.
 
 For the HTTPS server the gate also keeps a request clock (slowloris): a client must send
@@ -22,7 +23,7 @@ import ipaddress
 import logging
 import ssl
 from collections.abc import Callable
-from typing import cast
+from typing import Protocol, cast
 
 from ._service import ServerLimits
 from ._storage import StorageError
@@ -37,6 +38,18 @@ __all__ = [
 ]
 
 log = logging.getLogger("splitstore.limits")
+
+
+class InnerProtocol(Protocol):
+    """What the gate passes a connection on to: a stream protocol's calls."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None: ...
+    def data_received(self, data: bytes) -> None: ...
+    def eof_received(self) -> bool | None: ...
+    def pause_writing(self) -> None: ...
+    def resume_writing(self) -> None: ...
+    def connection_lost(self, exc: Exception | None) -> None: ...
+
 
 # Addresses one IPv6 host commonly holds: counting a client per /64 stops it from dodging
 # its limit by hopping across its own prefix.
@@ -94,7 +107,7 @@ class ConnectionGate:
 
     def __init__(
         self,
-        inner_factory: Callable[[], asyncio.Protocol],
+        inner_factory: Callable[[], InnerProtocol],
         *,
         limits: ServerLimits,
         ssl_context: ssl.SSLContext | None,
@@ -127,7 +140,7 @@ class GatedConnection(asyncio.Protocol):
         self._gate = gate
         self._peer: str | None = None  # set while the connection holds a slot
         self._raw: asyncio.Transport | None = None
-        self._inner: asyncio.Protocol | None = None
+        self._inner: InnerProtocol | None = None
         self._handshake: asyncio.Task[None] | None = None
         # What TLS delivers between the end of its handshake and _start (one loop turn).
         self._early: list[bytes] = []

@@ -20,6 +20,7 @@ from typing import Any
 
 from . import _batch
 from . import _protocol as p
+from ._codec_stream import CodecStream
 from ._limits import ConnectionGate, check_stripe_length
 from ._service import ServerLimits, StorageService
 from ._storage import StorageError
@@ -29,9 +30,6 @@ from ._version import __version__
 __all__ = ["TcpServer", "start_tcp_server"]
 
 log = logging.getLogger("splitstore.tcp")
-
-# Bytes asked of the socket per read: about one DATA frame.
-READ_BYTES = 256 * 1024
 
 
 class _Closed(Exception):
@@ -76,22 +74,20 @@ async def start_tcp_server(
     limits = limits or ServerLimits()
     holder: list[TcpServer] = []
 
-    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        server = holder[0]
-        task = asyncio.current_task()
-        if task is None:  # never so in a task; the connection limits are the gate's
-            writer.close()
-            return
-        server._tasks.add(task)
-        try:
-            await _Session(reader, writer, service, tenants, limits).run()
-        finally:
-            server._tasks.discard(task)
+    def on_connect(stream: CodecStream) -> None:
+        tasks = holder[0]._tasks
+        task = asyncio.get_running_loop().create_task(
+            _Session(stream, service, tenants, limits).run()
+        )
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
-    def streams() -> asyncio.StreamReaderProtocol:
-        # What asyncio.start_server makes of each connection; here behind the gate, which
-        # counts connections before TLS and does the handshake itself (see _limits).
-        return asyncio.StreamReaderProtocol(asyncio.StreamReader(), on_connect)
+    def streams() -> CodecStream:
+        # Each connection feeds the codec straight from the TLS layer, behind the gate,
+        # which counts connections before TLS and does the handshake itself (see _limits).
+        # partial_data: a DATA frame's bytes go on as they come, never buffered whole.
+        conn = p.Connection(p.Role.SERVER, partial_data=True)
+        return CodecStream(conn, on_connect=on_connect, half_close=True)
 
     gate = ConnectionGate(streams, limits=limits, ssl_context=ssl_context)
     server = await asyncio.get_running_loop().create_server(gate, host, port, backlog=128)
@@ -103,19 +99,17 @@ async def start_tcp_server(
 class _Session:
     def __init__(
         self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        stream: CodecStream,
         service: StorageService,
         tenants: TenantRegistry,
         limits: ServerLimits,
     ) -> None:
-        self.reader = reader
-        self.writer = writer
+        self.stream = stream
         self.service = service
         self.tenants = tenants
         self.limits = limits
         self.token = ""  # the HELLO's, once accepted
-        self.conn = p.Connection(p.Role.SERVER)
+        self.conn = stream.conn
         self._eof = False
 
     async def run(self) -> None:
@@ -135,9 +129,9 @@ class _Session:
             log.exception("unexpected error on a tcp connection")
             await self._send_error("internal", "internal server error")
         finally:
-            self.writer.close()
+            self.stream.close()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.writer.wait_closed(), 1.0)
+                await asyncio.wait_for(self.stream.wait_closed(), 1.0)
 
     async def _handshake(self) -> bool:
         async with asyncio.timeout(self.limits.handshake_timeout):
@@ -217,13 +211,13 @@ class _Session:
             answers, found = await svc.get_stripes(tenant, items)
             await self._send(p.Response({"status": "ok", "stripes": answers}))
             if found:
-                self.writer.writelines(self.conn.send_data(b"".join(found)))
+                self.stream.writelines(self.conn.send_data(b"".join(found)))
             await self._send(p.End({}))
         elif op == "get_records":
             ids = _batch.parse_object_ids(fields.get("object_ids"))
             lines = await svc.get_records(tenant, ids)
             await self._send(p.Response({"status": "ok"}))
-            self.writer.writelines(self.conn.send_data(lines))
+            self.stream.writelines(self.conn.send_data(lines))
             await self._send(p.End({}))
         elif op == "get_stripe":
             length, chunks = await svc.open_stripe(
@@ -232,7 +226,7 @@ class _Session:
             async with contextlib.aclosing(chunks):
                 await self._send(p.Response({"status": "ok", "length": length}))
                 async for piece in chunks:
-                    self.writer.writelines(self.conn.send_data(piece))
+                    self.stream.writelines(self.conn.send_data(piece))
                     await self._drain()
             await self._send(p.End({}))
         elif op == "commit":
@@ -244,7 +238,7 @@ class _Session:
         elif op == "list":
             await self._send(p.Response({"status": "ok"}))
             async for lines in svc.list_lines(tenant):
-                self.writer.writelines(self.conn.send_data(lines))
+                self.stream.writelines(self.conn.send_data(lines))
                 await self._drain()
             await self._send(p.End({}))
         elif op == "delete":
@@ -288,40 +282,42 @@ class _Session:
 
     async def _next(self, timeout: float | None = None) -> Any:  # noqa: ASYNC109
         while True:
-            event = self.conn.next_event()
+            event = self.stream.next_event()
             if event is not p.NEED_DATA:
                 return event
             if self._eof:
                 raise _Closed
             async with asyncio.timeout(timeout):
-                data = await self.reader.read(READ_BYTES)
-            self._eof = not data
-            self.conn.receive_data(data)
+                more = await self.stream.receive()
+            if not more:
+                self._eof = True
+                self.conn.receive_data(b"")
 
     async def _reply(self, fields: dict[str, Any]) -> None:
-        self.writer.write(self.conn.send(p.Response(fields)))
-        self.writer.write(self.conn.send(p.End({})))
+        self.stream.write(self.conn.send(p.Response(fields)))
+        self.stream.write(self.conn.send(p.End({})))
         await self._drain()
 
     async def _send(self, event: Any) -> None:
-        self.writer.write(self.conn.send(event))
+        self.stream.write(self.conn.send(event))
         await self._drain()
 
     async def _drain(self) -> None:
         async with asyncio.timeout(self.limits.idle_timeout):
-            await self.writer.drain()
+            await self.stream.drain()
 
     async def _linger(self) -> None:
+        self.stream.discard_incoming()
         with contextlib.suppress(Exception):
             async with asyncio.timeout(LINGER_SECONDS):
-                while await self.reader.read(READ_BYTES):
+                while await self.stream.receive():
                     pass
 
     async def _send_error(self, code: str, message: str) -> None:
         with contextlib.suppress(Exception):
-            self.writer.write(self.conn.send(p.Error(code, message)))
+            self.stream.write(self.conn.send(p.Error(code, message)))
             async with asyncio.timeout(1.0):
-                await self.writer.drain()
+                await self.stream.drain()
 
 
 def _str(fields: dict[str, Any], key: str) -> str:
