@@ -421,7 +421,7 @@ def test_a_connection_cut_mid_payload_is_not_an_end_for_a_direct_reader() -> Non
         async with connected(handle, partial_data=True) as stream:
             with pytest.raises(p.ProtocolViolation, match="middle of a frame"):
                 await events_until_end(stream, body)
-            assert await stream.receive_into(memoryview(bytearray(10))) == 0
+            assert await stream.receive() is False  # and stays at its end
         return body
 
     body = asyncio.run(run())
@@ -476,3 +476,16 @@ def test_a_serving_stream_answers_after_the_peers_eof_and_can_discard() -> None:
     assert len(set(held)) == 1  # what came before discarding, and nothing since
     assert held[0] <= RECEIVE_BYTES
     assert answer.startswith(p.MAGIC)
+
+
+def test_receive_into_refuses_when_no_payload_is_under_way() -> None:
+    """Its 0 means the peer closed: a call that could only fill nothing is a mistake."""
+    handle = sends(server_bytes([os.urandom(10)]))
+
+    async def run() -> None:
+        async with connected(handle, partial_data=True) as stream:
+            assert stream.conn.payload_left == 0
+            with pytest.raises(RuntimeError):
+                await stream.receive_into(memoryview(bytearray(10)))
+
+    asyncio.run(run())

@@ -9,12 +9,15 @@ import ssl
 import struct
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from splitstore import Client, ProtocolError, _service
+from splitstore._digest import stripe_digest
+from splitstore._serve import start_server
 from splitstore._tls import server_ssl_context
 
 from .conftest import TEST_LIMITS, LiveServers, LoopThread
@@ -162,6 +165,78 @@ def test_tcp_upload_longer_than_declared_is_refused_as_it_arrives(servers: LiveS
     assert not list((servers.data_dir("tcp") / "tmp").iterdir())
 
 
+def read_frames(sock: socket.socket, count: int) -> list[tuple[int, bytes]]:
+    """The next ``count`` frames the server sends."""
+    buf, frames = b"", list[tuple[int, bytes]]()
+    while len(frames) < count:
+        while len(buf) < 5 or len(buf) < 5 + struct.unpack(">I", buf[1:5])[0]:
+            chunk = sock.recv(65536)
+            assert chunk, f"the server closed after {frames}"
+            buf += chunk
+        length = struct.unpack(">I", buf[1:5])[0]
+        frames.append((buf[0], buf[5 : 5 + length]))
+        buf = buf[5 + length :]
+    return frames
+
+
+def test_tcp_upload_in_tiny_frames_is_stored_whole(servers: LiveServers) -> None:
+    """DATA frames of two bytes each: stored byte for byte (the server joins small pieces
+    into one buffer per write batch rather than holding an object per frame)."""
+    sock = tcp_handshake(servers)
+    data = os.urandom(40_000)
+    fields = {"op": "put_stripe", "object_id": "a" * 64, "version_id": "b" * 32}
+    sock.sendall(
+        json_frame(REQUEST, {**fields, "length": len(data)})
+        + b"".join(frame(DATA, data[i : i + 2]) for i in range(0, len(data), 2))
+        + frame(END, b"")
+    )
+    (kind, reply), _ = read_frames(sock, 2)
+    assert kind == 0x11  # RESPONSE
+    assert json.loads(reply)["digest"] == stripe_digest(data)
+
+
+def test_small_upload_pieces_share_one_buffer_per_batch() -> None:
+    batch: list[bytes | bytearray] = []
+    large = os.urandom(_service.SMALL_PIECE_BYTES)
+    pieces = [b"ab"] * 100_000 + [large] + [b"cd"] * 3
+    for piece in pieces:
+        _service._add_to_batch(batch, piece)
+    assert len(batch) == 3
+    assert b"".join(batch) == b"".join(pieces)
+
+
+@pytest.mark.filterwarnings("ignore:the tcp server runs without TLS")
+def test_tcp_answers_a_plain_clients_half_close(
+    servers: LiveServers, loop_thread: LoopThread
+) -> None:
+    """Without TLS, a client that shuts down its sending side after its request still
+    gets the answer (as it did through asyncio's streams): an upload, whose fsync lets
+    the server see the end of the input before it answers."""
+    servers.stop("tcp")
+    spec = replace(servers.spec("tcp"), tls=False)
+    plain = loop_thread.run(start_server(spec, TEST_LIMITS))
+    data = os.urandom(1000)
+    fields = {"op": "put_stripe", "object_id": "a" * 64, "version_id": "b" * 32}
+    try:
+        with socket.create_connection(("127.0.0.1", plain.port), timeout=10) as sock:
+            sock.sendall(
+                b"SPST\x02\x02\x00\x00"
+                + json_frame(HELLO, {"token": servers.config.token()})
+                + json_frame(REQUEST, {**fields, "length": len(data)})
+                + frame(DATA, data)
+                + frame(END, b"")
+            )
+            sock.shutdown(socket.SHUT_WR)
+            assert sock.recv(8) == b"SPST\x02\x00\x00\x00"
+            ready, response, end = read_frames(sock, 3)
+            assert ready[0] == 0x02
+            assert response[0] == 0x11
+            assert json.loads(response[1])["digest"] == stripe_digest(data)
+            assert end == (END, b"")
+    finally:
+        loop_thread.run(plain.close())
+
+
 @pytest.mark.parametrize("bad_id", ["../../../etc/passwd", "A" * 64, "a" * 63, "", 5])
 def test_tcp_bad_ids_are_refused(servers: LiveServers, bad_id: object) -> None:
     sock = tcp_handshake(servers)
@@ -205,7 +280,7 @@ def test_a_shutdown_during_an_upload_clean_up_still_removes_the_part_file(
     clean-up still waits for the write and removes the part-written stripe."""
     real_write, writing, release = _service._write_all, threading.Event(), threading.Event()
 
-    def slow_write(upload: Any, pieces: list[bytes]) -> None:
+    def slow_write(upload: Any, pieces: list[bytes | bytearray]) -> None:
         writing.set()
         release.wait(10)  # held until the shutdown has begun, however slow the machine
         real_write(upload, pieces)

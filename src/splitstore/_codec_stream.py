@@ -1,4 +1,6 @@
-"""A connection's bytes fed to the sans-IO codec straight from asyncio's transport.
+"""A connection's bytes fed to the sans-IO codec straight from asyncio's transport: the
+client's connections, and the TCP server's behind its connection gate (``_limits``),
+which hands bytes on through ``data_received``.
 
 asyncio's streams copy every received byte several times on its way to the codec: the
 TLS layer joins what it decrypted into a new ``bytes``, ``StreamReader`` appends it to its
@@ -18,8 +20,10 @@ Reading stops while the codec holds ``high_water`` bytes not yet turned into eve
 reader is behind) and starts again as soon as the reader has taken it below that, through
 ``next_event``; the kernel's socket buffer and TCP's window hold back the sender
 meanwhile, as with ``StreamReader``'s limit. A connection so holds at most ``high_water``
-plus one ``RECEIVE_BYTES`` of received bytes (the codec's buffer may keep up to twice
-that allocated, as it drops consumed bytes lazily).
+plus what one read delivers: ``RECEIVE_BYTES`` through ``get_buffer``, or what asyncio's
+TLS layer decrypted at once through ``data_received`` (its reads of up to 256 KiB of
+ciphertext: about 512 KiB at most). The codec's buffer may keep up to twice that
+allocated, as it drops consumed bytes lazily.
 """
 
 from __future__ import annotations
@@ -66,7 +70,9 @@ class CodecStream(asyncio.BufferedProtocol):
             high_water = PARTIAL_HIGH_WATER if partial else HIGH_WATER
         largest_whole = p.MAX_JSON_FRAME if partial else p.MAX_DATA_FRAME
         self._high = max(high_water, p.HEADER_SIZE + largest_whole + 1)
-        self._buffer = memoryview(bytearray(RECEIVE_BYTES))
+        # Made on first use: a server's stream is fed through data_received and never
+        # needs it, and 256 KiB of zeroed memory per connection adds up.
+        self._buffer: memoryview | None = None
         # A reader's buffer for DATA payload bytes (``receive_into``), and how much of it
         # is filled; ``_direct``: the last get_buffer handed out a piece of it.
         self._target: memoryview | None = None
@@ -100,6 +106,8 @@ class CodecStream(asyncio.BufferedProtocol):
                 self._direct = True
                 return target[self._filled : self._filled + room]
         self._direct = False
+        if self._buffer is None:
+            self._buffer = memoryview(bytearray(RECEIVE_BYTES))
         return self._buffer
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -110,6 +118,7 @@ class CodecStream(asyncio.BufferedProtocol):
             self._filled += nbytes
             self._wake_reader()
             return
+        assert self._buffer is not None  # get_buffer came first
         self._received(self._buffer[:nbytes])
 
     def data_received(self, data: bytes) -> None:
@@ -200,6 +209,9 @@ class CodecStream(asyncio.BufferedProtocol):
         (with ``partial_data``). Bytes go on arriving into ``target`` until this returns,
         never past the payload's end.
         """
+        if not (len(target) and self.conn.payload_left) or self.conn.buffered_bytes:
+            # Else bytes would go to the codec, and 0 would be taken for the peer's close.
+            raise RuntimeError("receive_into needs a payload under way and nothing buffered")
         self._target, self._filled = target, 0
         try:
             await self.receive()

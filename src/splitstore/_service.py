@@ -43,6 +43,8 @@ IO_BATCH_BYTES = DIRECT_BLOCK_BYTES
 # An upload holds at most two batches (one written while the next arrives), each up to
 # this plus one piece (a TCP frame is at most 1 MiB): about 10 MiB per connection.
 WRITE_BATCH_BYTES = 4 * 1024 * 1024
+# Uploaded pieces below this size are copied together into one buffer of their batch.
+SMALL_PIECE_BYTES = 64 * 1024
 # Stripes from this size on are read past the page cache: as large as the files that
 # SyncingWriter writes past it, so a small stripe is read as it was written.
 DIRECT_READ_MIN_BYTES = SYNC_EVERY_BYTES
@@ -233,7 +235,7 @@ class StorageService:
         writing: asyncio.Future[None] | None = None
         finishing: asyncio.Future[str] | None = None
         try:
-            batch: list[bytes] = []
+            batch: list[bytes | bytearray] = []
             batched = received = 0
             async for piece in body:
                 # Checked here as it arrives, not only when its batch is written: a client
@@ -241,7 +243,7 @@ class StorageService:
                 received += len(piece)
                 if received > length:
                     raise StorageError("bad_request", f"more than the declared {length} bytes sent")
-                batch.append(piece)
+                _add_to_batch(batch, piece)
                 batched += len(piece)
                 if batched >= WRITE_BATCH_BYTES:
                     if writing is not None:
@@ -440,12 +442,24 @@ class StripeChunks:
             self._direct.close()
 
 
-def _write_all(upload: StripeUpload, pieces: list[bytes]) -> None:
+def _add_to_batch(batch: list[bytes | bytearray], piece: bytes) -> None:
+    """Add an uploaded piece to a write batch, small pieces joined together: a client
+    sending tiny DATA frames must not make a batch of millions of objects, each several
+    times its bytes' size (WRITE_BATCH_BYTES must stay what a batch holds)."""
+    if len(piece) >= SMALL_PIECE_BYTES:
+        batch.append(piece)
+    elif batch and isinstance(batch[-1], bytearray):
+        batch[-1] += piece
+    else:
+        batch.append(bytearray(piece))
+
+
+def _write_all(upload: StripeUpload, pieces: list[bytes | bytearray]) -> None:
     for piece in pieces:
         upload.write(piece)
 
 
-def _write_all_and_finish(upload: StripeUpload, pieces: list[bytes]) -> str:
+def _write_all_and_finish(upload: StripeUpload, pieces: list[bytes | bytearray]) -> str:
     _write_all(upload, pieces)
     return upload.finish()
 

@@ -133,7 +133,7 @@ class ObjectRecord:
 
 
 class StripeUpload(Protocol):
-    def write(self, data: bytes | memoryview) -> None: ...
+    def write(self, data: bytes | bytearray | memoryview) -> None: ...
     def finish(self) -> str:
         """Check the length, make the stripe durable and visible; return its digest."""
 
@@ -537,7 +537,7 @@ class _DiskUpload:
         # write, and the writes do not stop for the disk every SYNC_EVERY_BYTES.
         self._disk = SyncingWriter(self._file)
 
-    def write(self, data: bytes | memoryview) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._file is None:
             raise StorageError("internal", "upload already closed")
         self._received += len(data)
