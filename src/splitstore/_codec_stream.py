@@ -83,6 +83,7 @@ class CodecStream(asyncio.BufferedProtocol):
         self._reading_paused = False
         self._writing_paused = False
         self._eof = False  # the peer closed its side, or the connection was lost
+        self._ended = False  # ``conn`` has been told so (``ended``)
         self._lost = False
         self._error: BaseException | None = None  # what the connection was lost with
         self._arrived: asyncio.Future[None] | None = None  # a reader waiting for bytes
@@ -166,6 +167,13 @@ class CodecStream(asyncio.BufferedProtocol):
         """The peer closed the connection (bytes it sent before may still be unread)."""
         return self._eof
 
+    @property
+    def ended(self) -> bool:
+        """``receive`` found the connection at its end and told ``conn``, which holds
+        every byte that came: from here on, a frame cut short was cut by the peer's
+        going away, not sent malformed."""
+        return self._ended
+
     def is_closing(self) -> bool:
         return self._transport is None or self._transport.is_closing()
 
@@ -179,7 +187,8 @@ class CodecStream(asyncio.BufferedProtocol):
         return event
 
     async def receive(self) -> bool:
-        """Wait until more bytes reach ``conn``; False once nothing more will come.
+        """Wait until more bytes reach ``conn``; False once nothing more will come, and
+        ``conn`` has been told so (every byte that came is in it already).
 
         Call it when ``next_event()`` returned ``NEED_DATA``. Raises what the
         connection was lost with, if it was lost with an error, once all bytes received
@@ -198,12 +207,15 @@ class CodecStream(asyncio.BufferedProtocol):
                 return True
         if self._error is not None:
             raise self._error
+        if not self._ended:
+            self._ended = True
+            self.conn.receive_data(b"")
         return False
 
     async def receive_into(self, target: memoryview) -> int:
         """Like ``receive``, for the rest of a DATA payload (``conn.payload_left``), which
         goes straight into ``target`` rather than into ``conn``; return how many bytes
-        went there, 0 once nothing more will come.
+        went there, 0 once nothing more will come (``conn`` is then told so).
 
         Call it when ``next_event()`` returned ``NEED_DATA`` in the middle of a payload
         (with ``partial_data``). Bytes go on arriving into ``target`` until this returns,

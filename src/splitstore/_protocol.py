@@ -492,7 +492,7 @@ class Connection:
     def __init__(self, role: Role, *, partial_data: bool = False) -> None:
         self.our_role: Final = role
         # DATA payloads as their bytes arrive, not whole frames (see ``receive_payload``).
-        self._partial_data: Final = partial_data
+        self.partial_data: Final = partial_data
         self._payload_left = 0  # of the DATA frame being received, with partial_data
         self.their_role: Final = Role.SERVER if role is Role.CLIENT else Role.CLIENT
         self._states = {Role.CLIENT: State.SEND_PREFACE, Role.SERVER: State.AWAIT_PREFACE}
@@ -521,10 +521,6 @@ class Connection:
     def buffered_bytes(self) -> int:
         """Bytes received but not yet turned into events."""
         return len(self._buf) - self._pos
-
-    @property
-    def partial_data(self) -> bool:
-        return self._partial_data
 
     @property
     def payload_left(self) -> int:
@@ -656,7 +652,7 @@ class Connection:
             )
         if cls is Data and length == 0:
             raise ProtocolViolation("empty DATA frame")
-        if cls is Data and self._partial_data:
+        if cls is Data and self.partial_data:
             self._pos = pos + HEADER_SIZE
             self._payload_left = length
             self._advance(self.their_role, cls, received=True)
@@ -668,9 +664,7 @@ class Connection:
             return NEED_DATA
         event: Event
         if cls is Data:
-            # One copy, straight from the buffer into the bytes the event keeps.
-            with memoryview(self._buf) as view:
-                event = Data(bytes(view[pos + HEADER_SIZE : end]))
+            event = self._data(pos + HEADER_SIZE, end)
         elif cls is End and length == 0:
             event = End()
         else:
@@ -680,6 +674,11 @@ class Connection:
         self._advance(self.their_role, cls, received=True)
         return event
 
+    def _data(self, start: int, end: int) -> Data:
+        # One copy, straight from the buffer into the bytes the event keeps.
+        with memoryview(self._buf) as view:
+            return Data(bytes(view[start:end]))
+
     def _payload_piece(self, avail: int) -> Data | NeedData:
         """With ``partial_data``: what is buffered of the DATA payload being received."""
         if not avail:
@@ -688,8 +687,7 @@ class Connection:
             return NEED_DATA
         pos = self._pos
         end = pos + min(avail, self._payload_left)
-        with memoryview(self._buf) as view:
-            event = Data(bytes(view[pos:end]))
+        event = self._data(pos, end)
         self._pos = end
         self._payload_left -= end - pos
         return event

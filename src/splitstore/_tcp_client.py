@@ -279,7 +279,6 @@ class _Link:
         self.conn = stream.conn
         self.reusable = False
         self.idle_since = 0.0  # the loop's time when it was last put in the pool
-        self._eof = False
 
     async def handshake(self, token: str) -> None:
         await self.send(p.Preface(p.PROTOCOL_VERSION, p.PROTOCOL_VERSION))
@@ -391,7 +390,7 @@ class _Link:
         try:
             event = self.stream.next_event()
         except p.ProtocolViolation as exc:
-            if self._eof:  # cut off mid-message: the server went away, it did not misspeak
+            if self.stream.ended:  # cut off mid-message: the server went away, not misspoke
                 raise ConnectionResetError("the server closed the connection mid-transfer") from exc
             raise
         if isinstance(event, p.ConnectionClosed):
@@ -399,14 +398,10 @@ class _Link:
         return event
 
     async def _await_more(self, arrival: Awaitable[T]) -> T:
-        """Wait, within the I/O time-out, for ``arrival`` (bytes reaching the codec or
-        the reader's buffer); a falsy result means the peer closed: tell the codec."""
+        """Wait, within the I/O time-out, for ``arrival``: bytes reaching the codec or
+        the reader's buffer, or the connection's end (``CodecStream.ended``)."""
         async with asyncio.timeout(self.remote._io_timeout):
-            more = await arrival
-        if not more:
-            self.conn.receive_data(b"")
-            self._eof = True
-        return more
+            return await arrival
 
     async def close(self) -> None:
         self.reusable = False

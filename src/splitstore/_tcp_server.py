@@ -110,7 +110,6 @@ class _Session:
         self.limits = limits
         self.token = ""  # the HELLO's, once accepted
         self.conn = stream.conn
-        self._eof = False
 
     async def run(self) -> None:
         try:
@@ -285,13 +284,10 @@ class _Session:
             event = self.stream.next_event()
             if event is not p.NEED_DATA:
                 return event
-            if self._eof:
+            if self.stream.ended:
                 raise _Closed
             async with asyncio.timeout(timeout):
-                more = await self.stream.receive()
-            if not more:
-                self._eof = True
-                self.conn.receive_data(b"")
+                await self.stream.receive()
 
     async def _reply(self, fields: dict[str, Any]) -> None:
         self.stream.write(self.conn.send(p.Response(fields)))
