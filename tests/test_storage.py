@@ -8,12 +8,14 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
+from splitstore import _reclaim, _storage
 from splitstore._digest import stripe_digest
 from splitstore._service import IO_BATCH_BYTES, WRITE_BATCH_BYTES, StorageService, StripeChunks
 from splitstore._storage import (
@@ -91,6 +93,120 @@ def test_keeps_current_and_previous_only(tmp_path: Path) -> None:
     folder = tmp_path / "objects" / OID[:2] / OID
     assert sorted(p.name for p in folder.glob("*.stripe")) == [f"{V2}.stripe", f"{V3}.stripe"]
     assert store.get_record(OID).version_id == V3
+
+
+@contextlib.contextmanager
+def held_removals(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Path]]:
+    """Every stripe counts as large, and background removals wait until the block ends."""
+    monkeypatch.setattr(_storage, "RECLAIM_LATER_BYTES", 1)
+    gate, started, unlink = threading.Event(), [], _reclaim._unlink
+
+    def held(path: Path) -> None:
+        started.append(path)
+        gate.wait(10)
+        unlink(path)
+
+    monkeypatch.setattr(_reclaim, "_unlink", held)
+    try:
+        yield started
+    finally:
+        gate.set()
+        _reclaim.wait_reclaimed()
+
+
+def test_a_large_dropped_stripe_is_removed_after_the_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Freeing a large file takes a while: the commit answers before it is done, and the
+    version is gone from the object's folder (and its byte count) at once."""
+    store = LocalDiskStore(tmp_path)
+    folder, tmp = tmp_path / "objects" / OID[:2] / OID, tmp_path / "tmp"
+    with held_removals(monkeypatch) as started:
+        for vid in (V1, V2, V3):
+            put(store, OID, vid, vid.encode() * 100)
+            store.commit(OID, record(vid, vid.encode() * 100))
+        # The commit of V3 has returned, V1's removal has not run.
+        assert sorted(p.name for p in folder.iterdir()) == sorted(
+            ["record.json", f"{V2}.stripe", f"{V2}.meta", f"{V3}.stripe", f"{V3}.meta"]
+        )
+        assert store.used_bytes() == _tree_bytes(tmp_path / "objects")
+        aside = list(tmp.glob("*.dropped"))
+        assert [p.read_bytes() for p in aside] == [V1.encode() * 100]
+        assert _reclaim.pending_bytes() == 3200
+        with pytest.raises(StorageError) as gone:
+            store.open_stripe(OID, V1)
+        assert gone.value.code == "not_found"
+        assert store.get_record(OID).version_id == V3
+    assert started == aside
+    assert not list(tmp.iterdir())
+    assert _reclaim.pending_bytes() == 0
+    assert store.used_bytes() == _tree_bytes(tmp_path / "objects")
+
+
+def test_a_dropped_stripe_left_by_a_crash_goes_at_the_next_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = DataFolder(tmp_path)
+    store = folder.tenant("default")
+    with held_removals(monkeypatch):
+        for vid in (V1, V2, V3):
+            put(store, OID, vid, b"x" * 50)
+            store.commit(OID, record(vid, b"x" * 50))
+        assert len(list((tmp_path / "tmp").glob("*.dropped"))) == 1
+        DataFolder(tmp_path)  # the server, started again after a crash
+        assert not list((tmp_path / "tmp").iterdir())
+
+
+def test_space_being_freed_counts_as_free(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large file replaced on a nearly full disk is not refused for the space its own
+    older version is freeing."""
+    store = LocalDiskStore(tmp_path)
+    with held_removals(monkeypatch):
+        for vid in (V1, V2, V3):
+            put(store, OID, vid, b"y" * 1000)
+            store.commit(OID, record(vid, b"y" * 1000))
+        free = shutil.disk_usage(tmp_path).free
+        store.reserve_bytes = free - 500  # 500 bytes left, and 1,000 on their way out
+        store.begin_stripe(OID2, V1, 1400).abort()
+        with pytest.raises(StorageError) as full:
+            store.begin_stripe(OID2, V1, 2000)
+        assert full.value.code == "insufficient_storage"
+
+
+def test_deleting_after_a_drop_keeps_the_byte_count_true(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = LocalDiskStore(tmp_path)
+    with held_removals(monkeypatch):
+        for vid in (V1, V2, V3):
+            put(store, OID, vid, vid.encode() * 10)
+            store.commit(OID, record(vid, vid.encode() * 10))
+        store.delete(OID)
+        assert store.used_bytes() == 0
+
+
+def test_a_stripe_that_cannot_be_set_aside_is_removed_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = LocalDiskStore(tmp_path)
+    with held_removals(monkeypatch) as started:
+        for vid in (V1, V2):
+            put(store, OID, vid, b"z" * 10)
+            store.commit(OID, record(vid, b"z" * 10))
+        real_replace = os.replace
+
+        def no_rename(src: Path, dst: Path) -> None:  # tmp/ on another file system
+            if str(dst).endswith(".dropped"):
+                raise OSError(errno.EXDEV, "Invalid cross-device link")
+            real_replace(src, dst)
+
+        monkeypatch.setattr(os, "replace", no_rename)
+        put(store, OID, V3, b"z" * 10)
+        store.commit(OID, record(V3, b"z" * 10))
+        assert not (tmp_path / "objects" / OID[:2] / OID / f"{V1}.stripe").exists()
+        assert started == []
+        assert not list((tmp_path / "tmp").iterdir())
+        assert store.used_bytes() == _tree_bytes(tmp_path / "objects")
 
 
 def test_delete(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ import contextlib
 import errno
 import json
 import os
+import secrets
 import shutil
 import tempfile
 import threading
@@ -41,6 +42,7 @@ import orjson
 from ._digest import from_sha256_hex, is_digest, new_stripe_hasher, stripe_digest
 from ._manifest import MAX_MANIFEST_BYTES
 from ._names import is_object_id, is_version_id
+from ._reclaim import RECLAIM_LATER_BYTES, pending_bytes, reclaim_later
 from ._syncing import SyncingWriter
 from ._tenants import SINGLE_TENANT, is_tenant_name
 
@@ -293,7 +295,7 @@ class LocalDiskStore:
         _check_ids(object_id, version_id)
         if not _is_length(length) or length > MAX_STRIPE_BYTES:
             raise StorageError("too_large", f"a stripe can be at most {MAX_STRIPE_BYTES} bytes")
-        free = shutil.disk_usage(self.root).free
+        free = _free_bytes(self.root)
         if length + self.reserve_bytes > free:
             raise StorageError(
                 "insufficient_storage",
@@ -352,7 +354,7 @@ class LocalDiskStore:
         for object_id, version_id, data in stripes:
             _check_ids(object_id, version_id)
             total += len(data)
-        free = shutil.disk_usage(self.root).free
+        free = _free_bytes(self.root)
         if total + self.reserve_bytes > free:
             raise StorageError(
                 "insufficient_storage",
@@ -506,9 +508,27 @@ class LocalDiskStore:
             stem, dot, suffix = path.name.partition(".")
             if dot and suffix in ("stripe", "meta") and stem not in keep:
                 size = _file_bytes(path)
+                if (
+                    suffix == "stripe"
+                    and size >= RECLAIM_LATER_BYTES
+                    and self._set_aside(path, size)
+                ):
+                    self._used -= size
+                    continue
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
                     self._used -= size
+
+    def _set_aside(self, path: Path, size: int) -> bool:
+        """Move a large dropped stripe into tmp/ and have it unlinked there later
+        (``_reclaim``); False if it was not moved (it is then unlinked at once)."""
+        aside = self._tmp / f"{secrets.token_hex(8)}.dropped"
+        try:
+            os.replace(path, aside)
+        except OSError:
+            return False
+        reclaim_later(aside, size)
+        return True
 
     def _install(self, tmp: Path, final: Path, length: int, digest: str) -> None:
         """Make a complete, fsynced stripe visible and count it (the upload's last step)."""
@@ -636,6 +656,11 @@ def _stage(folder: Path, data: bytes | memoryview, suffix: str, prefix: str = ""
 # A batch's fsyncs are issued together: the file system's journal then commits them in
 # groups, 2-4x faster per file than one after another on the disk measured.
 _FSYNC_POOL = ThreadPoolExecutor(8, thread_name_prefix="splitstore-fsync")
+
+
+def _free_bytes(root: Path) -> int:
+    """Free space for new stripes: what the disk has, and what dropped stripes will free."""
+    return shutil.disk_usage(root).free + pending_bytes()
 
 
 def _fsync_all(paths: Sequence[Path], *, folders: bool = False) -> None:
