@@ -143,6 +143,40 @@ def test_a_large_dropped_stripe_is_removed_after_the_commit(
     assert store.used_bytes() == _tree_bytes(tmp_path / "objects")
 
 
+def test_a_dropped_file_is_freed_from_its_end_in_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """So that an fsync meanwhile never waits for the whole file's blocks to be freed."""
+    monkeypatch.setattr(_reclaim, "RECLAIM_STEP_BYTES", 10)
+    sizes: list[int] = []
+    truncate = os.ftruncate
+
+    def traced(fd: int, size: int) -> None:
+        sizes.append(size)
+        truncate(fd, size)
+
+    monkeypatch.setattr(os, "ftruncate", traced)
+    doomed = tmp_path / "x.dropped"
+    doomed.write_bytes(b"d" * 35)
+    _reclaim.reclaim_later(doomed, 35)
+    _reclaim.wait_reclaimed()
+    assert sizes == [25, 15, 5]
+    assert not doomed.exists()
+    assert _reclaim.pending_bytes() == 0
+
+
+def test_a_dropped_file_that_cannot_be_freed_is_reported_and_left(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    stuck = tmp_path / "y.dropped"
+    stuck.mkdir()  # not a file: opening it for writing fails
+    _reclaim.reclaim_later(stuck, 99)
+    _reclaim.wait_reclaimed()
+    assert stuck.exists()
+    assert "could not remove y.dropped" in caplog.text
+    assert _reclaim.pending_bytes() == 0
+
+
 def test_a_dropped_stripe_left_by_a_crash_goes_at_the_next_start(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
