@@ -168,7 +168,7 @@ class CoalescingRemote:
         self, object_id: str, version_id: str, *, expected_length: int | None = None
     ) -> AbstractAsyncContextManager[StripeReader]:
         if expected_length is None or expected_length > BATCHED_STRIPE_BYTES:
-            return self.remote.get_stripe(object_id, version_id)
+            return self.remote.get_stripe(object_id, version_id, expected_length=expected_length)
         return self._get_small(object_id, version_id, expected_length)
 
     @asynccontextmanager

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import http.client
 import json
 import ssl
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -14,18 +15,22 @@ import aiohttp
 from aiohttp.http_exceptions import HttpProcessingError
 
 from ._batch import MAX_BATCH_BYTES, MAX_BATCH_ITEMS
+from ._bulk import BULK_READ_MIN_BYTES, BulkStripe, Endpoint, in_bulk_thread
 from ._errors import (
     ProtocolError,
     ServerUnavailableError,
     SplitStoreError,
     TLSVerificationError,
 )
+from ._http_bulk import HttpBulkOpener
 from ._remote import (
     MAX_LISTING_LINE,
     ListingParser,
+    StripeReader,
+    connection_error,
+    http_reply,
     parse_record,
     parse_reply,
-    raise_for_code,
     read_commit_results,
     read_put_stripes_reply,
     read_record_lines,
@@ -62,8 +67,10 @@ class HttpsRemote:
         netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.label = label or f"https server at {netloc}"
         self._base = f"https://{netloc}"
+        self._host, self._port = host, port
         self._token = token
         self._ssl = ssl_context
+        self._connect_timeout = connect_timeout
         self._io_timeout = io_timeout
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=connect_timeout, sock_connect=connect_timeout, sock_read=io_timeout
@@ -126,8 +133,13 @@ class HttpsRemote:
     @asynccontextmanager
     async def get_stripe(
         self, object_id: str, version_id: str, *, expected_length: int | None = None
-    ) -> AsyncIterator[_HttpStripe]:
-        url = f"{self._base}/v1/objects/{object_id}/stripes/{version_id}"
+    ) -> AsyncIterator[StripeReader]:
+        path = f"/v1/objects/{object_id}/stripes/{version_id}"
+        if expected_length is not None and expected_length >= BULK_READ_MIN_BYTES:
+            async with self._bulk_stripe(path) as bulk:
+                yield bulk
+            return
+        url = f"{self._base}{path}"
         with self._translating():
             async with self._http().get(url) as resp:
                 if resp.status != 200:
@@ -137,6 +149,25 @@ class HttpsRemote:
                         f"the {self.label} sent a stripe without a length", server=self.label
                     )
                 yield _HttpStripe(resp, self)
+
+    @asynccontextmanager
+    async def _bulk_stripe(self, path: str) -> AsyncIterator[BulkStripe]:
+        """A large stripe, on a blocking connection of its own read in bulk threads."""
+        at = Endpoint(
+            self._host,
+            self._port,
+            self._token,
+            self._ssl,
+            self._connect_timeout,
+            self._io_timeout,
+            self.label,
+        )
+        opener = HttpBulkOpener(at, max_reply_bytes=MAX_REPLY_BYTES)
+        with self._translating():
+            try:
+                yield await in_bulk_thread(lambda: opener.open(path), lambda: opener.sock)
+            finally:
+                opener.close()
 
     async def commit(self, object_id: str, record: ObjectRecord) -> None:
         url = f"{self._base}/v1/objects/{object_id}/record"
@@ -238,14 +269,7 @@ class HttpsRemote:
             raw += piece
             if len(raw) > MAX_REPLY_BYTES:
                 raise ProtocolError(f"the {self.label} sent an oversized reply", server=self.label)
-        if resp.status >= 400:
-            try:
-                err = json.loads(raw)["error"]
-                code, message = str(err["code"]), str(err["message"])
-            except (ValueError, KeyError, TypeError):
-                code, message = "internal", f"HTTP {resp.status}"
-            raise_for_code(code, message, self.label)
-        return parse_reply(raw, self.label)
+        return http_reply(resp.status, raw, self.label)
 
     @contextmanager
     def _translating(self) -> Iterator[None]:
@@ -283,6 +307,17 @@ class HttpsRemote:
             raise ServerUnavailableError(
                 f"talking to the {label} failed: {exc}", server=label
             ) from exc
+        # From the blocking connections of large fetches (``_http_bulk``):
+        except (http.client.IncompleteRead, http.client.RemoteDisconnected) as exc:
+            raise ServerUnavailableError(
+                f"the {label} closed the connection mid-transfer", server=label
+            ) from exc
+        except http.client.HTTPException as exc:
+            raise ServerUnavailableError(
+                f"talking to the {label} failed: {exc!r}", server=label
+            ) from exc
+        except OSError as exc:  # ssl.SSLError included
+            raise connection_error(exc, label) from exc
 
 
 class _HttpStripe:

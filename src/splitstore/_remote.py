@@ -21,16 +21,21 @@ from ._errors import (
     ProtocolError,
     QuotaExceededError,
     ServerError,
+    ServerUnavailableError,
     SplitStoreError,
     StorageFullError,
+    TLSVerificationError,
 )
 from ._storage import MAX_RECORD_BYTES, ObjectRecord, StorageError
+from ._tls import describe_ssl_error, find_ssl_error
 
 __all__ = [
     "ListingParser",
     "Remote",
     "StripeReader",
+    "connection_error",
     "error_for_code",
+    "http_reply",
     "parse_record",
     "parse_reply",
     "raise_for_code",
@@ -129,6 +134,33 @@ def parse_reply(raw: bytes, label: str) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise ProtocolError(f"the {label} sent a reply that is not a JSON object", server=label)
     return doc
+
+
+def connection_error(exc: OSError, label: str) -> SplitStoreError:
+    """The SplitStoreError for a socket or TLS failure in talking to the server ``label``."""
+    cert = find_ssl_error(exc)
+    if cert is not None:
+        return TLSVerificationError(
+            f"cannot trust the {label}: {describe_ssl_error(cert)}", server=label
+        )
+    if isinstance(exc, ConnectionRefusedError):
+        return ServerUnavailableError(
+            f"cannot connect to the {label}: connection refused", server=label
+        )
+    reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return ServerUnavailableError(f"the connection to the {label} failed: {reason}", server=label)
+
+
+def http_reply(status: int, raw: bytes, label: str) -> dict[str, Any]:
+    """The HTTPS server's JSON reply of status ``status``; its error raised for 4xx/5xx."""
+    if status >= 400:
+        try:
+            err = orjson.loads(raw)["error"]
+            code, message = str(err["code"]), str(err["message"])
+        except (ValueError, KeyError, TypeError):
+            code, message = "internal", f"HTTP {status}"
+        raise_for_code(code, message, label)
+    return parse_reply(raw, label)
 
 
 def parse_record(doc: Any, label: str) -> ObjectRecord:

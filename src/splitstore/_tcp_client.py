@@ -11,11 +11,14 @@ from typing import Any, TypeVar
 
 from . import _protocol as p
 from ._batch import MAX_BATCH_BYTES, MAX_BATCH_ITEMS
+from ._bulk import BULK_READ_MIN_BYTES, BulkStripe, Endpoint, in_bulk_thread
 from ._codec_stream import CodecStream, open_codec_stream
-from ._errors import ProtocolError, ServerUnavailableError, SplitStoreError, TLSVerificationError
+from ._errors import ProtocolError, ServerUnavailableError, SplitStoreError
 from ._remote import (
     MAX_LISTING_LINE,
     ListingParser,
+    StripeReader,
+    connection_error,
     parse_record,
     raise_for_code,
     read_commit_results,
@@ -28,8 +31,8 @@ from ._remote import (
     upload_digest,
 )
 from ._storage import ObjectRecord
-from ._tls import describe_ssl_error, find_ssl_error
-from ._version import __version__
+from ._tcp_bulk import TcpBulkOpener
+from ._tcp_steps import RECEIVE, body_piece, handshake_steps, next_event, stripe_length
 
 __all__ = ["TcpRemote"]
 
@@ -137,19 +140,39 @@ class TcpRemote:
     @asynccontextmanager
     async def get_stripe(
         self, object_id: str, version_id: str, *, expected_length: int | None = None
-    ) -> AsyncIterator[_TcpStripe]:
+    ) -> AsyncIterator[StripeReader]:
+        if expected_length is not None and expected_length >= BULK_READ_MIN_BYTES:
+            async with self._bulk_stripe(object_id, version_id) as bulk:
+                yield bulk
+            return
         async with self._link() as link:
             with self._translating():
                 await link.request("get_stripe", {"object_id": object_id, "version_id": version_id})
-                reply = await link.read_response()
-                length = reply.get("length")
-                if not isinstance(length, int) or length < 0:
-                    raise ProtocolError(
-                        f"the {self.label} sent a bad stripe length", server=self.label
-                    )
+                length = stripe_length(await link.read_response(), self.label)
                 stripe = _TcpStripe(link, length)
                 yield stripe
                 await stripe.drain()
+
+    @asynccontextmanager
+    async def _bulk_stripe(self, object_id: str, version_id: str) -> AsyncIterator[BulkStripe]:
+        """A large stripe, on a blocking connection of its own read in bulk threads."""
+        at = Endpoint(
+            self.host,
+            self.port,
+            self._token,
+            self._ssl,
+            self._connect_timeout,
+            self._io_timeout,
+            self.label,
+        )
+        opener = TcpBulkOpener(at)
+        with self._translating():
+            try:
+                yield await in_bulk_thread(
+                    lambda: opener.open(object_id, version_id), lambda: opener.sock
+                )
+            finally:
+                opener.close()
 
     async def commit(self, object_id: str, record: ObjectRecord) -> None:
         await self._simple("commit", {"object_id": object_id, **record.to_json()})
@@ -255,20 +278,12 @@ class TcpRemote:
             raise ProtocolError(f"the {label} broke the protocol: {exc}", server=label) from exc
         except TimeoutError as exc:
             raise ServerUnavailableError(f"the {label} timed out", server=label) from exc
-        except (ssl.SSLError, ConnectionError, OSError, asyncio.IncompleteReadError) as exc:
-            cert = find_ssl_error(exc)
-            if cert is not None:
-                raise TLSVerificationError(
-                    f"cannot trust the {label}: {describe_ssl_error(cert)}", server=label
-                ) from exc
-            if isinstance(exc, ConnectionRefusedError):
-                raise ServerUnavailableError(
-                    f"cannot connect to the {label}: connection refused", server=label
-                ) from exc
-            reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        except asyncio.IncompleteReadError as exc:
             raise ServerUnavailableError(
-                f"the connection to the {label} failed: {reason}", server=label
+                f"the connection to the {label} failed: {exc}", server=label
             ) from exc
+        except OSError as exc:  # ssl.SSLError and ConnectionError included
+            raise connection_error(exc, label) from exc
 
 
 class _Link:
@@ -281,26 +296,15 @@ class _Link:
         self.idle_since = 0.0  # the loop's time when it was last put in the pool
 
     async def handshake(self, token: str) -> None:
-        await self.send(p.Preface(p.PROTOCOL_VERSION, p.PROTOCOL_VERSION))
-        reply = await self.next()
-        if isinstance(reply, p.PrefaceReply) and reply.version == 0:
-            error = await self.next()
-            message = error.message if isinstance(error, p.Error) else "no common version"
-            raise ProtocolError(
-                f"the {self.remote.label} speaks another protocol version ({message[:200]}); "
-                f"this client, splitstore {__version__}, speaks protocol version "
-                f"{p.PROTOCOL_VERSION}: "
-                "run the same splitstore version on the client and the servers",
-                server=self.remote.label,
-            )
-        if not isinstance(reply, p.PrefaceReply):
-            raise p.ProtocolViolation("expected the preface reply")
-        await self.send(p.Hello(token))
-        ready = await self.next()
-        if isinstance(ready, p.Error):
-            raise_for_code(ready.code, ready.message, self.remote.label)
-        if not isinstance(ready, p.Ready):
-            raise p.ProtocolViolation("expected READY")
+        steps = handshake_steps(token, self.remote.label)
+        step = next(steps)
+        with contextlib.suppress(StopIteration):
+            while True:
+                if step is RECEIVE:
+                    step = steps.send(await self.next())
+                else:
+                    await self.send(step)
+                    step = next(steps)
         self.reusable = True
 
     async def request(self, op: str, fields: dict[str, Any]) -> None:
@@ -359,14 +363,10 @@ class _Link:
 
     def _body_piece(self, event: Any) -> bytes | None:
         """A body event's bytes; None at the END."""
-        if isinstance(event, p.Data):
-            return event.payload
-        if isinstance(event, p.End):
+        piece = body_piece(event, self.remote.label)
+        if piece is None:
             self.reusable = True
-            return None
-        if isinstance(event, p.Error):
-            raise_for_code(event.code, event.message, self.remote.label)
-        raise p.ProtocolViolation("expected DATA or END")
+        return piece
 
     async def send(self, event: Any) -> None:
         self.stream.write(self.conn.send(event))
@@ -387,15 +387,7 @@ class _Link:
 
     def _poll(self) -> Any:
         """The next event, or NEED_DATA."""
-        try:
-            event = self.stream.next_event()
-        except p.ProtocolViolation as exc:
-            if self.stream.ended:  # cut off mid-message: the server went away, not misspoke
-                raise ConnectionResetError("the server closed the connection mid-transfer") from exc
-            raise
-        if isinstance(event, p.ConnectionClosed):
-            raise ConnectionResetError("the server closed the connection")
-        return event
+        return next_event(self.stream.next_event, ended=self.stream.ended)
 
     async def _await_more(self, arrival: Awaitable[T]) -> T:
         """Wait, within the I/O time-out, for ``arrival``: bytes reaching the codec or

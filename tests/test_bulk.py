@@ -1,0 +1,214 @@
+"""Large stripes fetched on blocking connections in bulk threads (``_bulk``)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from splitstore import NotFoundError, ServerUnavailableError, TLSVerificationError
+from splitstore import _protocol as p
+from splitstore._bulk import BULK_READ_MIN_BYTES
+from splitstore._http_bulk import HttpBulkOpener
+from splitstore._http_client import HttpsRemote
+from splitstore._remote import Remote
+from splitstore._tcp_bulk import TcpBulkOpener
+from splitstore._tcp_client import TcpRemote
+from splitstore._tls import client_ssl_context, server_ssl_context
+
+from .conftest import LiveServers
+
+KINDS = ["https", "tcp"]
+OID, VID = "a" * 64, "b" * 32
+STRIPE = 2 * BULK_READ_MIN_BYTES  # what the scripted peers announce
+
+
+def spy_on_opens(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """Record each bulk connection opened: its kind, and the thread that opened it."""
+    opened: list[tuple[str, str]] = []
+    for kind, opener in (("https", HttpBulkOpener), ("tcp", TcpBulkOpener)):
+        real = opener.open
+
+        def spying(self: Any, *args: Any, _kind: str = kind, _real: Any = real) -> Any:
+            opened.append((_kind, threading.current_thread().name))
+            return _real(self, *args)
+
+        monkeypatch.setattr(opener, "open", spying)
+    return opened
+
+
+def test_a_large_file_is_fetched_over_bulk_connections(
+    servers: LiveServers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opened = spy_on_opens(monkeypatch)
+    big, small = os.urandom(3 * BULK_READ_MIN_BYTES + 12345), os.urandom(100_000)
+    (tmp_path / "big").write_bytes(big)
+    (tmp_path / "small").write_bytes(small)
+    with servers.client() as client:
+        client.store(tmp_path / "big", "big")
+        client.store(tmp_path / "small", "small")
+        assert client.fetch("small", tmp_path / "small.out").read_bytes() == small
+        assert opened == []  # small stripes stay on the pooled connections
+        assert client.fetch("big", tmp_path / "big.out").read_bytes() == big
+    assert sorted(kind for kind, _ in opened) == KINDS
+    assert all(thread.startswith("splitstore-bulk") for _, thread in opened)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_missing_stripe_is_not_found(servers: LiveServers, kind: str) -> None:
+    expect_on_open(remote_for(servers, kind), NotFoundError)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_bulk_connection_checks_the_certificate(
+    servers: LiveServers, kind: str, tmp_path: Path
+) -> None:
+    from splitstore._setup import generate_ca
+
+    (tmp_path / "other-ca.pem").write_bytes(generate_ca("some other CA").cert_pem)
+    remote = remote_for(servers, kind, ca=tmp_path / "other-ca.pem")
+    expect_on_open(remote, TLSVerificationError, match="cannot trust")
+
+
+def expect_on_open(remote: Remote, error: type[Exception], match: str | None = None) -> None:
+    """Opening a large stripe of ``remote`` raises ``error``."""
+
+    async def scenario() -> None:
+        try:
+            with pytest.raises(error, match=match):
+                async with remote.get_stripe(OID, VID, expected_length=STRIPE):
+                    pass
+        finally:
+            await remote.close()
+
+    asyncio.run(scenario())
+
+
+# -- peers that misbehave mid-body -----------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_stalled_bulk_read_times_out(servers: LiveServers, kind: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(ServerUnavailableError, match="timed out"):
+        read_from_peer(servers, kind, stall=True, io_timeout=1.0)
+    assert time.monotonic() - started < 20
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_body_cut_short_is_the_server_going_away(servers: LiveServers, kind: str) -> None:
+    with pytest.raises(ServerUnavailableError, match="closed the connection mid-transfer"):
+        read_from_peer(servers, kind, stall=False, io_timeout=10.0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_cancelled_bulk_read_ends_its_thread_at_once(servers: LiveServers, kind: str) -> None:
+    """The read's thread is blocked in recv with a long time-out: cancelling the read shuts
+    the socket down, so the cancellation is through in well under that time-out."""
+
+    async def cancel_soon(read: Awaitable[Any]) -> float:
+        task = asyncio.ensure_future(read)
+        await asyncio.sleep(0.5)
+        assert not task.done()
+        started = time.monotonic()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return time.monotonic() - started
+
+    took = read_from_peer(servers, kind, stall=True, io_timeout=60.0, around=cancel_soon)
+    assert took < 5
+
+
+def read_from_peer(
+    servers: LiveServers,
+    kind: str,
+    *,
+    stall: bool,
+    io_timeout: float,
+    around: Callable[[Awaitable[Any]], Awaitable[Any]] | None = None,
+) -> Any:
+    """Read a stripe from a peer that sends a third of its body, then stalls (``stall``)
+    or closes the connection."""
+    paths = servers.paths
+
+    async def scenario() -> Any:
+        answer = _http_peer if kind == "https" else _tcp_peer
+        held: list[asyncio.StreamWriter] = []
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            held.append(writer)
+            await answer(reader, writer)
+            if stall:
+                await asyncio.sleep(120)
+            writer.close()
+
+        ctx = server_ssl_context(paths.server_cert, paths.server_key)
+        peer = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=ctx)
+        port = peer.sockets[0].getsockname()[1]
+        remote = remote_for(servers, kind, port=port, io_timeout=io_timeout)
+
+        async def read() -> None:
+            async with remote.get_stripe(OID, VID, expected_length=STRIPE) as stripe:
+                await stripe.read(STRIPE)
+
+        try:
+            return await (around or (lambda aw: aw))(read())
+        finally:
+            await remote.close()
+            for writer in held:
+                writer.transport.abort()
+            peer.close()
+
+    return asyncio.run(scenario())
+
+
+async def _http_peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+        b"Content-Length: %d\r\n\r\n" % STRIPE + b"x" * (STRIPE // 3)
+    )
+    await writer.drain()
+
+
+async def _tcp_peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    conn = p.Connection(p.Role.SERVER)
+
+    async def next_event() -> Any:
+        while (event := conn.next_event()) is p.NEED_DATA:
+            conn.receive_data(await reader.read(65536))
+        return event
+
+    await next_event()  # PREFACE
+    writer.write(conn.send(p.PrefaceReply(p.PROTOCOL_VERSION)))
+    await next_event()  # HELLO
+    writer.write(conn.send(p.Ready({})))
+    await next_event()  # REQUEST
+    await next_event()  # END
+    writer.write(conn.send(p.Response({"length": STRIPE})))
+    writer.writelines(conn.send_data(b"x" * (STRIPE // 3)))
+    await writer.drain()
+
+
+def remote_for(
+    servers: LiveServers,
+    kind: str,
+    *,
+    port: int | None = None,
+    ca: Path | None = None,
+    io_timeout: float = 10.0,
+) -> Remote:
+    ctx = client_ssl_context(ca or servers.paths.ca_cert)
+    port = port or servers.config.server(kind).port  # type: ignore[arg-type]
+    token = servers.config.token()
+    assert port is not None
+    if kind == "https":
+        return HttpsRemote("127.0.0.1", port, token, ctx, io_timeout=io_timeout)
+    return TcpRemote("127.0.0.1", port, token, ctx, io_timeout=io_timeout)
