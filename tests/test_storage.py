@@ -132,49 +132,68 @@ def test_a_large_dropped_stripe_is_removed_after_the_commit(
         assert store.used_bytes() == _tree_bytes(tmp_path / "objects")
         aside = list(tmp.glob("*.dropped"))
         assert [p.read_bytes() for p in aside] == [V1.encode() * 100]
-        assert _reclaim.pending_bytes() == 3200
+        device = os.stat(tmp_path).st_dev
+        assert _reclaim.pending_bytes(device) == 3200
+        assert _reclaim.pending_bytes(device + 1) == 0  # counted for its own disk only
         with pytest.raises(StorageError) as gone:
             store.open_stripe(OID, V1)
         assert gone.value.code == "not_found"
         assert store.get_record(OID).version_id == V3
     assert started == aside
     assert not list(tmp.iterdir())
-    assert _reclaim.pending_bytes() == 0
+    assert _reclaim.pending_bytes(os.stat(tmp_path).st_dev) == 0
     assert store.used_bytes() == _tree_bytes(tmp_path / "objects")
 
 
-def test_a_dropped_file_is_freed_from_its_end_in_steps(
+def test_a_fetch_of_a_dropped_stripe_still_reads_it_whole(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """So that an fsync meanwhile never waits for the whole file's blocks to be freed."""
-    monkeypatch.setattr(_reclaim, "RECLAIM_STEP_BYTES", 10)
-    sizes: list[int] = []
-    truncate = os.ftruncate
+    """A stripe being served when a later commit drops it is unlinked, never cut short:
+    the reader that has it open reads to its end."""
+    monkeypatch.setattr(_storage, "RECLAIM_LATER_BYTES", 1)
+    store = LocalDiskStore(tmp_path)
+    data = os.urandom(50_000)
+    put(store, OID, V1, data)
+    store.commit(OID, record(V1, data))
+    f, _ = store.open_stripe(OID, V1)
+    with f:
+        head = f.read(1000)
+        for vid in (V2, V3):
+            put(store, OID, vid, vid.encode())
+            store.commit(OID, record(vid, vid.encode()))
+        _reclaim.wait_reclaimed()
+        assert not list((tmp_path / "tmp").iterdir())  # V1 is gone from the disk's tree
+        assert head + f.read() == data
 
-    def traced(fd: int, size: int) -> None:
-        sizes.append(size)
-        truncate(fd, size)
 
-    monkeypatch.setattr(os, "ftruncate", traced)
-    doomed = tmp_path / "x.dropped"
-    doomed.write_bytes(b"d" * 35)
-    _reclaim.reclaim_later(doomed, 35)
-    _reclaim.wait_reclaimed()
-    assert sizes == [25, 15, 5]
-    assert not doomed.exists()
-    assert _reclaim.pending_bytes() == 0
+def test_a_dropped_stripe_with_no_thread_to_free_it_goes_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_storage, "RECLAIM_LATER_BYTES", 1)
+
+    def no_thread(path: Path, size: int) -> None:
+        raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+    monkeypatch.setattr(_storage, "reclaim_later", no_thread)
+    store = LocalDiskStore(tmp_path)
+    for vid in (V1, V2, V3):
+        put(store, OID, vid, vid.encode())
+        store.commit(OID, record(vid, vid.encode()))
+    assert not list((tmp_path / "tmp").iterdir())
+    assert store.get_record(OID).version_id == V3
+    assert store.used_bytes() == _tree_bytes(tmp_path / "objects")
 
 
 def test_a_dropped_file_that_cannot_be_freed_is_reported_and_left(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     stuck = tmp_path / "y.dropped"
-    stuck.mkdir()  # not a file: opening it for writing fails
+    stuck.mkdir()  # not a file: unlink refuses it
     _reclaim.reclaim_later(stuck, 99)
     _reclaim.wait_reclaimed()
     assert stuck.exists()
     assert "could not remove y.dropped" in caplog.text
-    assert _reclaim.pending_bytes() == 0
+    assert _reclaim.pending_bytes(os.stat(tmp_path).st_dev) == 0
 
 
 def test_a_dropped_stripe_left_by_a_crash_goes_at_the_next_start(

@@ -527,7 +527,11 @@ class LocalDiskStore:
             os.replace(path, aside)
         except OSError:
             return False
-        reclaim_later(aside, size)
+        try:
+            reclaim_later(aside, size)
+        except (OSError, RuntimeError):  # no thread for it (shutting down): at once, then
+            with contextlib.suppress(OSError):
+                aside.unlink()
         return True
 
     def _install(self, tmp: Path, final: Path, length: int, digest: str) -> None:
@@ -660,7 +664,7 @@ _FSYNC_POOL = ThreadPoolExecutor(8, thread_name_prefix="splitstore-fsync")
 
 def _free_bytes(root: Path) -> int:
     """Free space for new stripes: what the disk has, and what dropped stripes will free."""
-    return shutil.disk_usage(root).free + pending_bytes()
+    return shutil.disk_usage(root).free + pending_bytes(os.stat(root).st_dev)
 
 
 def _fsync_all(paths: Sequence[Path], *, folders: bool = False) -> None:
