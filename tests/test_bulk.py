@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import threading
 import time
@@ -12,11 +13,12 @@ from typing import Any
 
 import pytest
 
-from splitstore import NotFoundError, ServerUnavailableError, TLSVerificationError
+from splitstore import NotFoundError, ServerError, ServerUnavailableError, TLSVerificationError
 from splitstore import _protocol as p
 from splitstore._bulk import BULK_READ_MIN_BYTES
 from splitstore._http_bulk import HttpBulkOpener
 from splitstore._http_client import HttpsRemote
+from splitstore._pipeline import PieceSink
 from splitstore._remote import Remote
 from splitstore._tcp_bulk import TcpBulkOpener
 from splitstore._tcp_client import TcpRemote
@@ -112,18 +114,59 @@ def test_a_cancelled_bulk_read_ends_its_thread_at_once(servers: LiveServers, kin
     """The read's thread is blocked in recv with a long time-out: cancelling the read shuts
     the socket down, so the cancellation is through in well under that time-out."""
 
-    async def cancel_soon(read: Awaitable[Any]) -> float:
-        task = asyncio.ensure_future(read)
-        await asyncio.sleep(0.5)
-        assert not task.done()
-        started = time.monotonic()
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        return time.monotonic() - started
-
     took = read_from_peer(servers, kind, stall=True, io_timeout=60.0, around=cancel_soon)
     assert took < 5
+
+
+async def cancel_soon(work: Awaitable[Any]) -> float:
+    """Start ``work``, cancel it half a second later; how long the cancellation took."""
+    task = asyncio.ensure_future(work)
+    await asyncio.sleep(0.5)
+    assert not task.done()
+    started = time.monotonic()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    return time.monotonic() - started
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("stage", ["handshake", "reply"])
+def test_a_cancelled_open_ends_at_once(servers: LiveServers, kind: str, stage: str) -> None:
+    """Cancelled while the connection is being opened (the peer never finishes the TLS
+    handshake, or never answers the request), with long time-outs: through at once."""
+    paths = servers.paths
+
+    async def scenario() -> float:
+        held: list[asyncio.StreamWriter] = []
+
+        async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            held.append(writer)
+            await reader.read(65536)
+            await asyncio.sleep(120)
+
+        tls = (
+            None
+            if stage == "handshake"
+            else server_ssl_context(paths.server_cert, paths.server_key)
+        )
+        peer = await asyncio.start_server(hold, "127.0.0.1", 0, ssl=tls)
+        port = peer.sockets[0].getsockname()[1]
+        remote = remote_for(servers, kind, port=port, io_timeout=60.0, connect_timeout=60.0)
+
+        async def open_stripe() -> None:
+            async with remote.get_stripe(OID, VID, expected_length=STRIPE):
+                pass
+
+        try:
+            return await cancel_soon(open_stripe())
+        finally:
+            await remote.close()
+            for writer in held:
+                writer.transport.abort()
+            peer.close()
+
+    assert asyncio.run(scenario()) < 5
 
 
 def read_from_peer(
@@ -204,11 +247,33 @@ def remote_for(
     port: int | None = None,
     ca: Path | None = None,
     io_timeout: float = 10.0,
+    connect_timeout: float = 10.0,
 ) -> Remote:
     ctx = client_ssl_context(ca or servers.paths.ca_cert)
     port = port or servers.config.server(kind).port  # type: ignore[arg-type]
     token = servers.config.token()
     assert port is not None
-    if kind == "https":
-        return HttpsRemote("127.0.0.1", port, token, ctx, io_timeout=io_timeout)
-    return TcpRemote("127.0.0.1", port, token, ctx, io_timeout=io_timeout)
+    kind_of_remote = HttpsRemote if kind == "https" else TcpRemote
+    return kind_of_remote(
+        "127.0.0.1", port, token, ctx, io_timeout=io_timeout, connect_timeout=connect_timeout
+    )
+
+
+@pytest.mark.parametrize("size", [200_000, 3 * BULK_READ_MIN_BYTES], ids=["pooled", "bulk"])
+def test_a_local_failure_mid_fetch_is_not_blamed_on_a_server(
+    servers: LiveServers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    """An error raised by the fetch's own side while a stripe is open passes through the
+    remote untranslated: a full disk is not the server's connection failing."""
+    (tmp_path / "f").write_bytes(os.urandom(size))
+    with servers.client() as client:
+        client.store(tmp_path / "f", "f")
+
+        def disk_full(self: PieceSink, pieces: object) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(PieceSink, "take", disk_full)
+        with pytest.raises(OSError, match="No space left") as info:
+            client.fetch("f", tmp_path / "out")
+    assert not isinstance(info.value, ServerError)
+    assert info.value.errno == errno.ENOSPC

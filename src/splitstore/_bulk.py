@@ -11,10 +11,11 @@ thread of ``_pool``; everything else (records, listings, small stripes, uploads)
 the event loop, where a connection is shared and pooled. The wire is the same either way.
 
 The remotes open such a connection (``_http_bulk``, ``_tcp_bulk``) and wrap what reads
-its body in a ``BulkStripe``. A read that is cancelled (the fetch failed elsewhere, or
-was given up) shuts the socket down, so that the thread, blocked in ``recv``, ends at
-once rather than at its time-out; the read raises the cancellation only once the thread
-has ended, as ``_threads.in_thread_to_the_end`` does.
+its body in a ``BulkStripe``. A cancelled step (the fetch failed elsewhere, or was given
+up) shuts the socket down, whichever step the thread is in (connecting, the TLS
+handshake, waiting for the reply or the body), so that it ends at once rather than at
+its time-out; the cancellation is raised only once the thread has ended, as
+``_threads.in_thread_to_the_end`` does.
 """
 
 from __future__ import annotations
@@ -23,13 +24,23 @@ import asyncio
 import contextlib
 import socket
 import ssl
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
 from ._threads import outlast, shared_pool
 
-__all__ = ["BULK_READ_MIN_BYTES", "BulkStripe", "Endpoint", "in_bulk_thread", "shut_down"]
+__all__ = [
+    "BULK_READ_MIN_BYTES",
+    "BulkOpener",
+    "BulkSocket",
+    "BulkStripe",
+    "Endpoint",
+    "connect",
+    "in_bulk_thread",
+    "shut_down",
+]
 
 T = TypeVar("T")
 
@@ -56,16 +67,94 @@ class Endpoint:
     label: str
 
 
-async def in_bulk_thread(call: Callable[[], T], sock: Callable[[], socket.socket | None]) -> T:
-    """``call()`` in a bulk thread; if cancelled meanwhile, shut down ``sock()`` (the socket
-    ``call`` blocks on, if any yet) and raise the cancellation once the thread has ended."""
+async def in_bulk_thread(call: Callable[[], T], on_cancel: Callable[[], None]) -> T:
+    """``call()`` in a bulk thread; if cancelled meanwhile, ``on_cancel()`` (which makes
+    the thread's blocking call return) and raise the cancellation once the thread ended."""
     running = asyncio.get_running_loop().run_in_executor(_pool(), call)
     try:
         return await asyncio.shield(running)
     except asyncio.CancelledError:
-        shut_down(sock())
+        on_cancel()
         await outlast(running)
         raise
+
+
+class BulkSocket:
+    """The socket of one bulk connection as it is being made, for the event loop's thread
+    to shut down at any step (``cancel``); ``publish`` each socket before blocking on it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self.cancelled = False
+
+    def publish(self, sock: socket.socket) -> None:
+        """``sock`` is the one to shut down from now on; raises if cancelled already."""
+        with self._lock:
+            self._sock = sock
+            cancelled = self.cancelled
+        if cancelled:
+            shut_down(sock)
+            raise ConnectionAbortedError("the transfer was given up")
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled = True
+            sock = self._sock
+        shut_down(sock)
+
+
+class BulkOpener:
+    """What opens a bulk connection for one stripe, in a bulk thread (each remote's
+    ``open``): where to (``_at``), its socket as it is made (``held``, which ``cancel``
+    shuts down from any thread), and how a read of the body translates its errors into
+    the remote's (``_translating``)."""
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        translating: Callable[[], contextlib.AbstractContextManager[None]],
+    ) -> None:
+        self._at = endpoint
+        self._translating = translating
+        self.held = BulkSocket()
+
+    def cancel(self) -> None:
+        self.held.cancel()
+
+
+def connect(at: Endpoint, held: BulkSocket) -> socket.socket:
+    """A socket connected to ``at`` (with its TLS handshake done, if it has a context),
+    each step published to ``held``; blocking, each step within ``at.connect_timeout``."""
+    error: OSError = OSError(f"no address found for {at.host}")
+    for family, kind, proto, _, address in socket.getaddrinfo(
+        at.host, at.port, type=socket.SOCK_STREAM
+    ):
+        sock = socket.socket(family, kind, proto)
+        try:
+            held.publish(sock)
+            sock.settimeout(at.connect_timeout)
+            sock.connect(address)
+            break
+        except OSError as exc:
+            sock.close()
+            if held.cancelled:
+                raise
+            error = exc  # the next address, as socket.create_connection does
+    else:
+        raise error
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if at.ssl_context is not None:
+            sock = at.ssl_context.wrap_socket(
+                sock, server_hostname=at.host, do_handshake_on_connect=False
+            )
+            held.publish(sock)
+            sock.do_handshake()
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def shut_down(sock: socket.socket | None) -> None:
@@ -81,19 +170,28 @@ class BulkStripe:
     """A stripe's body read by ``fill`` in a bulk thread (a ``StripeReader``).
 
     ``fill(view)`` blocks until ``view`` is full or the body has ended, and returns how
-    many bytes it wrote; ``sock`` is the socket it reads, shut down if a read is
-    cancelled. Each read returns a buffer of its own, left uninitialised (a bytearray is
-    zeroed first), since every byte of it is written.
+    many bytes it wrote; ``held`` is its connection's socket, shut down if a read is
+    cancelled; ``translating`` turns what a read raises into the remote's errors. Each
+    read returns a buffer of its own, left uninitialised (a bytearray is zeroed first),
+    since every byte of it is written.
     """
 
-    def __init__(self, length: int, fill: Callable[[memoryview], int], sock: socket.socket) -> None:
+    def __init__(
+        self,
+        length: int,
+        fill: Callable[[memoryview], int],
+        held: BulkSocket,
+        translating: Callable[[], contextlib.AbstractContextManager[None]],
+    ) -> None:
         self.length = length
         self._fill = fill
-        self._sock = sock
+        self._held = held
+        self._translating = translating
 
     async def read(self, n: int) -> memoryview:
         import numpy as np  # on first use, as in _stripes
 
         view = np.empty(n, dtype=np.uint8).data
-        filled = await in_bulk_thread(lambda: self._fill(view), lambda: self._sock)
+        with self._translating():
+            filled = await in_bulk_thread(lambda: self._fill(view), self._held.cancel)
         return view if filled == n else view[:filled]

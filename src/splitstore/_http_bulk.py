@@ -11,58 +11,57 @@ from __future__ import annotations
 
 import contextlib
 import http.client
-import socket
+from collections.abc import Callable
 
-from ._bulk import BulkStripe, Endpoint
+from ._bulk import BulkOpener, BulkStripe, Endpoint, connect
 from ._errors import ProtocolError
 from ._remote import http_reply
 
 __all__ = ["HttpBulkOpener"]
 
 
-class HttpBulkOpener:
-    """Opens the request for one stripe, in a bulk thread (``open``); ``sock`` is its
-    socket once there is one, for ``_bulk`` to shut down if the opening is cancelled."""
+class HttpBulkOpener(BulkOpener):
+    """Opens the request for one stripe (``open``, in a bulk thread)."""
 
-    def __init__(self, endpoint: Endpoint, *, max_reply_bytes: int) -> None:
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        translating: Callable[[], contextlib.AbstractContextManager[None]],
+        *,
+        max_reply_bytes: int,
+    ) -> None:
         if endpoint.ssl_context is None:  # never an unverified default context
             raise ValueError("an HTTPS connection needs the setup's TLS context")
-        self.label = endpoint.label
-        self._token = endpoint.token
-        self._io_timeout = endpoint.io_timeout
+        super().__init__(endpoint, translating)
         self._max_reply = max_reply_bytes
+        # Given the socket ``connect`` made (so that each step can be cancelled), not
+        # left to connect by itself.
         self._conn = http.client.HTTPSConnection(
-            endpoint.host,
-            endpoint.port,
-            timeout=endpoint.connect_timeout,
-            context=endpoint.ssl_context,
+            endpoint.host, endpoint.port, context=endpoint.ssl_context
         )
-        self.sock: socket.socket | None = None
+        self._resp: http.client.HTTPResponse | None = None
 
     def open(self, path: str) -> BulkStripe:
         """Send the request and read the response's head; the stripe's reader, at the
         body's start. Blocking. On failure the connection is closed."""
-        conn = self._conn
+        at, conn = self._at, self._conn
         try:
-            conn.connect()
-            self.sock = sock = conn.sock
-            sock.settimeout(self._io_timeout)
-            conn.request("GET", path, headers={"Authorization": f"Bearer {self._token}"})
-            resp = conn.getresponse()
+            sock = connect(at, self.held)
+            conn.sock = sock
+            sock.settimeout(at.io_timeout)
+            conn.request("GET", path, headers={"Authorization": f"Bearer {at.token}"})
+            self._resp = resp = conn.getresponse()
             if resp.status != 200:
                 raw = resp.read(self._max_reply + 1)
                 if len(raw) > self._max_reply:
-                    raise ProtocolError(
-                        f"the {self.label} sent an oversized reply", server=self.label
-                    )
-                http_reply(resp.status, raw, self.label)  # raises the server's error
+                    raise ProtocolError(f"the {at.label} sent an oversized reply", server=at.label)
+                http_reply(resp.status, raw, at.label)  # raises the server's error
                 raise ProtocolError(
-                    f"the {self.label} answered a stripe with HTTP {resp.status}",
-                    server=self.label,
+                    f"the {at.label} answered a stripe with HTTP {resp.status}", server=at.label
                 )
             if resp.length is None:  # chunked, or to the connection's close
                 raise ProtocolError(
-                    f"the {self.label} sent a stripe without a length", server=self.label
+                    f"the {at.label} sent a stripe without a length", server=at.label
                 )
         except BaseException:
             self.close()
@@ -80,8 +79,11 @@ class HttpBulkOpener:
                 filled += got
             return filled
 
-        return BulkStripe(length, fill, sock)
+        return BulkStripe(length, fill, self.held, self._translating)
 
     def close(self) -> None:
+        # The response holds the socket once the server said it closes the connection.
+        if self._resp is not None:
+            self._resp.close()
         with contextlib.suppress(OSError):
             self._conn.close()

@@ -162,12 +162,17 @@ class HttpsRemote:
             self._io_timeout,
             self.label,
         )
-        opener = HttpBulkOpener(at, max_reply_bytes=MAX_REPLY_BYTES)
-        with self._translating():
-            try:
-                yield await in_bulk_thread(lambda: opener.open(path), lambda: opener.sock)
-            finally:
-                opener.close()
+        opener = HttpBulkOpener(
+            at, lambda: self._translating_bulk(in_body=True), max_reply_bytes=MAX_REPLY_BYTES
+        )
+        try:
+            with self._translating_bulk(in_body=False):
+                stripe = await in_bulk_thread(lambda: opener.open(path), opener.cancel)
+            # Outside the translation: what the caller raises here is its own (a full
+            # disk is not the server's failing connection); reads translate themselves.
+            yield stripe
+        finally:
+            opener.close()
 
     async def commit(self, object_id: str, record: ObjectRecord) -> None:
         url = f"{self._base}/v1/objects/{object_id}/record"
@@ -307,7 +312,16 @@ class HttpsRemote:
             raise ServerUnavailableError(
                 f"talking to the {label} failed: {exc}", server=label
             ) from exc
-        # From the blocking connections of large fetches (``_http_bulk``):
+
+    @contextmanager
+    def _translating_bulk(self, *, in_body: bool) -> Iterator[None]:
+        """As ``_translating``, for the blocking connections of large fetches
+        (``_http_bulk``); ``in_body``: reading the body, past the TLS handshake."""
+        label = self.label
+        try:
+            yield
+        except TimeoutError as exc:
+            raise ServerUnavailableError(f"the {label} timed out", server=label) from exc
         except (http.client.IncompleteRead, http.client.RemoteDisconnected) as exc:
             raise ServerUnavailableError(
                 f"the {label} closed the connection mid-transfer", server=label
@@ -317,7 +331,7 @@ class HttpsRemote:
                 f"talking to the {label} failed: {exc!r}", server=label
             ) from exc
         except OSError as exc:  # ssl.SSLError included
-            raise connection_error(exc, label) from exc
+            raise connection_error(exc, label, in_body=in_body) from exc
 
 
 class _HttpStripe:

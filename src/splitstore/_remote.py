@@ -136,10 +136,12 @@ def parse_reply(raw: bytes, label: str) -> dict[str, Any]:
     return doc
 
 
-def connection_error(exc: OSError, label: str) -> SplitStoreError:
-    """The SplitStoreError for a socket or TLS failure in talking to the server ``label``."""
+def connection_error(exc: OSError, label: str, *, in_body: bool = False) -> SplitStoreError:
+    """The SplitStoreError for a socket or TLS failure in talking to the server ``label``.
+    A TLS error is taken for one in setting up TLS (the certificate, the handshake)
+    unless ``in_body``: in the middle of a body it is the connection failing."""
     cert = find_ssl_error(exc)
-    if cert is not None:
+    if cert is not None and not in_body:
         return TLSVerificationError(
             f"cannot trust the {label}: {describe_ssl_error(cert)}", server=label
         )

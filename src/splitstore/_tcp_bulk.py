@@ -13,7 +13,7 @@ import socket
 from typing import Any
 
 from . import _protocol as p
-from ._bulk import BulkStripe, Endpoint
+from ._bulk import BulkOpener, BulkStripe, connect
 from ._remote import raise_for_code
 from ._tcp_steps import RECEIVE, body_piece, handshake_steps, next_event, stripe_length
 
@@ -23,25 +23,17 @@ __all__ = ["TcpBulkOpener"]
 _RECEIVE_BYTES = 256 * 1024
 
 
-class TcpBulkOpener:
-    """Opens the connection for one stripe, in a bulk thread (``open``); ``sock`` is its
-    socket once there is one, for ``_bulk`` to shut down if the opening is cancelled."""
+class TcpBulkOpener(BulkOpener):
+    """Opens the connection for one stripe (``open``, in a bulk thread)."""
 
-    def __init__(self, endpoint: Endpoint) -> None:
-        self._at = endpoint
-        self.sock: socket.socket | None = None
+    _sock: socket.socket | None = None
 
     def open(self, object_id: str, version_id: str) -> BulkStripe:
         """Connect, shake hands and ask for the stripe; its reader, at the body's start.
         Blocking. On failure the socket is closed."""
         at = self._at
         try:
-            sock = socket.create_connection((at.host, at.port), timeout=at.connect_timeout)
-            self.sock = sock
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if at.ssl_context is not None:
-                sock = at.ssl_context.wrap_socket(sock, server_hostname=at.host)
-                self.sock = sock
+            self._sock = sock = connect(at, self.held)
             link = _BlockingLink(sock, at.label)
             link.handshake(at.token)
             sock.settimeout(at.io_timeout)
@@ -51,12 +43,12 @@ class TcpBulkOpener:
         except BaseException:
             self.close()
             raise
-        return BulkStripe(length, link.fill, sock)
+        return BulkStripe(length, link.fill, self.held, self._translating)
 
     def close(self) -> None:
-        if self.sock is not None:
+        if self._sock is not None:
             with contextlib.suppress(OSError):
-                self.sock.close()
+                self._sock.close()
 
 
 class _BlockingLink:

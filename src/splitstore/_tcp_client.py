@@ -149,8 +149,9 @@ class TcpRemote:
             with self._translating():
                 await link.request("get_stripe", {"object_id": object_id, "version_id": version_id})
                 length = stripe_length(await link.read_response(), self.label)
-                stripe = _TcpStripe(link, length)
-                yield stripe
+            stripe = _TcpStripe(link, length)
+            yield stripe  # the caller's errors are its own; reads translate themselves
+            with self._translating():
                 await stripe.drain()
 
     @asynccontextmanager
@@ -165,14 +166,15 @@ class TcpRemote:
             self._io_timeout,
             self.label,
         )
-        opener = TcpBulkOpener(at)
-        with self._translating():
-            try:
-                yield await in_bulk_thread(
-                    lambda: opener.open(object_id, version_id), lambda: opener.sock
+        opener = TcpBulkOpener(at, lambda: self._translating(in_body=True))
+        try:
+            with self._translating():
+                stripe = await in_bulk_thread(
+                    lambda: opener.open(object_id, version_id), opener.cancel
                 )
-            finally:
-                opener.close()
+            yield stripe  # the caller's errors are its own; reads translate themselves
+        finally:
+            opener.close()
 
     async def commit(self, object_id: str, record: ObjectRecord) -> None:
         await self._simple("commit", {"object_id": object_id, **record.to_json()})
@@ -270,7 +272,9 @@ class TcpRemote:
                 return await link.read_reply()
 
     @contextlib.contextmanager
-    def _translating(self) -> Iterator[None]:
+    def _translating(self, *, in_body: bool = False) -> Iterator[None]:
+        """Turn protocol, socket and TLS errors into SplitStoreErrors naming this server;
+        ``in_body``: reading a stripe's body, past the TLS handshake."""
         label = self.label
         try:
             yield
@@ -283,7 +287,7 @@ class TcpRemote:
                 f"the connection to the {label} failed: {exc}", server=label
             ) from exc
         except OSError as exc:  # ssl.SSLError and ConnectionError included
-            raise connection_error(exc, label) from exc
+            raise connection_error(exc, label, in_body=in_body) from exc
 
 
 class _Link:
@@ -426,7 +430,8 @@ class _TcpStripe:
             view[:have] = self._rest[:have]
             self._rest = self._rest[have:]
         if have < n and not self._done:
-            filled, rest = await self._link.body_into(view[have:])
+            with self._link.remote._translating(in_body=True):
+                filled, rest = await self._link.body_into(view[have:])
             have += filled
             self._done = rest is None
             self._rest = rest or b""
