@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -19,7 +21,7 @@ from splitstore._bulk import BULK_READ_MIN_BYTES
 from splitstore._http_bulk import HttpBulkOpener
 from splitstore._http_client import HttpsRemote
 from splitstore._pipeline import PieceSink
-from splitstore._remote import Remote
+from splitstore._remote import Remote, connection_error
 from splitstore._tcp_bulk import TcpBulkOpener
 from splitstore._tcp_client import TcpRemote
 from splitstore._tls import client_ssl_context, server_ssl_context
@@ -92,6 +94,100 @@ def expect_on_open(remote: Remote, error: type[Exception], match: str | None = N
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_peer_gone_in_the_handshake_is_not_a_trust_problem(
+    servers: LiveServers, kind: str
+) -> None:
+    """A server that closes the connection during the TLS handshake is unavailable, as
+    on the pooled connections; it says nothing about its certificate."""
+
+    async def scenario() -> None:
+        async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read(65536)  # the ClientHello
+            writer.close()
+
+        peer = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+        port = peer.sockets[0].getsockname()[1]
+        remote = remote_for(servers, kind, port=port)
+        try:
+            with pytest.raises(ServerUnavailableError, match="closed the connection"):
+                async with remote.get_stripe(OID, VID, expected_length=STRIPE):
+                    pass
+        finally:
+            await remote.close()
+            peer.close()
+
+    asyncio.run(scenario())
+
+
+def test_tls_errors_in_a_body_are_the_connection_failing() -> None:
+    """Past the handshake a TLS error is the connection failing, not distrust."""
+    bad_mac = ssl.SSLError(1, "[SSL: DECRYPTION_FAILED_OR_BAD_RECORD_MAC] bad record mac")
+    assert type(connection_error(bad_mac, "x", in_body=True)) is ServerUnavailableError
+    assert type(connection_error(bad_mac, "x")) is TLSVerificationError
+    for in_body in (False, True):
+        gone = connection_error(ssl.SSLEOFError(8, "EOF"), "x", in_body=in_body)
+        assert type(gone) is ServerUnavailableError
+        assert "closed the connection" in str(gone)
+
+
+def test_a_cancelled_connect_ends_at_once(servers: LiveServers) -> None:
+    """A listener whose queue is full never answers a connect (its SYN is dropped)."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+    address = listener.getsockname()
+    fillers = []
+    for _ in range(4):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(address)
+        fillers.append(filler)
+
+    remote = remote_for(servers, "tcp", port=address[1], connect_timeout=60.0)
+    try:
+        assert asyncio.run(cancel_an_open(remote)) < 5
+    finally:
+        for sock in (listener, *fillers):
+            sock.close()
+
+
+def test_a_response_that_closes_the_connection_leaves_no_socket_open(
+    servers: LiveServers,
+) -> None:
+    """http.client hands the socket to a response that says ``Connection: close``."""
+    paths = servers.paths
+
+    async def scenario() -> tuple[int, int]:
+        held: list[asyncio.StreamWriter] = []
+
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            held.append(writer)
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nConnection: close\r\n"
+                b"Content-Length: %d\r\n\r\n" % STRIPE + b"y" * STRIPE
+            )
+            await writer.drain()
+
+        ctx = server_ssl_context(paths.server_cert, paths.server_key)
+        peer = await asyncio.start_server(answer, "127.0.0.1", 0, ssl=ctx)
+        port = peer.sockets[0].getsockname()[1]
+        remote = remote_for(servers, "https", port=port)
+        try:
+            before = len(os.listdir("/proc/self/fd"))
+            async with remote.get_stripe(OID, VID, expected_length=STRIPE) as stripe:
+                await stripe.read(1000)  # the rest is never read
+            for writer in held:  # the peer's side of the connection: not the client's
+                writer.transport.abort()
+            await asyncio.sleep(0.1)
+            return before, len(os.listdir("/proc/self/fd"))
+        finally:
+            await remote.close()
+            peer.close()
+
+    before, after = asyncio.run(scenario())
+    assert after == before
+
+
 # -- peers that misbehave mid-body -----------------------------------------------------
 
 
@@ -116,6 +212,19 @@ def test_a_cancelled_bulk_read_ends_its_thread_at_once(servers: LiveServers, kin
 
     took = read_from_peer(servers, kind, stall=True, io_timeout=60.0, around=cancel_soon)
     assert took < 5
+
+
+async def cancel_an_open(remote: Remote) -> float:
+    """Open a large stripe of ``remote`` and cancel that soon; how long the cancel took."""
+
+    async def open_stripe() -> None:
+        async with remote.get_stripe(OID, VID, expected_length=STRIPE):
+            pass
+
+    try:
+        return await cancel_soon(open_stripe())
+    finally:
+        await remote.close()
 
 
 async def cancel_soon(work: Awaitable[Any]) -> float:
@@ -153,15 +262,9 @@ def test_a_cancelled_open_ends_at_once(servers: LiveServers, kind: str, stage: s
         peer = await asyncio.start_server(hold, "127.0.0.1", 0, ssl=tls)
         port = peer.sockets[0].getsockname()[1]
         remote = remote_for(servers, kind, port=port, io_timeout=60.0, connect_timeout=60.0)
-
-        async def open_stripe() -> None:
-            async with remote.get_stripe(OID, VID, expected_length=STRIPE):
-                pass
-
         try:
-            return await cancel_soon(open_stripe())
+            return await cancel_an_open(remote)
         finally:
-            await remote.close()
             for writer in held:
                 writer.transport.abort()
             peer.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import hashlib
@@ -12,6 +13,7 @@ import shutil
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -150,10 +152,11 @@ def test_a_fetch_of_a_dropped_stripe_still_reads_it_whole(
 ) -> None:
     """A stripe being served when a later commit drops it is unlinked, never cut short:
     the reader that has it open reads to its end."""
-    monkeypatch.setattr(_storage, "RECLAIM_LATER_BYTES", 1)
     store = LocalDiskStore(tmp_path)
-    data = os.urandom(50_000)
-    put(store, OID, V1, data)
+    data = os.urandom(20 * 1024 * 1024)  # past RECLAIM_LATER_BYTES, as a real large stripe
+    upload = store.begin_stripe(OID, V1, len(data))
+    upload.write(data)
+    upload.finish()
     store.commit(OID, record(V1, data))
     f, _ = store.open_stripe(OID, V1)
     with f:
@@ -182,6 +185,45 @@ def test_a_dropped_stripe_with_no_thread_to_free_it_goes_at_once(
     assert not list((tmp_path / "tmp").iterdir())
     assert store.get_record(OID).version_id == V3
     assert store.used_bytes() == _tree_bytes(tmp_path / "objects")
+
+
+def test_bytes_being_unlinked_no_longer_count_as_pending(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From the moment the unlink starts the file system counts what it frees: counting
+    it as pending too would take the space twice."""
+    doomed = tmp_path / "z.dropped"
+    doomed.write_bytes(b"z" * 4096)
+    unlinking, go_on, unlink = threading.Event(), threading.Event(), os.unlink
+
+    def slow_unlink(path: Any, *args: Any, **kwargs: Any) -> None:
+        if str(path).endswith(".dropped"):
+            unlinking.set()
+            go_on.wait(10)
+        unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", slow_unlink)
+    _reclaim.reclaim_later(doomed, 4096)
+    try:
+        assert unlinking.wait(10)
+        assert _reclaim.pending_bytes(os.stat(tmp_path).st_dev) == 0
+    finally:
+        go_on.set()
+        _reclaim.wait_reclaimed()
+    assert not doomed.exists()
+
+
+def test_a_removal_no_thread_takes_is_not_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stopped = concurrent.futures.ThreadPoolExecutor(1)
+    stopped.shutdown()
+    monkeypatch.setattr(_reclaim, "_pool", lambda: stopped)
+    doomed = tmp_path / "w.dropped"
+    doomed.write_bytes(b"w" * 100)
+    with pytest.raises(RuntimeError):
+        _reclaim.reclaim_later(doomed, 100)
+    assert _reclaim.pending_bytes(os.stat(tmp_path).st_dev) == 0
 
 
 def test_a_dropped_file_that_cannot_be_freed_is_reported_and_left(

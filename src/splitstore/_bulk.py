@@ -25,9 +25,10 @@ import contextlib
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from ._threads import outlast, shared_pool
 
@@ -39,6 +40,7 @@ __all__ = [
     "Endpoint",
     "connect",
     "in_bulk_thread",
+    "resolve",
     "shut_down",
 ]
 
@@ -123,21 +125,35 @@ class BulkOpener:
         self.held.cancel()
 
 
-def connect(at: Endpoint, held: BulkSocket) -> socket.socket:
-    """A socket connected to ``at`` (with its TLS handshake done, if it has a context),
-    each step published to ``held``; blocking, each step within ``at.connect_timeout``."""
+# What ``resolve`` finds: (family, type, proto, canonname, address) per address.
+Addresses = list[tuple[Any, Any, int, str, Any]]
+
+
+async def resolve(at: Endpoint) -> Addresses:
+    """``at``'s addresses, looked up on the event loop, within ``at.connect_timeout`` (in
+    a bulk thread the lookup could be neither timed out nor cancelled)."""
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(at.connect_timeout):
+        return await loop.getaddrinfo(at.host, at.port, type=socket.SOCK_STREAM)
+
+
+def connect(at: Endpoint, addresses: Addresses, held: BulkSocket) -> socket.socket:
+    """A socket connected to one of ``addresses`` of ``at`` (with its TLS handshake
+    done, if it has a context), each step published to ``held``; blocking, the connect
+    within ``at.connect_timeout`` over all addresses, and so the handshake."""
+    deadline = time.monotonic() + at.connect_timeout
     error: OSError = OSError(f"no address found for {at.host}")
-    for family, kind, proto, _, address in socket.getaddrinfo(
-        at.host, at.port, type=socket.SOCK_STREAM
-    ):
-        sock = socket.socket(family, kind, proto)
+    for family, kind, proto, _, address in addresses:
+        sock: socket.socket | None = None
         try:
+            sock = socket.socket(family, kind, proto)
             held.publish(sock)
-            sock.settimeout(at.connect_timeout)
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
             sock.connect(address)
             break
         except OSError as exc:
-            sock.close()
+            if sock is not None:
+                sock.close()
             if held.cancelled:
                 raise
             error = exc  # the next address, as socket.create_connection does
@@ -146,6 +162,7 @@ def connect(at: Endpoint, held: BulkSocket) -> socket.socket:
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if at.ssl_context is not None:
+            sock.settimeout(at.connect_timeout)
             sock = at.ssl_context.wrap_socket(
                 sock, server_hostname=at.host, do_handshake_on_connect=False
             )

@@ -13,7 +13,7 @@ import contextlib
 import http.client
 from collections.abc import Callable
 
-from ._bulk import BulkOpener, BulkStripe, Endpoint, connect
+from ._bulk import Addresses, BulkOpener, BulkStripe, Endpoint, connect
 from ._errors import ProtocolError
 from ._remote import http_reply
 
@@ -41,12 +41,12 @@ class HttpBulkOpener(BulkOpener):
         )
         self._resp: http.client.HTTPResponse | None = None
 
-    def open(self, path: str) -> BulkStripe:
+    def open(self, addresses: Addresses, path: str) -> BulkStripe:
         """Send the request and read the response's head; the stripe's reader, at the
         body's start. Blocking. On failure the connection is closed."""
         at, conn = self._at, self._conn
         try:
-            sock = connect(at, self.held)
+            sock = connect(at, addresses, self.held)
             conn.sock = sock
             sock.settimeout(at.io_timeout)
             conn.request("GET", path, headers={"Authorization": f"Bearer {at.token}"})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import http.client
 import json
@@ -15,7 +16,7 @@ import aiohttp
 from aiohttp.http_exceptions import HttpProcessingError
 
 from ._batch import MAX_BATCH_BYTES, MAX_BATCH_ITEMS
-from ._bulk import BULK_READ_MIN_BYTES, BulkStripe, Endpoint, in_bulk_thread
+from ._bulk import BULK_READ_MIN_BYTES, BulkStripe, Endpoint, in_bulk_thread, resolve
 from ._errors import (
     ProtocolError,
     ServerUnavailableError,
@@ -140,15 +141,16 @@ class HttpsRemote:
                 yield bulk
             return
         url = f"{self._base}{path}"
-        with self._translating():
-            async with self._http().get(url) as resp:
+        async with contextlib.AsyncExitStack() as stack:
+            with self._translating():
+                resp = await stack.enter_async_context(self._http().get(url))
                 if resp.status != 200:
                     await self._json(resp)
                 if resp.content_length is None:
                     raise ProtocolError(
                         f"the {self.label} sent a stripe without a length", server=self.label
                     )
-                yield _HttpStripe(resp, self)
+            yield _HttpStripe(resp, self)  # the caller's errors are its own; reads translate
 
     @asynccontextmanager
     async def _bulk_stripe(self, path: str) -> AsyncIterator[BulkStripe]:
@@ -167,7 +169,8 @@ class HttpsRemote:
         )
         try:
             with self._translating_bulk(in_body=False):
-                stripe = await in_bulk_thread(lambda: opener.open(path), opener.cancel)
+                addresses = await resolve(at)
+                stripe = await in_bulk_thread(lambda: opener.open(addresses, path), opener.cancel)
             # Outside the translation: what the caller raises here is its own (a full
             # disk is not the server's failing connection); reads translate themselves.
             yield stripe

@@ -47,7 +47,7 @@ _queued: set[concurrent.futures.Future[None]] = set()  # removals not yet ended
 def reclaim_later(path: Path, size: int) -> None:
     """Unlink ``path`` (``size`` bytes, moved out of every folder a reader looks in) soon.
     Raises RuntimeError if no thread can take it (the interpreter is shutting down)."""
-    device = os.stat(path).st_dev
+    device = os.stat(path.parent).st_dev  # as the space check stats a folder
     with _lock:
         _pending[path] = (device, size)
         try:

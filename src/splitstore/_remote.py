@@ -7,6 +7,7 @@ refusal reads the same whichever server sent it.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, NoReturn, Protocol
@@ -136,11 +137,18 @@ def parse_reply(raw: bytes, label: str) -> dict[str, Any]:
     return doc
 
 
+# TLS errors that only say the connection ended.
+_CLOSED_TLS = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)
+
+
 def connection_error(exc: OSError, label: str, *, in_body: bool = False) -> SplitStoreError:
     """The SplitStoreError for a socket or TLS failure in talking to the server ``label``.
     A TLS error is taken for one in setting up TLS (the certificate, the handshake)
     unless ``in_body``: in the middle of a body it is the connection failing."""
     cert = find_ssl_error(exc)
+    if isinstance(cert, _CLOSED_TLS):  # the peer went away: nothing about trust
+        where = "mid-transfer" if in_body else "during the TLS handshake"
+        return ServerUnavailableError(f"the {label} closed the connection {where}", server=label)
     if cert is not None and not in_body:
         return TLSVerificationError(
             f"cannot trust the {label}: {describe_ssl_error(cert)}", server=label

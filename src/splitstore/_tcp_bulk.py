@@ -13,7 +13,7 @@ import socket
 from typing import Any
 
 from . import _protocol as p
-from ._bulk import BulkOpener, BulkStripe, connect
+from ._bulk import Addresses, BulkOpener, BulkStripe, connect
 from ._remote import raise_for_code
 from ._tcp_steps import RECEIVE, body_piece, handshake_steps, next_event, stripe_length
 
@@ -28,12 +28,12 @@ class TcpBulkOpener(BulkOpener):
 
     _sock: socket.socket | None = None
 
-    def open(self, object_id: str, version_id: str) -> BulkStripe:
+    def open(self, addresses: Addresses, object_id: str, version_id: str) -> BulkStripe:
         """Connect, shake hands and ask for the stripe; its reader, at the body's start.
         Blocking. On failure the socket is closed."""
         at = self._at
         try:
-            self._sock = sock = connect(at, self.held)
+            self._sock = sock = connect(at, addresses, self.held)
             link = _BlockingLink(sock, at.label)
             link.handshake(at.token)
             sock.settimeout(at.io_timeout)

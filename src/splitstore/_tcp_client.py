@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 from . import _protocol as p
 from ._batch import MAX_BATCH_BYTES, MAX_BATCH_ITEMS
-from ._bulk import BULK_READ_MIN_BYTES, BulkStripe, Endpoint, in_bulk_thread
+from ._bulk import BULK_READ_MIN_BYTES, BulkStripe, Endpoint, in_bulk_thread, resolve
 from ._codec_stream import CodecStream, open_codec_stream
 from ._errors import ProtocolError, ServerUnavailableError, SplitStoreError
 from ._remote import (
@@ -151,7 +151,7 @@ class TcpRemote:
                 length = stripe_length(await link.read_response(), self.label)
             stripe = _TcpStripe(link, length)
             yield stripe  # the caller's errors are its own; reads translate themselves
-            with self._translating():
+            with self._translating(in_body=True):
                 await stripe.drain()
 
     @asynccontextmanager
@@ -169,8 +169,9 @@ class TcpRemote:
         opener = TcpBulkOpener(at, lambda: self._translating(in_body=True))
         try:
             with self._translating():
+                addresses = await resolve(at)
                 stripe = await in_bulk_thread(
-                    lambda: opener.open(object_id, version_id), opener.cancel
+                    lambda: opener.open(addresses, object_id, version_id), opener.cancel
                 )
             yield stripe  # the caller's errors are its own; reads translate themselves
         finally:
