@@ -108,7 +108,7 @@ class BulkSocket:
 
 class BulkOpener:
     """What opens a bulk connection for one stripe, in a bulk thread (each remote's
-    ``open``): where to (``_at``), its socket as it is made (``held``, which ``cancel``
+    ``open``): where to (``_at``), its socket as it is made (``_held``, which ``cancel``
     shuts down from any thread), and how a read of the body translates its errors into
     the remote's (``_translating``)."""
 
@@ -119,10 +119,10 @@ class BulkOpener:
     ) -> None:
         self._at = endpoint
         self._translating = translating
-        self.held = BulkSocket()
+        self._held = BulkSocket()
 
     def cancel(self) -> None:
-        self.held.cancel()
+        self._held.cancel()
 
 
 # What ``resolve`` finds: (family, type, proto, canonname, address) per address.

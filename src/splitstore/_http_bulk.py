@@ -46,7 +46,7 @@ class HttpBulkOpener(BulkOpener):
         body's start. Blocking. On failure the connection is closed."""
         at, conn = self._at, self._conn
         try:
-            sock = connect(at, addresses, self.held)
+            sock = connect(at, addresses, self._held)
             conn.sock = sock
             sock.settimeout(at.io_timeout)
             conn.request("GET", path, headers={"Authorization": f"Bearer {at.token}"})
@@ -79,7 +79,7 @@ class HttpBulkOpener(BulkOpener):
                 filled += got
             return filled
 
-        return BulkStripe(length, fill, self.held, self._translating)
+        return BulkStripe(length, fill, self._held, self._translating)
 
     def close(self) -> None:
         # The response holds the socket once the server said it closes the connection.

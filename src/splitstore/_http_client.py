@@ -68,11 +68,13 @@ class HttpsRemote:
         netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.label = label or f"https server at {netloc}"
         self._base = f"https://{netloc}"
-        self._host, self._port = host, port
         self._token = token
         self._ssl = ssl_context
-        self._connect_timeout = connect_timeout
         self._io_timeout = io_timeout
+        # Where the blocking connections of large fetches go (``_http_bulk``).
+        self._bulk_at = Endpoint(
+            host, port, token, ssl_context, connect_timeout, io_timeout, self.label
+        )
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=connect_timeout, sock_connect=connect_timeout, sock_read=io_timeout
         )
@@ -155,15 +157,7 @@ class HttpsRemote:
     @asynccontextmanager
     async def _bulk_stripe(self, path: str) -> AsyncIterator[BulkStripe]:
         """A large stripe, on a blocking connection of its own read in bulk threads."""
-        at = Endpoint(
-            self._host,
-            self._port,
-            self._token,
-            self._ssl,
-            self._connect_timeout,
-            self._io_timeout,
-            self.label,
-        )
+        at = self._bulk_at
         opener = HttpBulkOpener(
             at, lambda: self._translating_bulk(in_body=True), max_reply_bytes=MAX_REPLY_BYTES
         )

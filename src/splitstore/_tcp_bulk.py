@@ -14,8 +14,14 @@ from typing import Any
 
 from . import _protocol as p
 from ._bulk import Addresses, BulkOpener, BulkStripe, connect
-from ._remote import raise_for_code
-from ._tcp_steps import RECEIVE, body_piece, handshake_steps, next_event, stripe_length
+from ._tcp_steps import (
+    RECEIVE,
+    body_piece,
+    handshake_steps,
+    next_event,
+    response_fields,
+    stripe_length,
+)
 
 __all__ = ["TcpBulkOpener"]
 
@@ -33,7 +39,7 @@ class TcpBulkOpener(BulkOpener):
         Blocking. On failure the socket is closed."""
         at = self._at
         try:
-            self._sock = sock = connect(at, addresses, self.held)
+            self._sock = sock = connect(at, addresses, self._held)
             link = _BlockingLink(sock, at.label)
             link.handshake(at.token)
             sock.settimeout(at.io_timeout)
@@ -43,7 +49,7 @@ class TcpBulkOpener(BulkOpener):
         except BaseException:
             self.close()
             raise
-        return BulkStripe(length, link.fill, self.held, self._translating)
+        return BulkStripe(length, link.fill, self._held, self._translating)
 
     def close(self) -> None:
         if self._sock is not None:
@@ -77,12 +83,7 @@ class _BlockingLink:
         self._sock.sendall(self._conn.send(event))
 
     def read_response(self) -> dict[str, Any]:
-        event = self._next()
-        if isinstance(event, p.Error):
-            raise_for_code(event.code, event.message, self._label)
-        if not isinstance(event, p.Response):
-            raise p.ProtocolViolation("expected RESPONSE")
-        return event.fields
+        return response_fields(self._next(), self._label)
 
     def fill(self, view: memoryview) -> int:
         """Fill ``view`` from the body; fewer bytes only where the body ended."""
@@ -124,12 +125,5 @@ class _BlockingLink:
 
     def _receive(self) -> None:
         data = self._sock.recv(_RECEIVE_BYTES)
-        if data:
-            self._conn.receive_data(data)
-        else:
-            self._end()
-
-    def _end(self) -> None:
-        if not self._ended:
-            self._ended = True
-            self._conn.receive_data(b"")
+        self._conn.receive_data(data)  # b"": the end, which the codec then judges
+        self._ended = not data

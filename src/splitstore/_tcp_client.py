@@ -20,7 +20,6 @@ from ._remote import (
     StripeReader,
     connection_error,
     parse_record,
-    raise_for_code,
     read_commit_results,
     read_put_stripes_reply,
     read_record_lines,
@@ -32,7 +31,14 @@ from ._remote import (
 )
 from ._storage import ObjectRecord
 from ._tcp_bulk import TcpBulkOpener
-from ._tcp_steps import RECEIVE, body_piece, handshake_steps, next_event, stripe_length
+from ._tcp_steps import (
+    RECEIVE,
+    body_piece,
+    handshake_steps,
+    next_event,
+    response_fields,
+    stripe_length,
+)
 
 __all__ = ["TcpRemote"]
 
@@ -66,6 +72,10 @@ class TcpRemote:
         self._ssl = ssl_context
         self._connect_timeout = connect_timeout
         self._io_timeout = io_timeout
+        # Where the blocking connections of large fetches go (``_tcp_bulk``).
+        self._bulk_at = Endpoint(
+            host, port, token, ssl_context, connect_timeout, io_timeout, self.label
+        )
         self._idle: list[_Link] = []
 
     async def close(self) -> None:
@@ -157,15 +167,7 @@ class TcpRemote:
     @asynccontextmanager
     async def _bulk_stripe(self, object_id: str, version_id: str) -> AsyncIterator[BulkStripe]:
         """A large stripe, on a blocking connection of its own read in bulk threads."""
-        at = Endpoint(
-            self.host,
-            self.port,
-            self._token,
-            self._ssl,
-            self._connect_timeout,
-            self._io_timeout,
-            self.label,
-        )
+        at = self._bulk_at
         opener = TcpBulkOpener(at, lambda: self._translating(in_body=True))
         try:
             with self._translating():
@@ -322,10 +324,7 @@ class _Link:
         if isinstance(event, p.Error):
             # An ERROR after our END leaves the connection usable; one mid-upload closes it.
             self.reusable = self.conn.our_state is p.State.IDLE
-            raise_for_code(event.code, event.message, self.remote.label)
-        if not isinstance(event, p.Response):
-            raise p.ProtocolViolation("expected RESPONSE")
-        return event.fields
+        return response_fields(event, self.remote.label)
 
     async def read_reply(self) -> dict[str, Any]:
         """A response with an empty body."""

@@ -14,7 +14,14 @@ from ._errors import ProtocolError
 from ._remote import raise_for_code
 from ._version import __version__
 
-__all__ = ["RECEIVE", "body_piece", "handshake_steps", "next_event", "stripe_length"]
+__all__ = [
+    "RECEIVE",
+    "body_piece",
+    "handshake_steps",
+    "next_event",
+    "response_fields",
+    "stripe_length",
+]
 
 # What ``handshake_steps`` yields where it needs the server's next event.
 RECEIVE: Final = object()
@@ -59,6 +66,15 @@ def next_event(pull: Callable[[], Any], *, ended: bool) -> Any:
     if isinstance(event, p.ConnectionClosed):
         raise ConnectionResetError("the server closed the connection")
     return event
+
+
+def response_fields(event: Any, label: str) -> dict[str, Any]:
+    """A RESPONSE event's fields; the server's error raised for an ERROR."""
+    if isinstance(event, p.Error):
+        raise_for_code(event.code, event.message, label)
+    if not isinstance(event, p.Response):
+        raise p.ProtocolViolation("expected RESPONSE")
+    return event.fields
 
 
 def body_piece(event: Any, label: str) -> bytes | None:
