@@ -17,7 +17,7 @@ import pytest
 
 from splitstore import NotFoundError, ServerError, ServerUnavailableError, TLSVerificationError
 from splitstore import _protocol as p
-from splitstore._bulk import BULK_READ_MIN_BYTES
+from splitstore._bulk import BULK_READ_MIN_BYTES, BULK_THREADS, in_bulk_thread
 from splitstore._http_bulk import HttpBulkOpener
 from splitstore._http_client import HttpsRemote
 from splitstore._pipeline import PieceSink
@@ -148,6 +148,38 @@ def test_a_cancelled_connect_ends_at_once(servers: LiveServers) -> None:
     finally:
         for sock in (listener, *fillers):
             sock.close()
+
+
+def test_a_cancelled_call_still_queued_for_a_bulk_thread_never_runs() -> None:
+    """With every bulk thread busy, a cancelled call is dropped from the queue at once,
+    rather than waiting for a thread only to stop at its first step."""
+    release = threading.Event()
+    ran = threading.Event()
+
+    async def scenario() -> float:
+        busy = [
+            asyncio.ensure_future(in_bulk_thread(release.wait, release.set))
+            for _ in range(BULK_THREADS)
+        ]
+        await asyncio.sleep(0.2)  # every thread is now waiting on ``release``
+        queued = asyncio.ensure_future(in_bulk_thread(ran.set, lambda: None))
+        await asyncio.sleep(0.1)
+        started = time.monotonic()
+        threading.Timer(3.0, release.set).start()  # a thread for it in 3 s at the latest
+        queued.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await queued
+        took = time.monotonic() - started
+        release.set()
+        await asyncio.gather(*busy)
+        return took
+
+    try:
+        assert asyncio.run(scenario()) < 1.0
+    finally:
+        release.set()
+    time.sleep(0.1)  # had it been left queued, a thread would run it now
+    assert not ran.is_set()
 
 
 def test_a_response_that_closes_the_connection_leaves_no_socket_open(

@@ -34,6 +34,7 @@ from ._threads import outlast, shared_pool
 
 __all__ = [
     "BULK_READ_MIN_BYTES",
+    "BULK_THREADS",
     "BulkOpener",
     "BulkSocket",
     "BulkStripe",
@@ -53,7 +54,8 @@ BULK_READ_MIN_BYTES = 1024 * 1024
 # Threads that wait on bulk sockets: two per large fetch (one per server), and a few
 # fetches at once. Their own pool, so that blocked reads never hold up the default
 # executor's file and crypto work.
-_pool = shared_pool(8, "splitstore-bulk")
+BULK_THREADS = 8
+_pool = shared_pool(BULK_THREADS, "splitstore-bulk")
 
 
 @dataclass(frozen=True)
@@ -71,13 +73,16 @@ class Endpoint:
 
 async def in_bulk_thread(call: Callable[[], T], on_cancel: Callable[[], None]) -> T:
     """``call()`` in a bulk thread; if cancelled meanwhile, ``on_cancel()`` (which makes
-    the thread's blocking call return) and raise the cancellation once the thread ended."""
-    running = asyncio.get_running_loop().run_in_executor(_pool(), call)
+    the thread's blocking call return) and raise the cancellation once the thread ended.
+    A call still queued for a thread (all busy) is dropped at once instead."""
+    queued = _pool().submit(call)
+    running = asyncio.wrap_future(queued)
     try:
         return await asyncio.shield(running)
     except asyncio.CancelledError:
-        on_cancel()
-        await outlast(running)
+        if not queued.cancel():  # it is running: stop it, and wait for its thread
+            on_cancel()
+            await outlast(running)
         raise
 
 
