@@ -51,7 +51,8 @@ NOTES = [
     "and rclone may not",
     "each setup's two servers run under one 'splitstore serve --config', each in a process "
     "of its own, on the client's machine and cores (server MiB: the larger of the two; "
-    "server CPU: both); the runs with encryption on and off alternate",
+    "server CPU: both); each round runs every setup, then the TLS copy, restic and rclone "
+    "once each, so that a host whose speed drifts tilts none of the ratios",
     "client times cover the operation inside its process (start-up and imports excluded); "
     "restic and rclone times include their start-up",
     "the TLS copy is memory to memory, in this process; restic backs up into a new local "
@@ -113,13 +114,15 @@ class _Suite:
                 mode: stack.enter_context(ServerProcess(self.work / f"setup-{mode}", encryption=e))
                 for mode, e in {"encrypted": ENCRYPTION_ON, "plain": "none"}.items()
             }
-            with self._phase("large file", f"store and fetch {mib}: encrypted, not, scanned"):
-                self._large_file(setups, big)
+            beside = ", ".join(["the loopback TLS copy", *self._reference_names()])
+            say(
+                f"benchmarks: store and fetch {mib} (encrypted, not, scanned), and in each "
+                f"round beside them {beside}"
+            )
+            self._large_file(setups, big)
             encrypted = setups["encrypted"]
             with self._phase("scan", f"scan {mib} with the built-in engines"):
                 self._scan_speed(encrypted, big)
-            with self._phase("tls copy", f"loopback TLS copy of {mib} (the reference)"):
-                self._tls_copy(encrypted.paths)
             with self._phase("cpu budget", "each step of a store and fetch alone, on one core"):
                 amount = min(self.o.size, BUDGET_BYTES)
                 self.budget = cpu_budget(encrypted.paths, big, self.work, amount)
@@ -139,11 +142,6 @@ class _Suite:
         with self._phase("false positives", f"scan {n} ordinary files at the default policy"):
             self.fp = false_positives(n)
             say(f"  {len(self.fp['flagged'])} of {self.fp['files']} files not clean")
-        for name in ("restic", "rclone"):
-            exe = self.tools.paths.get(name)
-            if exe is not None:
-                with self._phase(name, f"{name} with the same {mib}"):
-                    self._reference(name, exe, big)
         meta = self._meta(started, time.perf_counter() - clock)
         return {
             "meta": meta,
@@ -158,43 +156,74 @@ class _Suite:
     @contextlib.contextmanager
     def _phase(self, key: str, message: str) -> Iterator[None]:
         say(f"benchmarks: {message}")
+        with self._timed(key):
+            yield
+
+    @contextlib.contextmanager
+    def _timed(self, key: str) -> Iterator[None]:
+        """Add the time taken to ``key``'s (a phase's rounds are timed one by one)."""
         start = time.perf_counter()
-        yield
-        self.phases[key] = time.perf_counter() - start
+        try:
+            yield
+        finally:
+            self.phases[key] = self.phases.get(key, 0.0) + time.perf_counter() - start
 
     # -- phases --------------------------------------------------------------------------
 
     def _large_file(self, setups: dict[str, ServerProcess], big: Path) -> None:
-        """Runs of the two setups alternate, so that a machine that slows down or speeds
-        up meanwhile does not tilt the ratio of encryption on to off."""
-        dest = self.work / "fetched.bin"
+        """Rounds of runs: each round stores and fetches with every setup, then runs the
+        loopback TLS copy, restic and rclone once each. The setups alternate, so that a
+        machine that slows down or speeds up meanwhile does not tilt the ratio of
+        encryption on to off, and the references run beside them, round by round, so
+        that it does not tilt the ratios to them either (the host's speed drifts over
+        minutes: run as phases of their own, restic and rclone ran a minute or two
+        after the last store)."""
         amount = self.o.size / MB
         runs: dict[str, list[Run]] = {}
         # "scanned": the encrypted setup with scanning on, as a default setup is.
         modes = [*setups.items(), ("scanned", setups["encrypted"])]
+        references = self._start_references()
         for i in range(self.o.runs):
+            done = f"  run {i + 1}/{self.o.runs}"
             for mode, servers in modes:
-                config = servers.scan_config if mode == "scanned" else None
-                for op, args in (
-                    ("store", (big, "bench/big.bin")),
-                    ("fetch", ("bench/big.bin", dest)),
-                ):
-                    if op == "fetch":  # from disk, as restic's restore and rclone's copy back
-                        evict(servers.paths.https_data, servers.paths.tcp_data)
-                    run = self.runner.run(servers, op, *args, config=config)
-                    runs.setdefault(f"{op}_{mode}", []).append(run)
-                if dest.stat().st_size != self.o.size:
-                    raise RuntimeError(f"the fetched file has {dest.stat().st_size} bytes")
-                dest.unlink()
+                with self._timed("large file"):
+                    self._store_and_fetch(servers, mode, big, runs)
                 up, down = (amount / runs[f"{op}_{mode}"][-1].seconds for op in ("store", "fetch"))
-                rates = f"store {up:.0f} MB/s, fetch {down:.0f} MB/s"
-                say(f"  run {i + 1}/{self.o.runs}, {mode}: {rates}")
+                say(f"{done}, {mode}: store {up:.0f} MB/s, fetch {down:.0f} MB/s")
+            with self._timed("tls copy"):
+                runs.setdefault("tls_copy", []).append(self._tls_copy(setups["encrypted"].paths))
+                say(f"{done}, loopback TLS copy: {amount / runs['tls_copy'][-1].seconds:.0f} MB/s")
+            for name, tool in list(references.items()):
+                with self._timed(name):
+                    if not self._reference_round(name, tool, big, i, runs):
+                        del references[name]
         for key, key_runs in runs.items():
-            op, mode = key.split("_")
-            what = {"encrypted": "encrypted", "plain": "not encrypted"}.get(
-                mode, "encrypted, scanned"
-            )
-            self.ops[key] = summarise(f"{op}, {what}", key_runs, amount, "MB/s")
+            if key == "tls_copy":
+                self.ops[key] = summarise("loopback TLS copy", key_runs, amount, "MB/s")
+            elif key.startswith(("store_", "fetch_")):
+                op, mode = key.split("_")
+                what = {"encrypted": "encrypted", "plain": "not encrypted"}.get(
+                    mode, "encrypted, scanned"
+                )
+                self.ops[key] = summarise(f"{op}, {what}", key_runs, amount, "MB/s")
+        for name in references:  # those that did not fail
+            for key, label in REFERENCE_KEYS[name]:
+                self.ops[key] = summarise(label, runs[key], amount, "MB/s")
+
+    def _store_and_fetch(
+        self, servers: ServerProcess, mode: str, big: Path, runs: dict[str, list[Run]]
+    ) -> None:
+        """One store and one fetch of ``big`` in the setup ``mode``, into ``runs``."""
+        dest = self.work / "fetched.bin"
+        config = servers.scan_config if mode == "scanned" else None
+        for op, args in (("store", (big, "bench/big.bin")), ("fetch", ("bench/big.bin", dest))):
+            if op == "fetch":  # from disk, as restic's restore and rclone's copy back
+                evict(servers.paths.https_data, servers.paths.tcp_data)
+            run = self.runner.run(servers, op, *args, config=config)
+            runs.setdefault(f"{op}_{mode}", []).append(run)
+        if dest.stat().st_size != self.o.size:
+            raise RuntimeError(f"the fetched file has {dest.stat().st_size} bytes")
+        dest.unlink()
 
     def _scan_speed(self, servers: ServerProcess, big: Path) -> None:
         runs = [self.runner.run(servers, "scan", big) for _ in range(self.o.runs)]
@@ -205,15 +234,11 @@ class _Suite:
         label = "scan, built-in engines"
         self.ops["scan"] = summarise(label, runs, self.o.size / MB, "MB/s", seconds=seconds)
 
-    def _tls_copy(self, paths: SetupPaths) -> None:
-        runs = []
-        for i in range(self.o.runs):
-            cpu = _own_cpu()
-            copy = tls_copy(paths, self.o.size)
-            runs.append(Run(copy.seconds, None, _own_cpu() - cpu))
-            self.tls = f"{copy.version} {copy.cipher}"
-            say(f"  run {i + 1}/{self.o.runs}: {self.o.size / MB / copy.seconds:.0f} MB/s")
-        self.ops["tls_copy"] = summarise("loopback TLS copy", runs, self.o.size / MB, "MB/s")
+    def _tls_copy(self, paths: SetupPaths) -> Run:
+        cpu = _own_cpu()
+        copy = tls_copy(paths, self.o.size)
+        self.tls = f"{copy.version} {copy.cipher}"
+        return Run(copy.seconds, None, _own_cpu() - cpu)
 
     def _small_files(self, servers: ServerProcess) -> None:
         """1,000 files of 4 KiB through one session: in batches, and one after another."""
@@ -270,26 +295,42 @@ class _Suite:
         label = f"splitstore ls of {n} names (start-up included)"
         self.ops["ls_command"] = summarise(label, runs, n, "names/s")
 
-    def _reference(self, name: str, exe: str, big: Path) -> None:
-        tool = Restic if name == "restic" else Rclone
-        keys = REFERENCE_KEYS[name]
-        amount = self.o.size / MB
-        ups: list[Run] = []
-        downs: list[Run] = []
+    def _reference_names(self) -> list[str]:
+        return [name for name in REFERENCE_KEYS if self.tools.paths.get(name) is not None]
+
+    def _start_references(self) -> dict[str, Restic | Rclone]:
+        """restic's and rclone's runners, for those found and ready to run."""
+        started: dict[str, Restic | Rclone] = {}
+        for name in self._reference_names():
+            exe = self.tools.paths[name]
+            assert exe is not None
+            try:
+                tool = Restic if name == "restic" else Rclone
+                started[name] = tool(exe, self.work / name)
+            except (OSError, subprocess.CalledProcessError) as exc:
+                self._reference_failed(name, exc)
+        return started
+
+    def _reference_round(
+        self, name: str, tool: Restic | Rclone, big: Path, i: int, runs: dict[str, list[Run]]
+    ) -> bool:
+        """Round ``i`` of ``name`` into ``runs``; False if it failed (and is left out)."""
+        (up_key, up_label), (down_key, down_label) = REFERENCE_KEYS[name]
         try:
-            runner = tool(exe, self.work / name)
-            for i in range(self.o.runs):
-                up, down = runner.run(big, i)
-                ups.append(Run.of_tool(up))
-                downs.append(Run.of_tool(down))
-                rates = f"{amount / up.seconds:.0f} MB/s, {amount / down.seconds:.0f} MB/s"
-                say(f"  run {i + 1}/{self.o.runs}: {keys[0][1]} and {keys[1][1]}: {rates}")
+            up, down = tool.run(big, i)
         except (ToolFailed, OSError, RuntimeError, subprocess.CalledProcessError) as exc:
-            self.notes.append(f"{name} failed, so its comparison is left out: {exc}")
-            say(f"  {name} failed: {exc}")
-            return
-        for (key, label), runs in zip(keys, (ups, downs), strict=True):
-            self.ops[key] = summarise(label, runs, amount, "MB/s")
+            self._reference_failed(name, exc)
+            return False
+        runs.setdefault(up_key, []).append(Run.of_tool(up))
+        runs.setdefault(down_key, []).append(Run.of_tool(down))
+        amount = self.o.size / MB
+        rates = f"{amount / up.seconds:.0f} MB/s, {amount / down.seconds:.0f} MB/s"
+        say(f"  run {i + 1}/{self.o.runs}, {up_label} and {down_label}: {rates}")
+        return True
+
+    def _reference_failed(self, name: str, exc: Exception) -> None:
+        self.notes.append(f"{name} failed, so its comparison is left out: {exc}")
+        say(f"  {name} failed: {exc}")
 
     # -- the rest ------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from benchmarks._budget import STEP_LABELS
@@ -34,13 +35,17 @@ SPLITSTORE_OPS = [
 ]
 
 
-def test_quick_benchmark_writes_complete_results(tmp_path: Path) -> None:
+TINY = ["--quick", "--size-mb", "2", "--small-files", "5", "--ls-names", "15", "--fp-files", "20"]
+
+
+def run_benchmarks(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None
+) -> tuple[str, dict[str, Any]]:
+    """The suite's output and its JSON results."""
     out = tmp_path / "results.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path)}
-    args = ["--quick", "--size-mb", "2", "--runs", "1", "--small-files", "5", "--ls-names", "15"]
-    args += ["--fp-files", "20"]
+    env = {**os.environ, **(env or {}), "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path)}
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks", *args, "--skip-reference", "--json", str(out)],
+        [sys.executable, "-m", "benchmarks", *TINY, *args, "--json", str(out)],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -48,8 +53,12 @@ def test_quick_benchmark_writes_complete_results(tmp_path: Path) -> None:
         timeout=240,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "store / loopback TLS copy" in result.stdout
-    doc = json.loads(out.read_text())
+    return result.stdout, json.loads(out.read_text())
+
+
+def test_quick_benchmark_writes_complete_results(tmp_path: Path) -> None:
+    stdout, doc = run_benchmarks(tmp_path, "--runs", "1", "--skip-reference")
+    assert "store / loopback TLS copy" in stdout
     assert set(doc) == {
         "meta",
         "operations",
@@ -84,7 +93,7 @@ def test_quick_benchmark_writes_complete_results(tmp_path: Path) -> None:
     assert targets["small_store"]["value"] == ops["small_store"]["rate"]["median"]
     assert targets["ls"]["value"] == ops["ls"]["seconds"]["median"]
     assert all(t["meets"] in (True, False) for t in doc["targets"])
-    assert "CPU budget" in result.stdout
+    assert "CPU budget" in stdout
     budget = doc["cpu_budget"]
     assert set(budget["step_mb_s"]) == set(STEP_LABELS)
     assert all(rate > 0 for rate in budget["step_mb_s"].values())
@@ -98,3 +107,61 @@ def test_quick_benchmark_writes_complete_results(tmp_path: Path) -> None:
         assert entry["ceiling_mb_s"] > 0
     # Everything it made is gone: only our results file is left in its temp folder.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+# Stand-ins for the reference tools, found first on PATH: restic fails at its first
+# step; rclone copies files as a local remote would (it encrypts nothing).
+FAILING_RESTIC = """#!/bin/sh
+if [ "$1" = version ]; then echo "restic (a failing stand-in)"; exit 0; fi
+echo "stand-in restic: no repository" >&2
+exit 1
+"""
+COPYING_RCLONE = """#!/bin/sh
+case "$1" in
+version) echo "rclone (a stand-in)" ;;
+obscure) echo "obscured" ;;
+copy)
+    store="$RCLONE_CONFIG_BENCHCRYPT_REMOTE"
+    case "$2" in
+    benchcrypt:*) mkdir -p "$3" && cp "$store/${2#benchcrypt:}" "$3/" ;;
+    *) mkdir -p "$store/${3#benchcrypt:}" && cp "$2" "$store/${3#benchcrypt:}/" ;;
+    esac ;;
+*) exit 2 ;;
+esac
+"""
+
+
+def test_reference_tools_run_in_each_round_and_a_failing_one_is_left_out(
+    tmp_path: Path,
+) -> None:
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for name, script in (("restic", FAILING_RESTIC), ("rclone", COPYING_RCLONE)):
+        (tools / name).write_text(script)
+        (tools / name).chmod(0o755)
+    path = f"{tools}{os.pathsep}{os.environ.get('PATH', '')}"
+    stdout, doc = run_benchmarks(tmp_path, "--runs", "2", env={"PATH": path})
+
+    # Round by round: the references of round 1 before the setups of round 2.
+    lines = stdout.splitlines()
+
+    def first(text: str) -> int:
+        return next(i for i, line in enumerate(lines) if text in line)
+
+    assert first("run 1/2, encrypted") < first("run 1/2, loopback TLS copy")
+    assert first("run 1/2, loopback TLS copy") < first("run 1/2, rclone copy to crypt")
+    assert first("run 1/2, rclone copy to crypt") < first("run 2/2, encrypted")
+    assert first("run 2/2, encrypted") < first("run 2/2, rclone copy to crypt")
+
+    # restic failed: said so, left out; everything else ran.
+    assert "restic failed" in stdout
+    assert any(note.startswith("restic failed") for note in doc["notes"])
+    ops = doc["operations"]
+    assert "restic_backup" not in ops
+    assert "restic_restore" not in ops
+    for key in ("rclone_copy_to", "rclone_copy_back", "tls_copy", "scan", "ls"):
+        assert len(ops[key]["runs"]) >= 1, key
+    assert len(ops["rclone_copy_back"]["runs"]) == 2
+    ratios = {r["name"]: r for r in doc["ratios"]}
+    assert ratios["fetch / rclone copy back"]["value"] > 0
+    assert ratios["store / restic backup"]["value"] is None
