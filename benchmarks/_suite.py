@@ -51,8 +51,9 @@ NOTES = [
     "and rclone may not",
     "each setup's two servers run under one 'splitstore serve --config', each in a process "
     "of its own, on the client's machine and cores (server MiB: the larger of the two; "
-    "server CPU: both); each round runs every setup, then the TLS copy, restic and rclone "
-    "once each, so that a host whose speed drifts tilts none of the ratios",
+    "server CPU: both); the large file goes in rounds: each round runs every setup (taking "
+    "turns at going first), then the TLS copy, restic and rclone once each, so that a host "
+    "whose speed drifts tilts the ratios less",
     "client times cover the operation inside its process (start-up and imports excluded); "
     "restic and rclone times include their start-up",
     "the TLS copy is memory to memory, in this process; restic backs up into a new local "
@@ -114,12 +115,7 @@ class _Suite:
                 mode: stack.enter_context(ServerProcess(self.work / f"setup-{mode}", encryption=e))
                 for mode, e in {"encrypted": ENCRYPTION_ON, "plain": "none"}.items()
             }
-            beside = ", ".join(["the loopback TLS copy", *self._reference_names()])
-            say(
-                f"benchmarks: store and fetch {mib} (encrypted, not, scanned), and in each "
-                f"round beside them {beside}"
-            )
-            self._large_file(setups, big)
+            self._large_file(setups, big, mib)
             encrypted = setups["encrypted"]
             with self._phase("scan", f"scan {mib} with the built-in engines"):
                 self._scan_speed(encrypted, big)
@@ -170,22 +166,25 @@ class _Suite:
 
     # -- phases --------------------------------------------------------------------------
 
-    def _large_file(self, setups: dict[str, ServerProcess], big: Path) -> None:
+    def _large_file(self, setups: dict[str, ServerProcess], big: Path, mib: str) -> None:
         """Rounds of runs: each round stores and fetches with every setup, then runs the
-        loopback TLS copy, restic and rclone once each. The setups alternate, so that a
-        machine that slows down or speeds up meanwhile does not tilt the ratio of
-        encryption on to off, and the references run beside them, round by round, so
-        that it does not tilt the ratios to them either (the host's speed drifts over
-        minutes: run as phases of their own, restic and rclone ran a minute or two
-        after the last store)."""
+        loopback TLS copy, restic and rclone once each, so that a machine whose speed
+        drifts (this one's does, over minutes) tilts the ratios between them less than
+        if each ran as a phase of its own. The setups take turns at going first, and
+        each step starts with the disk idle (``os.sync``): a tool's freed or dirty
+        pages are not left for the next step's writes to wait on."""
+        references = self._start_references()
+        beside = ", ".join(["the loopback TLS copy", *references])
+        say(f"benchmarks: store and fetch {mib} with each setup, then {beside}, in rounds")
         amount = self.o.size / MB
         runs: dict[str, list[Run]] = {}
         # "scanned": the encrypted setup with scanning on, as a default setup is.
         modes = [*setups.items(), ("scanned", setups["encrypted"])]
-        references = self._start_references()
         for i in range(self.o.runs):
             done = f"  run {i + 1}/{self.o.runs}"
-            for mode, servers in modes:
+            turn = i % len(modes)
+            for mode, servers in modes[turn:] + modes[:turn]:
+                os.sync()
                 with self._timed("large file"):
                     self._store_and_fetch(servers, mode, big, runs)
                 up, down = (amount / runs[f"{op}_{mode}"][-1].seconds for op in ("store", "fetch"))
@@ -194,21 +193,12 @@ class _Suite:
                 runs.setdefault("tls_copy", []).append(self._tls_copy(setups["encrypted"].paths))
                 say(f"{done}, loopback TLS copy: {amount / runs['tls_copy'][-1].seconds:.0f} MB/s")
             for name, tool in list(references.items()):
+                os.sync()
                 with self._timed(name):
                     if not self._reference_round(name, tool, big, i, runs):
                         del references[name]
         for key, key_runs in runs.items():
-            if key == "tls_copy":
-                self.ops[key] = summarise("loopback TLS copy", key_runs, amount, "MB/s")
-            elif key.startswith(("store_", "fetch_")):
-                op, mode = key.split("_")
-                what = {"encrypted": "encrypted", "plain": "not encrypted"}.get(
-                    mode, "encrypted, scanned"
-                )
-                self.ops[key] = summarise(f"{op}, {what}", key_runs, amount, "MB/s")
-        for name in references:  # those that did not fail
-            for key, label in REFERENCE_KEYS[name]:
-                self.ops[key] = summarise(label, runs[key], amount, "MB/s")
+            self.ops[key] = summarise(LARGE_FILE_LABELS[key], key_runs, amount, "MB/s")
 
     def _store_and_fetch(
         self, servers: ServerProcess, mode: str, big: Path, runs: dict[str, list[Run]]
@@ -295,31 +285,31 @@ class _Suite:
         label = f"splitstore ls of {n} names (start-up included)"
         self.ops["ls_command"] = summarise(label, runs, n, "names/s")
 
-    def _reference_names(self) -> list[str]:
-        return [name for name in REFERENCE_KEYS if self.tools.paths.get(name) is not None]
-
     def _start_references(self) -> dict[str, Restic | Rclone]:
         """restic's and rclone's runners, for those found and ready to run."""
         started: dict[str, Restic | Rclone] = {}
-        for name in self._reference_names():
-            exe = self.tools.paths[name]
-            assert exe is not None
-            try:
-                tool = Restic if name == "restic" else Rclone
-                started[name] = tool(exe, self.work / name)
-            except (OSError, subprocess.CalledProcessError) as exc:
-                self._reference_failed(name, exc)
+        for name, exe in self.tools.paths.items():
+            if exe is None:
+                continue
+            with self._timed(name):
+                try:
+                    started[name] = (Restic if name == "restic" else Rclone)(exe, self.work / name)
+                except (OSError, subprocess.CalledProcessError) as exc:
+                    self._reference_failed(name, exc)
         return started
 
     def _reference_round(
         self, name: str, tool: Restic | Rclone, big: Path, i: int, runs: dict[str, list[Run]]
     ) -> bool:
-        """Round ``i`` of ``name`` into ``runs``; False if it failed (and is left out)."""
+        """Round ``i`` of ``name`` into ``runs``; False if it failed, and then the runs
+        of its earlier rounds are taken out too (its comparison is left out)."""
         (up_key, up_label), (down_key, down_label) = REFERENCE_KEYS[name]
         try:
             up, down = tool.run(big, i)
         except (ToolFailed, OSError, RuntimeError, subprocess.CalledProcessError) as exc:
             self._reference_failed(name, exc)
+            runs.pop(up_key, None)
+            runs.pop(down_key, None)
             return False
         runs.setdefault(up_key, []).append(Run.of_tool(up))
         runs.setdefault(down_key, []).append(Run.of_tool(down))
@@ -389,6 +379,21 @@ REFERENCE_KEYS = {
         ("rclone_copy_to", "rclone copy to crypt"),
         ("rclone_copy_back", "rclone copy back"),
     ),
+}
+
+# What each large-file operation is called in the report, by its key.
+LARGE_FILE_LABELS = {
+    "tls_copy": "loopback TLS copy",
+    **{
+        f"{op}_{mode}": f"{op}, {what}"
+        for op in ("store", "fetch")
+        for mode, what in (
+            ("encrypted", "encrypted"),
+            ("plain", "not encrypted"),
+            ("scanned", "encrypted, scanned"),
+        )
+    },
+    **dict(pair for pairs in REFERENCE_KEYS.values() for pair in pairs),
 }
 
 # (name, numerator, denominator, target): the issue's targets, shown for information.

@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 from benchmarks._budget import STEP_LABELS
+from benchmarks._reference import Tools
+from benchmarks._suite import Options, _Suite
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -109,14 +111,21 @@ def test_quick_benchmark_writes_complete_results(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
 
 
-# Stand-ins for the reference tools, found first on PATH: restic fails at its first
-# step; rclone copies files as a local remote would (it encrypts nothing).
-FAILING_RESTIC = """#!/bin/sh
-if [ "$1" = version ]; then echo "restic (a failing stand-in)"; exit 0; fi
-echo "stand-in restic: no repository" >&2
-exit 1
+# Stand-ins for the reference tools, found first on PATH. They copy files as a local
+# repository or remote would (encrypting nothing). restic's second round fails, after
+# its first has succeeded.
+RESTIC = """#!/bin/sh
+if [ "$1" = version ]; then echo "restic (a stand-in)"; exit 0; fi
+repo="$2"
+case "$repo" in *repo1) echo "stand-in restic: the repository is damaged" >&2; exit 1 ;; esac
+case "$3" in
+init) mkdir -p "$repo" ;;
+backup) cp "$4" "$repo/data" && realpath "$4" > "$repo/path" ;;
+restore) src=$(cat "$repo/path"); mkdir -p "$6$(dirname "$src")" && cp "$repo/data" "$6$src" ;;
+*) exit 2 ;;
+esac
 """
-COPYING_RCLONE = """#!/bin/sh
+RCLONE = """#!/bin/sh
 case "$1" in
 version) echo "rclone (a stand-in)" ;;
 obscure) echo "obscured" ;;
@@ -131,37 +140,58 @@ esac
 """
 
 
-def test_reference_tools_run_in_each_round_and_a_failing_one_is_left_out(
+def stand_ins(folder: Path, **scripts: str) -> str:
+    """A PATH that finds ``scripts`` (name: text) first."""
+    folder.mkdir()
+    for name, script in scripts.items():
+        (folder / name).write_text(script)
+        (folder / name).chmod(0o755)
+    return f"{folder}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+def test_reference_tools_run_in_each_round_and_one_failing_midway_is_left_out(
     tmp_path: Path,
 ) -> None:
-    tools = tmp_path / "bin"
-    tools.mkdir()
-    for name, script in (("restic", FAILING_RESTIC), ("rclone", COPYING_RCLONE)):
-        (tools / name).write_text(script)
-        (tools / name).chmod(0o755)
-    path = f"{tools}{os.pathsep}{os.environ.get('PATH', '')}"
+    path = stand_ins(tmp_path / "bin", restic=RESTIC, rclone=RCLONE)
     stdout, doc = run_benchmarks(tmp_path, "--runs", "2", env={"PATH": path})
 
-    # Round by round: the references of round 1 before the setups of round 2.
+    # Round by round, the setups taking turns at going first, then the references.
     lines = stdout.splitlines()
 
     def first(text: str) -> int:
         return next(i for i, line in enumerate(lines) if text in line)
 
-    assert first("run 1/2, encrypted") < first("run 1/2, loopback TLS copy")
-    assert first("run 1/2, loopback TLS copy") < first("run 1/2, rclone copy to crypt")
-    assert first("run 1/2, rclone copy to crypt") < first("run 2/2, encrypted")
-    assert first("run 2/2, encrypted") < first("run 2/2, rclone copy to crypt")
+    round_1 = ["encrypted", "plain", "scanned", "loopback TLS copy", "restic backup"]
+    round_1 += ["rclone copy to crypt"]
+    round_2 = ["plain", "scanned", "encrypted", "loopback TLS copy", "rclone copy to crypt"]
+    order = [first(f"run 1/2, {step}") for step in round_1]
+    order += [first(f"run 2/2, {step}") for step in round_2]
+    assert order == sorted(order)
 
-    # restic failed: said so, left out; everything else ran.
-    assert "restic failed" in stdout
-    assert any(note.startswith("restic failed") for note in doc["notes"])
+    # restic failed in round 2: said so once, left out whole; everything else ran.
+    assert stdout.count("  restic failed:") == 1  # (the notes at the end say it again)
+    assert [note for note in doc["notes"] if note.startswith("restic failed")]
     ops = doc["operations"]
     assert "restic_backup" not in ops
     assert "restic_restore" not in ops
-    for key in ("rclone_copy_to", "rclone_copy_back", "tls_copy", "scan", "ls"):
-        assert len(ops[key]["runs"]) >= 1, key
-    assert len(ops["rclone_copy_back"]["runs"]) == 2
+    for key in ("rclone_copy_to", "rclone_copy_back", "tls_copy", "store_plain"):
+        assert len(ops[key]["runs"]) == 2, key
     ratios = {r["name"]: r for r in doc["ratios"]}
     assert ratios["fetch / rclone copy back"]["value"] > 0
     assert ratios["store / restic backup"]["value"] is None
+    assert set(doc["meta"]["phase_seconds"]) >= {"large file", "tls copy", "restic", "rclone"}
+
+
+def test_a_reference_tool_that_cannot_start_is_left_out(tmp_path: Path) -> None:
+    broken = "#!/bin/sh\necho 'stand-in rclone: broken' >&2\nexit 1\n"
+    folder = tmp_path / "bin"
+    stand_ins(folder, rclone=broken)
+    options = Options(
+        size=1, runs=1, small_files=1, ls_names=1, references=True, quick=True, fp_files=1
+    )
+    suite = _Suite(
+        options, tmp_path, Tools(paths={"restic": None, "rclone": str(folder / "rclone")})
+    )
+    assert suite._start_references() == {}
+    assert [note for note in suite.notes if note.startswith("rclone failed")]
+    assert "rclone" in suite.phases

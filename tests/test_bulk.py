@@ -155,6 +155,9 @@ def test_a_cancelled_call_still_queued_for_a_bulk_thread_never_runs() -> None:
     rather than waiting for a thread only to stop at its first step."""
     release = threading.Event()
     ran = threading.Event()
+    stopped = threading.Event()
+    # A thread for the queued call in 3 s at the latest, were it left queued.
+    timer = threading.Timer(3.0, release.set)
 
     async def scenario() -> float:
         busy = [
@@ -162,10 +165,10 @@ def test_a_cancelled_call_still_queued_for_a_bulk_thread_never_runs() -> None:
             for _ in range(BULK_THREADS)
         ]
         await asyncio.sleep(0.2)  # every thread is now waiting on ``release``
-        queued = asyncio.ensure_future(in_bulk_thread(ran.set, lambda: None))
+        queued = asyncio.ensure_future(in_bulk_thread(ran.set, stopped.set))
         await asyncio.sleep(0.1)
         started = time.monotonic()
-        threading.Timer(3.0, release.set).start()  # a thread for it in 3 s at the latest
+        timer.start()
         queued.cancel()
         with pytest.raises(asyncio.CancelledError):
             await queued
@@ -177,9 +180,11 @@ def test_a_cancelled_call_still_queued_for_a_bulk_thread_never_runs() -> None:
     try:
         assert asyncio.run(scenario()) < 1.0
     finally:
+        timer.cancel()
         release.set()
     time.sleep(0.1)  # had it been left queued, a thread would run it now
     assert not ran.is_set()
+    assert not stopped.is_set()  # nothing was running that needed stopping
 
 
 def test_a_response_that_closes_the_connection_leaves_no_socket_open(

@@ -80,7 +80,7 @@ async def in_bulk_thread(call: Callable[[], T], on_cancel: Callable[[], None]) -
     try:
         return await asyncio.shield(running)
     except asyncio.CancelledError:
-        if not queued.cancel():  # it is running: stop it, and wait for its thread
+        if not queued.cancel():  # running (or done): stop it, wait for its thread
             on_cancel()
             await outlast(running)
         raise
