@@ -291,11 +291,10 @@ class _Suite:
         for name, exe in self.tools.paths.items():
             if exe is None:
                 continue
-            with self._timed(name):
-                try:
-                    started[name] = (Restic if name == "restic" else Rclone)(exe, self.work / name)
-                except (OSError, subprocess.CalledProcessError) as exc:
-                    self._reference_failed(name, exc)
+            try:
+                started[name] = (Restic if name == "restic" else Rclone)(exe, self.work / name)
+            except (OSError, subprocess.CalledProcessError) as exc:
+                self._reference_failed(name, exc)
         return started
 
     def _reference_round(

@@ -194,4 +194,3 @@ def test_a_reference_tool_that_cannot_start_is_left_out(tmp_path: Path) -> None:
     )
     assert suite._start_references() == {}
     assert [note for note in suite.notes if note.startswith("rclone failed")]
-    assert "rclone" in suite.phases
