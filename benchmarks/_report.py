@@ -63,13 +63,15 @@ def print_report(results: dict[str, Any], console: Console | None = None) -> Non
         console.print(table)
 
     table = Table(title="Ratios of median rates (targets for information)")
-    for column in ("ratio", "value", "target", "meets it"):
+    for column in ("ratio", "value", "round by round", "target", "meets it"):
         table.add_column(column, justify="left" if column == "ratio" else "right")
     for r in results["ratios"]:
         value = "not measured" if r["value"] is None else f"{r['value']:.2f}x"
+        rounds = r.get("rounds") or []
+        spread = f"{min(rounds):.2f}-{max(rounds):.2f}x" if len(rounds) > 1 else ""
         target = "" if r["target"] is None else f">= {r['target']:g}x"
         meets = {True: "yes", False: "NO", None: ""}[r["meets"]]
-        table.add_row(r["name"], value, target, meets)
+        table.add_row(r["name"], value, spread, target, meets)
     console.print(table)
 
     table = Table(

@@ -411,17 +411,38 @@ RATIOS: list[tuple[str, str, str, float | None]] = [
 
 
 def ratios(ops: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Ratios of median rates (encrypted splitstore against the others), with targets."""
+    """Ratios of median rates (encrypted splitstore against the others), with targets,
+    and the ratio within each round (``rounds``: the runs of both were made side by side,
+    so a host whose speed drifts moves these less)."""
     out = []
     for name, top, bottom, target in RATIOS:
         value = None
+        rounds: list[float] = []
         if top in ops and bottom in ops:
             value = ops[top]["rate"]["median"] / ops[bottom]["rate"]["median"]
+            rounds = _round_ratios(ops[top], ops[bottom])
         meets = None if value is None or target is None else value >= target
         out.append(
-            {"name": name, "of": [top, bottom], "value": value, "target": target, "meets": meets}
+            {
+                "name": name,
+                "of": [top, bottom],
+                "value": value,
+                "rounds": rounds,
+                "target": target,
+                "meets": meets,
+            }
         )
     return out
+
+
+def _round_ratios(top: dict[str, Any], bottom: dict[str, Any]) -> list[float]:
+    """``top``'s rate over ``bottom``'s, run by run: the runs of one round each."""
+    if len(top["runs"]) != len(bottom["runs"]):
+        return []
+    return [
+        (top["amount"] / t["seconds"]) / (bottom["amount"] / b["seconds"])
+        for t, b in zip(top["runs"], bottom["runs"], strict=True)
+    ]
 
 
 # (name, operation, figure, target, "min" or "max"): the issue's targets in absolute terms.

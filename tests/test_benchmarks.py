@@ -179,6 +179,11 @@ def test_reference_tools_run_in_each_round_and_one_failing_midway_is_left_out(
     ratios = {r["name"]: r for r in doc["ratios"]}
     assert ratios["fetch / rclone copy back"]["value"] > 0
     assert ratios["store / restic backup"]["value"] is None
+    assert ratios["store / restic backup"]["rounds"] == []
+    # Each round's own ratio, from the runs of that round.
+    fetched, back = (ops[key]["runs"] for key in ("fetch_encrypted", "rclone_copy_back"))
+    expected = [b["seconds"] / f["seconds"] for f, b in zip(fetched, back, strict=True)]
+    assert ratios["fetch / rclone copy back"]["rounds"] == pytest.approx(expected)
     assert set(doc["meta"]["phase_seconds"]) >= {"large file", "tls copy", "restic", "rclone"}
 
 
