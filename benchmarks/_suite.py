@@ -125,8 +125,9 @@ class _Suite:
             n = self.o.small_files
             with self._phase("small files", f"store, then fetch, {n} files of 4 KiB"):
                 self._small_files(encrypted)
-            # The listing reuses what is stored already: the large file and the small ones.
-            stored = 1 + 2 * self.o.runs * self.o.small_files
+            # The listing reuses what is stored already: the large files (encrypted and
+            # scanned) and the small ones.
+            stored = 2 + 2 * self.o.runs * self.o.small_files
             more = max(0, self.o.ls_names - stored)
             with self._phase("ls fill", f"store {more} more names, {FILL_CONCURRENCY} at a time"):
                 self._fill(encrypted, more)
@@ -206,7 +207,11 @@ class _Suite:
         """One store and one fetch of ``big`` in the setup ``mode``, into ``runs``."""
         dest = self.work / "fetched.bin"
         config = servers.scan_config if mode == "scanned" else None
-        for op, args in (("store", (big, "bench/big.bin")), ("fetch", ("bench/big.bin", dest))):
+        # A name per setup: the scanned runs share the encrypted setup's servers, and with
+        # one name they would drop each other's versions (freed in the background, under a
+        # later fetch) at other rounds than the plain setup does.
+        name = f"bench/big-{mode}.bin"
+        for op, args in (("store", (big, name)), ("fetch", (name, dest))):
             if op == "fetch":  # from disk, as restic's restore and rclone's copy back
                 evict(servers.paths.https_data, servers.paths.tcp_data)
             run = self.runner.run(servers, op, *args, config=config)
@@ -306,7 +311,7 @@ class _Suite:
         try:
             up, down = tool.run(big, i)
         except (ToolFailed, OSError, RuntimeError, subprocess.CalledProcessError) as exc:
-            self._reference_failed(name, exc)
+            self._reference_failed(f"{name} (round {i + 1})", exc)
             runs.pop(up_key, None)
             runs.pop(down_key, None)
             return False
@@ -436,9 +441,11 @@ def ratios(ops: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _round_ratios(top: dict[str, Any], bottom: dict[str, Any]) -> list[float]:
-    """``top``'s rate over ``bottom``'s, run by run: the runs of one round each."""
+    """``top``'s rate over ``bottom``'s, run by run: the runs of one round each. (From
+    each run's own time: no operation in RATIOS has its times overridden in
+    ``summarise``.)"""
     if len(top["runs"]) != len(bottom["runs"]):
-        return []
+        raise ValueError(f"{top['label']} and {bottom['label']} ran a different number of rounds")
     return [
         (top["amount"] / t["seconds"]) / (bottom["amount"] / b["seconds"])
         for t, b in zip(top["runs"], bottom["runs"], strict=True)

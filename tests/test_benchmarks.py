@@ -85,7 +85,7 @@ def test_quick_benchmark_writes_complete_results(tmp_path: Path) -> None:
         assert ops[key]["client_peak_mib"] > 0, key
         assert ops[key]["server_peak_mib"] > 0, key
     ratios = {r["name"]: r for r in doc["ratios"]}
-    assert ops["ls"]["amount"] == 15  # the large file, 5 small ones each way, and 4 more
+    assert ops["ls"]["amount"] == 15  # 2 large files, 5 small ones each way, and 3 more
     assert ops["ls_command"]["amount"] == 15
     for name in ("store: encryption on / off", "store / loopback TLS copy"):
         assert ratios[name]["value"] > 0
@@ -153,37 +153,48 @@ def test_reference_tools_run_in_each_round_and_one_failing_midway_is_left_out(
     tmp_path: Path,
 ) -> None:
     path = stand_ins(tmp_path / "bin", restic=RESTIC, rclone=RCLONE)
-    stdout, doc = run_benchmarks(tmp_path, "--runs", "2", env={"PATH": path})
+    # COLUMNS: wide enough that the report's tables are not wrapped.
+    env = {"PATH": path, "COLUMNS": "200"}
+    stdout, doc = run_benchmarks(tmp_path, "--runs", "3", env=env)
 
-    # Round by round, the setups taking turns at going first, then the references.
+    # Round by round, the setups taking turns at going first, then the references;
+    # restic's second round failed, and it ran no third.
     lines = stdout.splitlines()
 
     def first(text: str) -> int:
         return next(i for i, line in enumerate(lines) if text in line)
 
-    round_1 = ["encrypted", "plain", "scanned", "loopback TLS copy", "restic backup"]
-    round_1 += ["rclone copy to crypt"]
-    round_2 = ["plain", "scanned", "encrypted", "loopback TLS copy", "rclone copy to crypt"]
-    order = [first(f"run 1/2, {step}") for step in round_1]
-    order += [first(f"run 2/2, {step}") for step in round_2]
+    steps = [
+        *("run 1/3, encrypted", "run 1/3, plain", "run 1/3, scanned"),
+        *("run 1/3, loopback TLS copy", "run 1/3, restic backup", "run 1/3, rclone copy to"),
+        *("run 2/3, plain", "run 2/3, scanned", "run 2/3, encrypted"),
+        *("run 2/3, loopback TLS copy", "  restic (round 2) failed:", "run 2/3, rclone copy to"),
+        *("run 3/3, scanned", "run 3/3, encrypted", "run 3/3, plain"),
+        *("run 3/3, loopback TLS copy", "run 3/3, rclone copy to"),
+    ]
+    order = [first(step) for step in steps]
     assert order == sorted(order)
+    assert not any("run 3/3, restic" in line for line in lines)
 
-    # restic failed in round 2: said so once, left out whole; everything else ran.
-    assert stdout.count("  restic failed:") == 1  # (the notes at the end say it again)
-    assert [note for note in doc["notes"] if note.startswith("restic failed")]
+    # Said once as it happened (the notes at the end say it again), left out whole.
+    assert stdout.count("  restic (round 2) failed:") == 1
+    assert [note for note in doc["notes"] if note.startswith("restic (round 2) failed")]
     ops = doc["operations"]
     assert "restic_backup" not in ops
     assert "restic_restore" not in ops
     for key in ("rclone_copy_to", "rclone_copy_back", "tls_copy", "store_plain"):
-        assert len(ops[key]["runs"]) == 2, key
+        assert len(ops[key]["runs"]) == 3, key
     ratios = {r["name"]: r for r in doc["ratios"]}
     assert ratios["fetch / rclone copy back"]["value"] > 0
     assert ratios["store / restic backup"]["value"] is None
     assert ratios["store / restic backup"]["rounds"] == []
-    # Each round's own ratio, from the runs of that round.
+    # Each round's own ratio, from the runs of that round, and its spread in the report.
     fetched, back = (ops[key]["runs"] for key in ("fetch_encrypted", "rclone_copy_back"))
     expected = [b["seconds"] / f["seconds"] for f, b in zip(fetched, back, strict=True)]
     assert ratios["fetch / rclone copy back"]["rounds"] == pytest.approx(expected)
+    assert any("round by round" in line for line in lines)
+    row = lines[first("fetch / rclone copy back")]
+    assert f"{min(expected):.2f}-{max(expected):.2f}x" in row
     assert set(doc["meta"]["phase_seconds"]) >= {"large file", "tls copy", "restic", "rclone"}
 
 
