@@ -59,7 +59,7 @@ NOTES = [
     "the TLS copy is memory to memory, in this process; restic backs up into a new local "
     "repository each run, rclone copies to a local crypt remote; the 4 KiB files are "
     "stored, then fetched, through one Client session (peaks and CPU cover both); ls lists "
-    "those, the large file and tiny files stored to make up the count",
+    "those, the large files and tiny files stored to make up the count",
     "MiB: peak RSS (VmHWM) of the process; CPU: its user + system seconds",
     "before each large-file fetch, restic restore and rclone copy back, what the tool "
     "stored is synced and dropped from the page cache (POSIX_FADV_DONTNEED), so each reads "
