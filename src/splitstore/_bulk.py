@@ -26,7 +26,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -128,6 +128,28 @@ class BulkOpener:
 
     def cancel(self) -> None:
         self._held.cancel()
+
+    def close(self) -> None:
+        """Close the connection, whatever step it reached (each opener's own)."""
+        raise NotImplementedError
+
+    @contextlib.asynccontextmanager
+    async def stripe(
+        self,
+        open_stripe: Callable[[Addresses], BulkStripe],
+        translating: Callable[[], contextlib.AbstractContextManager[None]],
+    ) -> AsyncIterator[BulkStripe]:
+        """The stripe ``open_stripe`` opens in a bulk thread, after the address lookup,
+        both inside ``translating``; the connection is closed when the caller is done."""
+        try:
+            with translating():
+                addresses = await resolve(self._at)
+                stripe = await in_bulk_thread(lambda: open_stripe(addresses), self.cancel)
+            # Outside the translation: what the caller raises here is its own (a full
+            # disk is not the server's failing connection); reads translate themselves.
+            yield stripe
+        finally:
+            self.close()
 
 
 # What ``resolve`` finds: (family, type, proto, canonname, address) per address.

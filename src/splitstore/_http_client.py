@@ -16,7 +16,7 @@ import aiohttp
 from aiohttp.http_exceptions import HttpProcessingError
 
 from ._batch import MAX_BATCH_BYTES, MAX_BATCH_ITEMS
-from ._bulk import BULK_READ_MIN_BYTES, BulkStripe, Endpoint, in_bulk_thread, resolve
+from ._bulk import BULK_READ_MIN_BYTES, BulkStripe, Endpoint
 from ._errors import (
     ProtocolError,
     ServerUnavailableError,
@@ -157,19 +157,17 @@ class HttpsRemote:
     @asynccontextmanager
     async def _bulk_stripe(self, path: str) -> AsyncIterator[BulkStripe]:
         """A large stripe, on a blocking connection of its own read in bulk threads."""
-        at = self._bulk_at
         opener = HttpBulkOpener(
-            at, lambda: self._translating_bulk(in_body=True), max_reply_bytes=MAX_REPLY_BYTES
+            self._bulk_at,
+            lambda: self._translating_bulk(in_body=True),
+            max_reply_bytes=MAX_REPLY_BYTES,
         )
-        try:
-            with self._translating_bulk(in_body=False):
-                addresses = await resolve(at)
-                stripe = await in_bulk_thread(lambda: opener.open(addresses, path), opener.cancel)
-            # Outside the translation: what the caller raises here is its own (a full
-            # disk is not the server's failing connection); reads translate themselves.
+        opening = opener.stripe(
+            lambda addresses: opener.open(addresses, path),
+            lambda: self._translating_bulk(in_body=False),
+        )
+        async with opening as stripe:
             yield stripe
-        finally:
-            opener.close()
 
     async def commit(self, object_id: str, record: ObjectRecord) -> None:
         url = f"{self._base}/v1/objects/{object_id}/record"

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 from . import _protocol as p
 from ._batch import MAX_BATCH_BYTES, MAX_BATCH_ITEMS
-from ._bulk import BULK_READ_MIN_BYTES, BulkStripe, Endpoint, in_bulk_thread, resolve
+from ._bulk import BULK_READ_MIN_BYTES, BulkStripe, Endpoint
 from ._codec_stream import CodecStream, open_codec_stream
 from ._errors import ProtocolError, ServerUnavailableError, SplitStoreError
 from ._remote import (
@@ -167,17 +167,12 @@ class TcpRemote:
     @asynccontextmanager
     async def _bulk_stripe(self, object_id: str, version_id: str) -> AsyncIterator[BulkStripe]:
         """A large stripe, on a blocking connection of its own read in bulk threads."""
-        at = self._bulk_at
-        opener = TcpBulkOpener(at, lambda: self._translating(in_body=True))
-        try:
-            with self._translating():
-                addresses = await resolve(at)
-                stripe = await in_bulk_thread(
-                    lambda: opener.open(addresses, object_id, version_id), opener.cancel
-                )
-            yield stripe  # the caller's errors are its own; reads translate themselves
-        finally:
-            opener.close()
+        opener = TcpBulkOpener(self._bulk_at, lambda: self._translating(in_body=True))
+        opening = opener.stripe(
+            lambda addresses: opener.open(addresses, object_id, version_id), self._translating
+        )
+        async with opening as stripe:
+            yield stripe
 
     async def commit(self, object_id: str, record: ObjectRecord) -> None:
         await self._simple("commit", {"object_id": object_id, **record.to_json()})
