@@ -21,7 +21,7 @@ from splitstore._bulk import BULK_READ_MIN_BYTES, BULK_THREADS, in_bulk_thread
 from splitstore._http_bulk import HttpBulkOpener
 from splitstore._http_client import HttpsRemote
 from splitstore._pipeline import PieceSink
-from splitstore._remote import Remote, connection_error
+from splitstore._remote import Remote, connection_error, why_unreachable
 from splitstore._tcp_bulk import TcpBulkOpener
 from splitstore._tcp_client import TcpRemote
 from splitstore._tls import client_ssl_context, server_ssl_context
@@ -129,6 +129,49 @@ def test_tls_errors_in_a_body_are_the_connection_failing() -> None:
         gone = connection_error(ssl.SSLEOFError(8, "EOF"), "x", in_body=in_body)
         assert type(gone) is ServerUnavailableError
         assert "closed the connection" in str(gone)
+
+
+UNKNOWN_HOST = "no-such-host.invalid"
+
+
+@pytest.mark.parametrize("path", ["pooled", "bulk"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_host_name_that_does_not_resolve_is_named_alike_everywhere(
+    servers: LiveServers, monkeypatch: pytest.MonkeyPatch, kind: str, path: str
+) -> None:
+    """The pooled connections (aiohttp's for HTTPS, ours for TCP) and the bulk ones say
+    the same: no connection could be opened, because the name does not resolve. (The
+    resolver is made to fail for that one name, so no test asks a DNS server.)"""
+    real = asyncio.BaseEventLoop.getaddrinfo
+
+    async def resolve(self: asyncio.BaseEventLoop, host: Any, *args: Any, **kw: Any) -> Any:
+        if host == UNKNOWN_HOST:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return await real(self, host, *args, **kw)
+
+    monkeypatch.setattr(asyncio.BaseEventLoop, "getaddrinfo", resolve)
+    remote = remote_for(servers, kind, host=UNKNOWN_HOST)
+    match = f"^cannot connect to the {kind} server at {UNKNOWN_HOST}:[0-9]+: cannot resolve "
+    match += r"its host name \(Name or service not known\)$"
+    if path == "bulk":
+        expect_on_open(remote, ServerUnavailableError, match=match)
+        return
+
+    async def scenario() -> None:
+        try:
+            with pytest.raises(ServerUnavailableError, match=match):
+                await remote.ping()
+        finally:
+            await remote.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_refused_connection_is_worded_alike_by_errno_or_type() -> None:
+    """aiohttp hands over a plain OSError when every address refused; ours, the type."""
+    for exc in (ConnectionRefusedError(111, "refused"), OSError(errno.ECONNREFUSED, "x")):
+        assert str(connection_error(exc, "x")) == "cannot connect to the x: connection refused"
+    assert why_unreachable(OSError(errno.EPIPE, "Broken pipe")) is None
 
 
 def test_a_cancelled_connect_ends_at_once(servers: LiveServers) -> None:
@@ -385,6 +428,7 @@ def remote_for(
     kind: str,
     *,
     port: int | None = None,
+    host: str = "127.0.0.1",
     ca: Path | None = None,
     io_timeout: float = 10.0,
     connect_timeout: float = 10.0,
@@ -395,7 +439,7 @@ def remote_for(
     assert port is not None
     kind_of_remote = HttpsRemote if kind == "https" else TcpRemote
     return kind_of_remote(
-        "127.0.0.1", port, token, ctx, io_timeout=io_timeout, connect_timeout=connect_timeout
+        host, port, token, ctx, io_timeout=io_timeout, connect_timeout=connect_timeout
     )
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import http.client
 import json
 import ssl
@@ -40,6 +39,7 @@ from ._remote import (
     stripe_index,
     stripe_keys,
     upload_digest,
+    why_unreachable,
 )
 from ._storage import MAX_RECORD_BYTES, ObjectRecord
 from ._tls import describe_ssl_error
@@ -287,9 +287,8 @@ class HttpsRemote:
                 f"TLS with the {label} failed: {describe_ssl_error(exc)}", server=label
             ) from exc
         except aiohttp.ClientConnectorError as exc:
-            reason = exc.strerror or str(exc.os_error)
-            if exc.os_error.errno == errno.ECONNREFUSED:  # not "Connect call failed (...)"
-                reason = "connection refused"
+            # Worded as on the TCP server's connections: not "Connect call failed (...)".
+            reason = why_unreachable(exc.os_error) or exc.strerror or str(exc.os_error)
             raise ServerUnavailableError(
                 f"cannot connect to the {label}: {reason}", server=label
             ) from exc

@@ -7,6 +7,8 @@ refusal reads the same whichever server sent it.
 
 from __future__ import annotations
 
+import errno
+import socket
 import ssl
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -48,6 +50,7 @@ __all__ = [
     "stripe_index",
     "stripe_keys",
     "upload_digest",
+    "why_unreachable",
 ]
 
 # One listing line is an object id and a record.
@@ -141,6 +144,16 @@ def parse_reply(raw: bytes, label: str) -> dict[str, Any]:
 _CLOSED_TLS = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)
 
 
+def why_unreachable(exc: BaseException) -> str | None:
+    """Why no connection could be opened at all (the host name does not resolve, nothing
+    listens on the port), in words; None for any other failure."""
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve its host name ({exc.strerror or exc})"
+    if isinstance(exc, ConnectionRefusedError) or getattr(exc, "errno", None) == errno.ECONNREFUSED:
+        return "connection refused"
+    return None
+
+
 def connection_error(exc: OSError, label: str, *, in_body: bool = False) -> SplitStoreError:
     """The SplitStoreError for a socket or TLS failure in talking to the server ``label``.
     A TLS error is taken for one in setting up TLS (the certificate, the handshake)
@@ -153,10 +166,9 @@ def connection_error(exc: OSError, label: str, *, in_body: bool = False) -> Spli
         return TLSVerificationError(
             f"cannot trust the {label}: {describe_ssl_error(cert)}", server=label
         )
-    if isinstance(exc, ConnectionRefusedError):
-        return ServerUnavailableError(
-            f"cannot connect to the {label}: connection refused", server=label
-        )
+    unreachable = why_unreachable(exc)
+    if unreachable is not None:
+        return ServerUnavailableError(f"cannot connect to the {label}: {unreachable}", server=label)
     reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
     return ServerUnavailableError(f"the connection to the {label} failed: {reason}", server=label)
 
