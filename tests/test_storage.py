@@ -512,15 +512,22 @@ def test_a_batch_is_durable_before_it_is_answered(
     assert len(last) == 5
 
 
-def test_a_batch_commit_drops_old_versions_only_once_durable(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """As commit: a crash must never leave a record whose kept versions were deleted."""
+def two_committed_and_a_third_uploaded(tmp_path: Path) -> LocalDiskStore:
+    """A store whose object OID has V1 and V2 committed and V3's stripe uploaded: the
+    commit of V3 drops V1."""
     store = LocalDiskStore(tmp_path)
     for vid in (V1, V2):
         put(store, OID, vid, vid.encode())
         store.commit(OID, record(vid, vid.encode()))
     put(store, OID, V3, b"new")
+    return store
+
+
+def test_a_batch_commit_drops_old_versions_only_once_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As commit: a crash must never leave a record whose kept versions were deleted."""
+    store = two_committed_and_a_third_uploaded(tmp_path)
     events = trace_disk(monkeypatch)
     assert store.commit_many([(OID, record(V3, b"new"))]) == [None]
     folder = os.path.realpath(tmp_path / "objects" / OID[:2] / OID)
@@ -636,3 +643,81 @@ def test_upload_cancelled_twice_mid_write_still_leaves_no_file(
 
     asyncio.run(scenario())
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_new_folders_are_durable_in_their_parents(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new data folder, tenants/, a new tenant's folders: each one's entry in its parent
+    is fsynced before anything is stored in it, or a crash could lose a store answered."""
+    events = trace_disk(monkeypatch)
+    root = tmp_path / "new" / "data"
+    data = DataFolder(root)
+    data.tenant("alice")
+    synced = {path for what, path in events if what == "fsync"}
+    for made in (root.parent, root, root / "tenants", root / "tenants" / "alice"):
+        assert os.path.realpath(made.parent) in synced, made
+
+
+def test_the_format_1_upgrade_makes_tenants_durable_before_the_marker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "objects" / OID[:2] / OID).mkdir(parents=True)
+    (tmp_path / "FORMAT").write_text("splitstore-server-data 1\n")
+    events = trace_disk(monkeypatch)
+    DataFolder(tmp_path)
+    marker = max(i for i, e in enumerate(events) if e == ("rename into", str(tmp_path)))
+    for folder in (tmp_path, tmp_path / "tenants", tmp_path / "tenants" / "default"):
+        assert ("fsync", os.path.realpath(folder)) in events[:marker], folder
+
+
+def test_a_meta_that_cannot_be_written_keeps_the_byte_count_true(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stripe is in place before its .meta is written: counted as it lands, so a full
+    disk at the .meta does not leave its bytes out of the tenant's usage for good."""
+    store = LocalDiskStore(tmp_path)
+    real = _storage._atomic_write
+
+    def atomic_write(path: Path, data: bytes) -> None:
+        if path.suffix == ".meta":
+            raise StorageError("insufficient_storage", "the server's disk is full")
+        real(path, data)
+
+    monkeypatch.setattr(_storage, "_atomic_write", atomic_write)
+    with pytest.raises(StorageError, match="disk is full"):
+        put(store, OID, V1, b"x" * 10_000)
+    assert store.used_bytes() == _tree_bytes(tmp_path / "objects") >= 10_000
+    monkeypatch.setattr(_storage, "_atomic_write", real)
+    for vid in (V1, V2, V3):  # the upload again, then two more versions drop it
+        put(store, OID, vid, vid.encode() * 100)
+        store.commit(OID, record(vid, vid.encode() * 100))
+        assert store.used_bytes() == _tree_bytes(tmp_path / "objects")
+
+
+def test_a_commit_removes_what_a_crash_left_of_record_writes(tmp_path: Path) -> None:
+    """A record's or .meta's temp file cut off by a crash would count against the quota
+    for as long as the object lives; the object's next commit removes it."""
+    store = LocalDiskStore(tmp_path)
+    put(store, OID, V1, b"one")
+    store.commit(OID, record(V1, b"one"))
+    folder = tmp_path / "objects" / OID[:2] / OID
+    (folder / ".k2j4h5g6.tmp").write_bytes(b'{"current": ' + b"x" * 6000)
+    store = LocalDiskStore(tmp_path)  # the server started again
+    put(store, OID, V2, b"two")
+    store.commit(OID, record(V2, b"two"))
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [f"{V1}.meta", f"{V1}.stripe", f"{V2}.meta", f"{V2}.stripe", "record.json"]
+    )
+    assert store.used_bytes() == _tree_bytes(tmp_path / "objects")
+
+
+def test_a_dropped_version_loses_its_meta_before_its_stripe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash between the two unlinks must not leave a .meta without its stripe: the
+    version would look complete, and a commit of it would be taken."""
+    store = two_committed_and_a_third_uploaded(tmp_path)
+    events = trace_disk(monkeypatch)
+    store.commit(OID, record(V3, b"new"))
+    assert events.index(("unlink", f"{V1}.meta")) < events.index(("unlink", f"{V1}.stripe"))

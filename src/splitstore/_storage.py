@@ -183,7 +183,7 @@ class DataFolder:
                 self.tenant(folder.name)
 
     def _prepare(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        _make_folders(self.root, Path(self.root.anchor))
         marker = self.root / "FORMAT"
         found = DATA_FORMAT
         if marker.exists():
@@ -194,7 +194,7 @@ class DataFolder:
             raise StorageError(
                 "internal", f"{self.root} holds data of format {found!r}, not {DATA_FORMAT!r}"
             )
-        self._tenants.mkdir(exist_ok=True)
+        _make_folders(self._tenants, self.root)
         # Leftovers of uploads killed mid-way: never visible, so safe to drop.
         shutil.rmtree(self._tmp, ignore_errors=True)
         self._tmp.mkdir(exist_ok=True)
@@ -214,7 +214,7 @@ class DataFolder:
                 f"cannot upgrade {self.root}: both objects/ and {home / 'objects'} exist",
             )
         with _translate_os_errors():
-            home.mkdir(parents=True, exist_ok=True)
+            _make_folders(home, self.root)  # tenants/ and tenants/default, durably
             os.rename(old, home / "objects")
             _fsync_dir(home)
             _fsync_dir(self.root)
@@ -279,11 +279,12 @@ class LocalDiskStore:
         # the count of used bytes) from interleaving.
         self._lock = threading.Lock()
         with _translate_os_errors():
-            self.root.mkdir(parents=True, exist_ok=True)
+            # A new tenant's folders, each entry durable in its parent (tenants/<t>, then
+            # objects/): a crash must not lose the folder of a store already answered.
+            _make_folders(self._objects, Path(self._objects.anchor))
             if tmp_dir is None:
                 shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp.mkdir(exist_ok=True)
-            self._objects.mkdir(exist_ok=True)
             self._used = _tree_bytes(self._objects)
 
     def used_bytes(self) -> int:
@@ -504,20 +505,30 @@ class LocalDiskStore:
         return _read_json(self._object_dir(object_id) / "record.json")
 
     def _drop_versions(self, folder: Path, keep: set[str]) -> None:
+        """Remove the versions not in ``keep`` (locked), each ``.meta`` before its stripe:
+        a crash between the two must not leave a version that looks complete without its
+        data. Temp files of record and .meta writes cut off by a crash go too (every
+        write of one holds the lock, so none is under way)."""
+        doomed = []
         for path in folder.iterdir():
             stem, dot, suffix = path.name.partition(".")
-            if dot and suffix in ("stripe", "meta") and stem not in keep:
-                size = _file_bytes(path)
-                if (
-                    suffix == "stripe"
-                    and size >= RECLAIM_LATER_BYTES
-                    and self._set_aside(path, size)
-                ):
-                    self._used -= size
-                    continue
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                    self._used -= size
+            dropped = bool(dot) and suffix in ("stripe", "meta") and stem not in keep
+            cut_off = not stem and suffix.endswith(".tmp")  # ".XXXXXXXX.tmp"
+            if dropped or cut_off:
+                doomed.append(path)
+        doomed.sort(key=lambda path: not path.name.endswith(".meta"))
+        for path in doomed:
+            size = _file_bytes(path)
+            if (
+                path.suffix == ".stripe"
+                and size >= RECLAIM_LATER_BYTES
+                and self._set_aside(path, size)
+            ):
+                self._used -= size
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                self._used -= size
 
     def _set_aside(self, path: Path, size: int) -> bool:
         """Move a large dropped stripe into tmp/ and have it unlinked there later
@@ -538,11 +549,15 @@ class LocalDiskStore:
         """Make a complete, fsynced stripe visible and count it (the upload's last step)."""
         meta = final.with_suffix(".meta")
         with self._lock:
-            before = _file_bytes(final) + _file_bytes(meta)
             _make_folders(final.parent, self._objects)
+            # Each file counted as it lands: a .meta that cannot be written (a full disk)
+            # must not leave the stripe in place and uncounted.
+            before = _file_bytes(final)
             os.replace(tmp, final)
+            self._used += length - before
+            before = _file_bytes(meta)
             _atomic_write(meta, json.dumps({"length": length, "digest": digest}).encode())
-            self._used += length + _file_bytes(meta) - before
+            self._used += _file_bytes(meta) - before
 
 
 class _DiskUpload:
