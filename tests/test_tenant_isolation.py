@@ -27,6 +27,7 @@ from splitstore import (
 )
 from splitstore import _protocol as p
 from splitstore._cli import main
+from splitstore._digest import stripe_digest
 from splitstore._service import StorageService
 from splitstore._setup import init_setup
 from splitstore._storage import (
@@ -403,6 +404,42 @@ def test_parallel_uploads_cannot_both_squeeze_in(tmp_path: Path) -> None:
         assert (await service.put_stripe(bob, "2" * 64, "b" * 32, 6000, body(6000)))[0] == 6000
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("how", ["one by one", "in batches"])
+def test_parallel_commits_cannot_together_overrun_the_quota(tmp_path: Path, how: str) -> None:
+    """A record counts from its admission until it is written, as a stripe does: commits
+    arriving together are not each admitted against the same usage."""
+
+    async def scenario() -> list[str | None]:
+        data = DataFolder(tmp_path)
+        data.tenant("alice")
+        service = StorageService(data)
+        alice = Tenant("alice", quota_bytes=200_000)
+        oids = [f"{i:064x}" for i in range(1, 21)]
+
+        async def nothing() -> AsyncIterator[bytes]:
+            return
+            yield b""
+
+        for oid in oids:
+            await service.put_stripe(alice, oid, "a" * 32, 0, nothing())
+        fields = ObjectRecord("a" * 32, 0, stripe_digest(b""), b"m" * 30_000).to_json()
+        if how == "one by one":
+            outcomes = await asyncio.gather(
+                *(service.commit(alice, oid, fields) for oid in oids), return_exceptions=True
+            )
+            return [o.code if isinstance(o, StorageError) else None for o in outcomes]
+        answers = await asyncio.gather(
+            *(service.commit_records(alice, [(oid, fields)]) for oid in oids)
+        )
+        return [a[0].get("error", {}).get("code") for a in answers]
+
+    codes = asyncio.run(scenario())
+    assert 4 <= codes.count(None) <= 5  # a record is about 40,000 bytes of JSON
+    assert set(codes) == {None, "quota_exceeded"}
+    store = DataFolder(tmp_path).tenant("alice")
+    assert store.used_bytes() <= 200_000
 
 
 def test_usage_follows_commits_and_deletes(tmp_path: Path) -> None:

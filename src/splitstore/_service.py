@@ -14,7 +14,7 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol, TypeVar
 
 import orjson
 
@@ -34,6 +34,8 @@ from ._tenants import Tenant
 from ._threads import in_thread, in_thread_to_the_end, outlast
 
 __all__ = ["ServerLimits", "StorageService", "TenantStores"]
+
+_T = TypeVar("_T")
 
 # Bytes read from a stripe at once, and handed on: one direct read's block.
 IO_BATCH_BYTES = DIRECT_BLOCK_BYTES
@@ -181,12 +183,8 @@ class StorageService:
         except BaseException:
             release()
             raise
-        # One hop for the whole batch. A cancelled caller leaves the thread to end by
-        # itself (it removes what it staged if it fails); the claim lasts as long.
-        writing = in_thread(_batch.write_stripes, store, items, body)
-        writing.add_done_callback(lambda _: release())
-        writing.add_done_callback(_consumed)
-        digests = await asyncio.shield(writing)
+        # One hop for the whole batch (it removes what it staged if it fails).
+        digests = await _claimed_in_thread(release, _batch.write_stripes, store, items, body)
         return [(item.length or 0, d) for item, d in zip(items, digests, strict=True)]
 
     async def get_stripes(
@@ -214,7 +212,10 @@ class StorageService:
                 continue
             admitted += size
             records.append((object_id, record))
-        return await asyncio.to_thread(_batch.commit_each, store, records)
+        # Counted as in flight until written: commits running at once are each admitted
+        # with the others' records counted in.
+        release = self._reserve(tenant, store, admitted, "this batch of records")
+        return await _claimed_in_thread(release, _batch.commit_each, store, records)
 
     async def get_records(self, tenant: Tenant, object_ids: list[str]) -> bytes:
         """The current records of a batch of objects as NDJSON, one line per id."""
@@ -272,9 +273,11 @@ class StorageService:
     async def commit(self, tenant: Tenant, object_id: str, fields: dict[str, Any]) -> None:
         record = ObjectRecord.from_json(fields)
         store = await self._store(tenant)
-        # What the new record adds (what the commit frees is not subtracted beforehand).
-        self._admit(tenant, store, len(json.dumps(record.to_json())), "this record")
-        await asyncio.to_thread(store.commit, object_id, record)
+        # What the new record adds (what the commit frees is not subtracted beforehand),
+        # in flight until written, as a stripe is.
+        size = len(json.dumps(record.to_json()))
+        release = self._reserve(tenant, store, size, "this record")
+        await _claimed_in_thread(release, store.commit, object_id, record)
 
     async def get_record(self, tenant: Tenant, object_id: str) -> ObjectRecord:
         store = await self._store(tenant)
@@ -310,6 +313,18 @@ async def _begin(store: StripeStore, object_id: str, version_id: str, length: in
     except BaseException:
         _clean_up(_abort_when_opened(starting))
         raise
+
+
+async def _claimed_in_thread(
+    release: Callable[[], None], work: Callable[..., _T], *args: Any
+) -> _T:
+    """``work(*args)`` in a worker thread, with ``release`` called once it has ended. A
+    cancelled caller leaves the thread to end by itself, and the claim lasts as long: the
+    bytes it writes are in flight until they are counted as stored."""
+    running = in_thread(work, *args)
+    running.add_done_callback(lambda _: release())
+    running.add_done_callback(_consumed)
+    return await asyncio.shield(running)
 
 
 def _consumed(future: asyncio.Future[Any]) -> None:
