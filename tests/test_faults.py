@@ -544,6 +544,82 @@ def test_server_stops_mid_store(
     assert client.verify("doc").size == len(v1)
 
 
+class StallingRelay:
+    """A relay to a server that stops taking the client's bytes once ``after`` of them
+    have gone up: a server whose disk hung mid-upload. Runs on the tests' loop."""
+
+    def __init__(self, loop_thread: LoopThread, port: int, after: int) -> None:
+        self._loop_thread, self._port, self._after = loop_thread, port, after
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._server = loop_thread.run(asyncio.start_server(self._relay, "127.0.0.1", 0))
+        self.port: int = self._server.sockets[0].getsockname()[1]
+        self.stalled = threading.Event()
+
+    async def _relay(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection("127.0.0.1", self._port)
+
+        async def up() -> None:
+            sent = 0
+            while data := await client_r.read(65536):
+                server_w.write(data)
+                await server_w.drain()
+                sent += len(data)
+                if sent >= self._after:
+                    self.stalled.set()
+                    await asyncio.Event().wait()  # never reads again
+
+        async def down() -> None:
+            while data := await server_r.read(65536):
+                client_w.write(data)
+                await client_w.drain()
+
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await asyncio.gather(up(), down())
+        finally:
+            client_w.close()
+            server_w.close()
+
+    def close(self) -> None:
+        async def stop() -> None:
+            self._server.close()
+            for task in self._tasks:
+                task.cancel()
+
+        self._loop_thread.run(stop())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_server_that_stops_reading_mid_store_is_the_one_named(
+    servers: LiveServers, loop_thread: LoopThread, tmp_path: Path, kind: str
+) -> None:
+    """Both uploads take their pieces from one reader, so the other server's upload waits
+    too when one server stalls: only the stalled one may be named, and soon."""
+    relay = StallingRelay(loop_thread, servers.spec(kind).port, after=4 << 20)
+    try:
+        config = dataclasses.replace(
+            servers.config,
+            io_timeout=1.5,
+            servers=tuple(
+                dataclasses.replace(s, port=relay.port) if s.kind == kind else s
+                for s in servers.config.servers
+            ),
+        )
+        write_big(tmp_path / "big")
+        with Client(config) as client:
+            exc = raises_within(
+                ServerUnavailableError, 4 * 1.5, lambda: client.store(tmp_path / "big", "big")
+            )
+        assert relay.stalled.is_set()
+        stalled = f"{kind} server at 127.0.0.1:{relay.port}"
+        check_message(exc, "timed out", server=stalled)
+    finally:
+        relay.close()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_server_stops_mid_fetch(

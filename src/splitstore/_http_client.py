@@ -111,10 +111,19 @@ class HttpsRemote:
         with self._translating():
             # aiohttp's read time-out starts only once the body is sent, so a server that
             # stops reading mid-upload would hang us: a deadline that each piece moves on.
+            # It stands still while the next piece is awaited: that wait is the other
+            # stripe's (the pieces come from one reader, held up by the slower upload),
+            # and a stalled TCP server must not be blamed on this one.
             async with asyncio.timeout(self._io_timeout) as deadline:
 
                 async def paced() -> AsyncIterator[bytes]:
-                    async for piece in body:
+                    pieces = aiter(body)
+                    while True:
+                        deadline.reschedule(None)
+                        try:
+                            piece = await anext(pieces)
+                        except StopAsyncIteration:
+                            break
                         deadline.reschedule(loop.time() + self._io_timeout)
                         yield piece
                     deadline.reschedule(loop.time() + self._io_timeout)

@@ -236,6 +236,8 @@ class TcpRemote:
                         async for piece in body:
                             await link.send_data(piece)
                     await link.send(p.End({}))
+                except TimeoutError:
+                    raise  # the server stopped reading: waiting for its reply would too
                 except (ConnectionError, OSError):
                     # The server may have refused mid-upload (disk full, ...) and closed:
                     # its ERROR frame says why, so read it before blaming the network.
