@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -304,6 +305,31 @@ def test_an_unusable_state_file_is_a_clear_error(servers: LiveServers, tmp_path:
     (tmp_path / "in").write_bytes(b"a")
     with Client(servers.config_path) as client, pytest.raises(UsageError, match="state file"):
         client.store(tmp_path / "in", "doc")
+
+
+def test_a_damaged_state_file_is_a_clear_error(servers: LiveServers, tmp_path: Path) -> None:
+    """A state file whose table pages are damaged (its header still readable) is named in
+    a ConfigError by every operation that reads it, not raised as sqlite3's own error."""
+    import sqlite3
+
+    state = tmp_path / "damaged.state"
+    rewrite_config(servers.config_path, state_file=str(state))
+    with Client(servers.config_path) as client:  # makes the file, as any client does
+        (tmp_path / "in").write_bytes(b"a")
+        client.store(tmp_path / "in", "doc")
+    with contextlib.closing(sqlite3.connect(state)) as db, db:
+        rows = [(f"{i:064x}", i, "v" * 32, 0) for i in range(5000)]
+        db.executemany("INSERT INTO seen VALUES (?, ?, ?, ?)", rows)
+    with state.open("r+b") as f:  # every page after the first few, the schema's kept
+        f.seek(4096 * 3)
+        f.write(b"\xff" * (state.stat().st_size - 4096 * 4))
+    with Client(servers.config_path) as client:
+        for call in (
+            lambda: client.store(tmp_path / "in", "doc"),
+            lambda: client.fetch("doc", tmp_path / "out"),
+        ):
+            with pytest.raises(ConfigError, match="client state file"):
+                call()
 
 
 def test_no_fallback_to_a_version_older_than_seen(servers: LiveServers, tmp_path: Path) -> None:

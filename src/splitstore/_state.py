@@ -58,10 +58,13 @@ class SeenVersions:
 
     def get(self, object_id: str) -> Seen | None:
         with self._lock:
-            row = self._db.execute(
-                "SELECT created_ns, version_id, deleted FROM seen WHERE object_id = ?",
-                (object_id,),
-            ).fetchone()
+            try:
+                row = self._db.execute(
+                    "SELECT created_ns, version_id, deleted FROM seen WHERE object_id = ?",
+                    (object_id,),
+                ).fetchone()
+            except sqlite3.Error as exc:  # a damaged file: as note says of it
+                raise ConfigError(f"cannot read the client state file {self._path}: {exc}") from exc
         if row is None:
             return None
         return Seen(int(row[0]), str(row[1]), bool(row[2]))
