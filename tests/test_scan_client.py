@@ -799,3 +799,48 @@ def test_known_bad_hash_through_the_scanner_uses_its_one_hash(tmp_path: Path) ->
     assert report.verdict == "malicious"
     assert report.sha256 == digest
     assert [r.finding.rule for r in report.blocking] == ["my-bad-file"]
+
+
+def test_a_store_cancelled_during_its_scan_ends_with_the_scan(
+    servers: LiveServers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scan reads the open source file in a worker thread: a cancelled store (Ctrl-C,
+    a caller's time-out) returns only once that thread has ended, never closing the file
+    under it."""
+    import asyncio
+    import threading
+    import time
+
+    from splitstore import AsyncClient
+
+    source = tmp_path / "big"
+    source.write_bytes(os.urandom(8 << 20))
+    started, ends = threading.Event(), []
+    feed, scan = ScanStream._feed_engines, Scanner.scan_open_file
+
+    def slow_feed(self: ScanStream, view: memoryview) -> None:
+        time.sleep(0.05)  # an engine as slow as a large archive's, or clamd's
+        feed(self, view)
+
+    def traced(self: Scanner, f: Any, *args: Any, **kwargs: Any) -> ScanReport:
+        started.set()
+        try:
+            return scan(self, f, *args, **kwargs)
+        finally:
+            ends.append(f.closed)
+
+    monkeypatch.setattr(ScanStream, "_feed_engines", slow_feed)
+    monkeypatch.setattr(Scanner, "scan_open_file", traced)
+
+    async def scenario() -> None:
+        async with AsyncClient(servers.config) as client:
+            assert client.scanner() is not None
+            store = asyncio.ensure_future(client.store(source, "big"))
+            while not started.is_set():
+                await asyncio.sleep(0.01)
+            store.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await store
+            assert ends == [False]  # the scan had ended, with the file still open
+
+    asyncio.run(scenario())

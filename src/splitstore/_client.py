@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import io
 import os
 import tempfile
@@ -416,9 +417,10 @@ class AsyncClient:
         scanner = await self._scanner_off_loop()
         if scanner is None:
             return None
-        # The stored name's extension is what a recipient will see.
-        report = await asyncio.to_thread(
-            scanner.scan_open_file, f, path, _base_name(name), also=also
+        # The stored name's extension is what a recipient will see. To the thread's end
+        # even if cancelled: the caller closes ``f`` as soon as this returns.
+        report = await in_thread_to_the_end(
+            functools.partial(scanner.scan_open_file, f, path, _base_name(name), also=also)
         )
         f.seek(0)
         if report.verdict == "malicious" and not allow_unsafe:
