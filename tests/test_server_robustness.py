@@ -195,6 +195,32 @@ def test_tcp_upload_in_tiny_frames_is_stored_whole(servers: LiveServers) -> None
     assert json.loads(reply)["digest"] == stripe_digest(data)
 
 
+def test_tcp_batch_in_tiny_frames_costs_its_bytes(servers: LiveServers) -> None:
+    """A batch's body (put_stripes, commit_records) is read whole before it is used: sent
+    as two-byte DATA frames, it is held as its bytes, not as an object per frame (about
+    35 bytes each, and a list slot)."""
+    import tracemalloc
+
+    sock = tcp_handshake(servers)
+    data = os.urandom(400_000)
+    stripe = {"object_id": "a" * 64, "version_id": "b" * 32, "length": len(data)}
+    request = (
+        json_frame(REQUEST, {"op": "put_stripes", "stripes": [stripe]})
+        + b"".join(frame(DATA, data[i : i + 2]) for i in range(0, len(data), 2))
+        + frame(END, b"")
+    )
+    tracemalloc.start()
+    try:
+        sock.sendall(request)
+        (kind, reply), _ = read_frames(sock, 2)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert kind == 0x11  # RESPONSE
+    assert json.loads(reply)["stripes"][0]["digest"] == stripe_digest(data)
+    assert peak < 16 * len(data), f"{peak:,} bytes at the peak for {len(data):,}"
+
+
 def test_small_upload_pieces_share_one_buffer_per_batch() -> None:
     batch: list[bytes | bytearray] = []
     large = os.urandom(_service.SMALL_PIECE_BYTES)

@@ -265,15 +265,16 @@ class _Session:
                 raise p.ProtocolViolation("expected DATA or END")
 
     async def _read_body(self, limit: int) -> bytes:
-        """The whole request body, refused (closing) once it goes over ``limit`` bytes."""
-        parts: list[bytes] = []
-        size = 0
+        """The whole request body, refused (closing) once it goes over ``limit`` bytes.
+
+        Joined as it arrives: a body sent as many tiny DATA frames must cost its bytes,
+        not an object per frame several times their size."""
+        body = bytearray()
         async for piece in self._body():
-            size += len(piece)
-            if size > limit:
+            if len(body) + len(piece) > limit:
                 raise StorageError("too_large", f"the body is over its limit of {limit} bytes")
-            parts.append(piece)
-        return b"".join(parts)
+            body += piece
+        return bytes(body)
 
     async def _expect_end(self) -> None:
         async for _ in self._body():
