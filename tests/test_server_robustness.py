@@ -11,7 +11,7 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -285,6 +285,65 @@ def test_tcp_silent_clients_are_dropped(
         recv_all(sock, limit=TEST_LIMITS.handshake_timeout + 10)
     # every silent connection was closed by the server, not by our read limit
     assert time.monotonic() - started < TEST_LIMITS.handshake_timeout + 8
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:the tcp server runs without TLS")
+def test_a_client_that_stops_reading_a_stripe_is_dropped(
+    servers: LiveServers, loop_thread: LoopThread, tmp_path: Path
+) -> None:
+    """A client that asks for a large stripe and then reads nothing is dropped after the
+    idle time-out, over HTTPS, TCP with TLS and TCP without: it must not hold the open
+    stripe and its connection slot for ever (a graceful close would wait on it too)."""
+    big = tmp_path / "big"
+    with big.open("wb") as f:
+        f.truncate(64 << 20)
+    with servers.client() as client:
+        client.store(big, "big")
+    plain_spec = replace(servers.spec("tcp"), tls=False, port=0)  # beside the TLS one
+    plain = loop_thread.run(start_server(plain_spec, TEST_LIMITS))
+    token = servers.config.token()
+    stalled: dict[str, tuple[socket.socket, int]] = {}
+    try:
+        for kind in ("https", "tcp", "plain tcp"):
+            stripe = servers.stripe_path("https" if kind == "https" else "tcp", "big")
+            oid, vid = stripe.parent.name, stripe.stem
+            if kind == "https":
+                sock: socket.socket = tls_socket(servers, "https")
+                sock.sendall(
+                    f"GET /v1/objects/{oid}/stripes/{vid} HTTP/1.1\r\nHost: x\r\n"
+                    f"Authorization: Bearer {token}\r\n\r\n".encode()
+                )
+            else:
+                if kind == "tcp":
+                    sock = tcp_handshake(servers)
+                else:
+                    sock = socket.create_connection(("127.0.0.1", plain.port), timeout=10)
+                    sock.sendall(b"SPST\x02\x02\x00\x00" + json_frame(HELLO, {"token": token}))
+                    assert sock.recv(8) == b"SPST\x02\x00\x00\x00"
+                    read_frames(sock, 1)  # READY
+                request: dict[str, object] = {
+                    "op": "get_stripe",
+                    "object_id": oid,
+                    "version_id": vid,
+                }
+                sock.sendall(json_frame(REQUEST, request) + frame(END, b""))
+            stalled[kind] = (sock, stripe.stat().st_size)
+            assert sock.recv(100)  # the answer has begun; now nothing more is read
+        # Still reading nothing: each server lets its connection go on its own.
+        running = {"https": servers.running["https"], "tcp": servers.running["tcp"]}
+        gates = {kind: cast(Any, server)._gate.counter for kind, server in running.items()}
+        gates["plain tcp"] = cast(Any, plain)._gate.counter
+        deadline = time.monotonic() + TEST_LIMITS.idle_timeout + 6
+        while any(g.total for g in gates.values()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert {kind: g.total for kind, g in gates.items()} == dict.fromkeys(gates, 0)
+        for kind, (sock, length) in stalled.items():
+            assert len(recv_all(sock, limit=10.0)) < length, f"{kind}: the whole stripe was sent"
+    finally:
+        for sock, _ in stalled.values():
+            sock.close()
+        loop_thread.run(plain.close())
 
 
 def test_tcp_stalled_upload_times_out(servers: LiveServers) -> None:

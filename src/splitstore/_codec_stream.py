@@ -263,6 +263,11 @@ class CodecStream(asyncio.BufferedProtocol):
         if self._transport is not None:
             self._transport.close()
 
+    def abort(self) -> None:
+        """Close at once, dropping whatever is still buffered to be sent."""
+        if self._transport is not None:
+            self._transport.abort()
+
     async def wait_closed(self) -> None:
         await asyncio.shield(self._closed)
 

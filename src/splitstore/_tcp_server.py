@@ -129,8 +129,12 @@ class _Session:
             await self._send_error("internal", "internal server error")
         finally:
             self.stream.close()
-            with contextlib.suppress(Exception):
+            try:
                 await asyncio.wait_for(self.stream.wait_closed(), 1.0)
+            except Exception:
+                # A peer that reads nothing never lets the last bytes out, and a graceful
+                # close waits for them: drop the connection, or it holds its slot for ever.
+                self.stream.abort()
 
     async def _handshake(self) -> bool:
         async with asyncio.timeout(self.limits.handshake_timeout):
