@@ -21,6 +21,7 @@ from splitstore import _reclaim, _storage
 from splitstore._digest import stripe_digest
 from splitstore._service import IO_BATCH_BYTES, WRITE_BATCH_BYTES, StorageService, StripeChunks
 from splitstore._storage import (
+    MAX_MANIFEST_TEXT,
     DataFolder,
     LocalDiskStore,
     ObjectRecord,
@@ -721,3 +722,17 @@ def test_a_dropped_version_loses_its_meta_before_its_stripe(
     events = trace_disk(monkeypatch)
     store.commit(OID, record(V3, b"new"))
     assert events.index(("unlink", f"{V1}.meta")) < events.index(("unlink", f"{V1}.stripe"))
+
+
+def test_the_longest_record_fits_in_one_tcp_response() -> None:
+    """However a record was committed (one commit, a batch, HTTPS), get_record over TCP
+    answers it in one JSON frame: a longer manifest is refused when it is committed."""
+    from splitstore import _protocol as p
+
+    fields = {"version_id": V1, "stripe_length": 2**53 - 1, "stripe_digest": "blake3:" + "f" * 64}
+    longest = ObjectRecord.from_json({**fields, "manifest": "A" * MAX_MANIFEST_TEXT})
+    response = json.dumps({"status": "ok", "record": longest.to_json()}).encode()
+    assert len(response) <= p.MAX_JSON_FRAME
+    with pytest.raises(StorageError, match="manifest") as refused:
+        ObjectRecord.from_json({**fields, "manifest": "A" * (MAX_MANIFEST_TEXT + 4)})
+    assert refused.value.code == "bad_request"

@@ -48,6 +48,7 @@ from ._tenants import SINGLE_TENANT, is_tenant_name
 
 __all__ = [
     "DATA_FORMAT",
+    "MAX_MANIFEST_TEXT",
     "MAX_STRIPE_BYTES",
     "STRIPE_OVERHEAD_BYTES",
     "DataFolder",
@@ -70,6 +71,11 @@ DATA_FORMAT_1 = "splitstore-server-data 1"
 MAX_STRIPE_BYTES = 2**53 - 1
 # A record is a few hashes and an encoded manifest.
 MAX_RECORD_BYTES = 2 * MAX_MANIFEST_BYTES
+# A record's manifest as base64 text: short enough that the record, with its other
+# fields, always fits in one JSON frame of the TCP protocol (a get_record RESPONSE, at
+# most 65,536 bytes), however it was committed. A sealed manifest of MAX_MANIFEST_BYTES
+# is some 43,800 characters.
+MAX_MANIFEST_TEXT = 64 * 1024 - 512
 # The .meta file beside each stripe ({"length": N, "digest": "blake3:HEX"}, at most 113
 # bytes):
 # quotas count it with the stripe.
@@ -124,8 +130,10 @@ class ObjectRecord:
             raise StorageError(
                 "bad_request", "stripe_digest must be 'blake3:' or 'sha256:' and 64 lowercase hex"
             )
-        if not isinstance(manifest, str) or len(manifest) > MAX_RECORD_BYTES:
-            raise StorageError("bad_request", "manifest must be base64 text of bounded size")
+        if not isinstance(manifest, str) or len(manifest) > MAX_MANIFEST_TEXT:
+            raise StorageError(
+                "bad_request", f"manifest must be base64 text of at most {MAX_MANIFEST_TEXT} bytes"
+            )
         try:
             # Strict: only the base64 alphabet and correct padding (as b64decode's validate).
             raw = binascii.a2b_base64(manifest, strict_mode=True)
