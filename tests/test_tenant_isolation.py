@@ -436,7 +436,9 @@ def test_parallel_commits_cannot_together_overrun_the_quota(tmp_path: Path, how:
         return [a[0].get("error", {}).get("code") for a in answers]
 
     codes = asyncio.run(scenario())
-    assert 4 <= codes.count(None) <= 5  # a record is about 40,000 bytes of JSON
+    # A record is about 40,000 bytes of JSON: four fit. (One whose thread is just ending
+    # counts twice for a moment, stored and still in flight, so fewer may be admitted.)
+    assert 1 <= codes.count(None) <= 4
     assert set(codes) == {None, "quota_exceeded"}
     store = DataFolder(tmp_path).tenant("alice")
     assert store.used_bytes() <= 200_000

@@ -119,7 +119,7 @@ class StorageService:
     def _admit(self, tenant: Tenant, store: StripeStore, more: int, what: str) -> None:
         """Refuse ``more`` bytes with ``quota_exceeded`` if they do not fit the quota."""
         quota = tenant.quota_bytes
-        if not quota:
+        if not quota or more <= 0:  # nothing more: never refused (a batch all of whose items were)
             return
         used = store.used_bytes() + self._in_flight.get(tenant.name, 0)
         if used + more > quota:
