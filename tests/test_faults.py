@@ -284,6 +284,7 @@ def test_unusual_names_work(
     for kind in KINDS:
         assert sorted(p.name for p in servers.data_dir(kind).iterdir()) == [
             "FORMAT",
+            "lock",
             "tenants",
             "tmp",
         ]

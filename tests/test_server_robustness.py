@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import ssl
 import struct
@@ -300,13 +301,15 @@ def test_a_client_that_stops_reading_a_stripe_is_dropped(
         f.truncate(64 << 20)
     with servers.client() as client:
         client.store(big, "big")
-    plain_spec = replace(servers.spec("tcp"), tls=False, port=0)  # beside the TLS one
+    # Beside the TLS one, on a copy of its data folder (a folder serves one server).
+    shutil.copytree(servers.data_dir("tcp"), tmp_path / "plain")
+    plain_spec = replace(servers.spec("tcp"), tls=False, port=0, data_dir=tmp_path / "plain")
     plain = loop_thread.run(start_server(plain_spec, TEST_LIMITS))
     token = servers.config.token()
     stalled: dict[str, tuple[socket.socket, int]] = {}
     try:
         for kind in ("https", "tcp", "plain tcp"):
-            stripe = servers.stripe_path("https" if kind == "https" else "tcp", "big")
+            stripe = servers.stripe_path("https" if kind == "https" else "tcp", "big")  # ids
             oid, vid = stripe.parent.name, stripe.stem
             if kind == "https":
                 sock: socket.socket = tls_socket(servers, "https")
@@ -344,6 +347,23 @@ def test_a_client_that_stops_reading_a_stripe_is_dropped(
         for sock, _ in stalled.values():
             sock.close()
         loop_thread.run(plain.close())
+
+
+def test_a_data_folder_serves_one_server_at_a_time(
+    servers: LiveServers, loop_thread: LoopThread
+) -> None:
+    """A server started again on a folder in use (by mistake, twice) is refused before it
+    touches anything: opening a folder empties its tmp/, where uploads are under way."""
+    from splitstore import ConfigError
+
+    upload = servers.data_dir("tcp") / "tmp" / "under-way.part"
+    upload.write_bytes(b"half a stripe")
+    again = replace(servers.spec("tcp"), port=0)
+    with pytest.raises(ConfigError, match="another splitstore server is using it"):
+        loop_thread.run(start_server(again, TEST_LIMITS))
+    assert upload.read_bytes() == b"half a stripe"
+    servers.stop("tcp")  # stopping gives the folder back
+    loop_thread.run(loop_thread.run(start_server(again, TEST_LIMITS)).close())
 
 
 def test_tcp_stalled_upload_times_out(servers: LiveServers) -> None:

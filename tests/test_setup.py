@@ -90,6 +90,15 @@ def test_config_names_files_relative_to_its_folder(tmp_path: Path) -> None:
     assert moved.server("tcp").data_dir == (tmp_path / "b" / "server_files" / "tcp").resolve()
 
 
+def test_a_config_giving_both_servers_one_data_folder_is_refused(tmp_path: Path) -> None:
+    """Their stripes of a version would have the same name and overwrite each other."""
+    paths = init_setup(tmp_path)
+    text = paths.config.read_text().replace("server_files/tcp", "server_files/https/./")
+    paths.config.write_text(text)
+    with pytest.raises(UsageError, match="data_dir of its own"):
+        load_config(paths.config)
+
+
 @pytest.mark.usefixtures("umask_022")
 def test_secret_files_are_private_and_public_files_readable(tmp_path: Path) -> None:
     paths = init_setup(tmp_path)

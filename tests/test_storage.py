@@ -736,3 +736,21 @@ def test_the_longest_record_fits_in_one_tcp_response() -> None:
     with pytest.raises(StorageError, match="manifest") as refused:
         ObjectRecord.from_json({**fields, "manifest": "A" * (MAX_MANIFEST_TEXT + 4)})
     assert refused.value.code == "bad_request"
+
+
+def test_a_folder_of_other_files_is_not_taken_for_a_data_folder(tmp_path: Path) -> None:
+    """A data_dir that names a folder of the user's (a typo) is refused, its tmp/ kept;
+    an empty one, or one holding only what a first start cut short leaves, is taken."""
+    (tmp_path / "mine" / "tmp").mkdir(parents=True)
+    (tmp_path / "mine" / "tmp" / "notes.txt").write_text("the user's")
+    with pytest.raises(StorageError, match="not a splitstore data folder"):
+        DataFolder(tmp_path / "mine")
+    assert (tmp_path / "mine" / "tmp" / "notes.txt").read_text() == "the user's"
+    assert not (tmp_path / "mine" / "FORMAT").exists()
+    cut_short = tmp_path / "cut-short"
+    for folder in ("tmp", "tenants", "lost+found"):
+        (cut_short / folder).mkdir(parents=True)
+    (cut_short / "lock").touch()
+    (cut_short / ".a1b2c3.tmp").write_text("splitstore-ser")
+    DataFolder(cut_short)
+    assert (cut_short / "FORMAT").read_text() == "splitstore-server-data 3\n"

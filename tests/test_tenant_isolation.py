@@ -555,5 +555,5 @@ def test_servers_upgrade_an_old_data_folder(servers: LiveServers, tmp_path: Path
     for kind in KINDS:
         folder = servers.data_dir(kind)
         assert (folder / "FORMAT").read_text() == DATA_FORMAT + "\n"
-        assert sorted(p.name for p in folder.iterdir()) == ["FORMAT", "tenants", "tmp"]
+        assert sorted(p.name for p in folder.iterdir()) == ["FORMAT", "lock", "tenants", "tmp"]
         assert len(stored_ids(servers, kind, "default")) == 1

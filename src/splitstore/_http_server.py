@@ -26,7 +26,7 @@ import contextvars
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import HttpVersion11, web
@@ -372,11 +372,15 @@ class HttpsServer:
     _runner: web.AppRunner
     _server: asyncio.Server
     _gate: ConnectionGate
+    #: Called once the server has stopped (start_server's release of the data folder).
+    after_close: list[Callable[[], None]] = field(default_factory=list)
 
     async def close(self) -> None:
         self._server.close()
         self._gate.close()
         await self._runner.cleanup()
+        for call in self.after_close:
+            call()
 
 
 async def start_https_server(

@@ -15,7 +15,7 @@ from ._config import ServerConfig
 from ._errors import ConfigError
 from ._http_server import start_https_server
 from ._service import ServerLimits, StorageService
-from ._storage import DataFolder, StorageError
+from ._storage import DataFolder, FolderLock, StorageError
 from ._tcp_server import start_tcp_server
 from ._tenants import TenantRegistry
 from ._tls import server_ssl_context
@@ -99,25 +99,41 @@ async def start_server(spec: ServerSpec, limits: ServerLimits | None = None) -> 
             stacklevel=2,
         )
     tenants = spec.registry()
+    lock: FolderLock | None = None
     try:
-        # Opening upgrades an old layout and counts every tenant's bytes: not on the loop.
-        data = await asyncio.to_thread(
-            DataFolder, spec.data_dir, reserve_bytes=limits.reserve_bytes
-        )
-    except (OSError, StorageError) as exc:
-        raise ConfigError(
-            f"cannot use {spec.data_dir} as the {spec.kind} data folder: {exc}"
-        ) from exc
-    service = StorageService(data)
-    start = start_https_server if spec.kind == "https" else start_tcp_server
-    try:
-        return await start(
-            service, tenants, host=spec.host, port=spec.port, ssl_context=ssl_context, limits=limits
-        )
-    except OSError as exc:
-        raise ConfigError(
-            f"the {spec.kind} server cannot listen on {spec.host}:{spec.port}: {exc.strerror}"
-        ) from exc
+        try:
+            # Held from before the folder is opened (which empties its tmp/) until the
+            # server has stopped: a second server on the same folder must not touch it.
+            lock = FolderLock(spec.data_dir)
+            # Opening upgrades an old layout and counts every tenant's bytes: not on the loop.
+            data = await asyncio.to_thread(
+                DataFolder, spec.data_dir, reserve_bytes=limits.reserve_bytes
+            )
+        except (OSError, StorageError) as exc:
+            raise ConfigError(
+                f"cannot use {spec.data_dir} as the {spec.kind} data folder: {exc}"
+            ) from exc
+        service = StorageService(data)
+        start = start_https_server if spec.kind == "https" else start_tcp_server
+        try:
+            server = await start(
+                service,
+                tenants,
+                host=spec.host,
+                port=spec.port,
+                ssl_context=ssl_context,
+                limits=limits,
+            )
+        except OSError as exc:
+            raise ConfigError(
+                f"the {spec.kind} server cannot listen on {spec.host}:{spec.port}: {exc.strerror}"
+            ) from exc
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    server.after_close.append(lock.release)
+    return server
 
 
 async def run_until_stopped(

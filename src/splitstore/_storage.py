@@ -39,6 +39,11 @@ from typing import Any, BinaryIO, Protocol, cast
 
 import orjson
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: servers cannot tell that another one uses their folder
+    fcntl = None  # type: ignore[assignment]
+
 from ._digest import from_sha256_hex, is_digest, new_stripe_hasher, stripe_digest
 from ._manifest import MAX_MANIFEST_BYTES
 from ._names import is_object_id, is_version_id
@@ -52,6 +57,7 @@ __all__ = [
     "MAX_STRIPE_BYTES",
     "STRIPE_OVERHEAD_BYTES",
     "DataFolder",
+    "FolderLock",
     "LocalDiskStore",
     "ObjectRecord",
     "StorageError",
@@ -196,6 +202,8 @@ class DataFolder:
         found = DATA_FORMAT
         if marker.exists():
             found = marker.read_text(encoding="utf-8", errors="replace").strip()
+        else:
+            self._check_unmarked()
         if found == DATA_FORMAT_1:
             self._upgrade_from_1()
         elif found not in (DATA_FORMAT, DATA_FORMAT_2):
@@ -208,6 +216,24 @@ class DataFolder:
         self._tmp.mkdir(exist_ok=True)
         if not marker.exists() or found != DATA_FORMAT:
             _atomic_write(marker, (DATA_FORMAT + "\n").encode())
+
+    def _check_unmarked(self) -> None:
+        """A folder without a marker is taken for a new data folder only if it holds
+        nothing but what a first start cut short leaves (or a file system's lost+found):
+        a data_dir mistyped as a folder of the user's must not have its tmp/ emptied."""
+        for entry in self.root.iterdir():
+            name = entry.name
+            ours = (
+                name in ("lock", "lost+found")
+                or (name in ("tmp", "tenants") and entry.is_dir() and not any(entry.iterdir()))
+                or (name.startswith(".") and name.endswith(".tmp"))  # the marker, cut off
+            )
+            if not ours:
+                raise StorageError(
+                    "internal",
+                    f"it is not a splitstore data folder (it has no FORMAT file, and holds "
+                    f"{name!r}): give the server an empty or new folder",
+                )
 
     def _upgrade_from_1(self) -> None:
         """Move objects/ to tenants/default/objects: one rename, so a crash leaves either
@@ -250,6 +276,35 @@ class DataFolder:
         """Bytes stored per tenant."""
         with self._lock:
             return {name: store.used_bytes() for name, store in sorted(self._stores.items())}
+
+
+class FolderLock:
+    """A server's hold on its data folder: an exclusive ``flock`` on ``DATA_DIR/lock``,
+    taken before the folder is opened (which empties its ``tmp/``) and kept while the
+    server runs. A second server on the same folder (started twice, or both servers of a
+    config given one folder) is refused before it touches anything; the kernel lets go of
+    the lock when the process ends, however it ends."""
+
+    def __init__(self, folder: Path) -> None:
+        self._fd: int | None = None
+        if fcntl is None:
+            return
+        with _translate_os_errors():
+            _make_folders(folder, Path(folder.anchor))
+            fd = os.open(folder / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise StorageError("internal", "another splitstore server is using it") from None
+            raise StorageError("internal", f"cannot lock it: {exc.strerror}") from exc
+        self._fd = fd
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
 
 
 def tenant_folder(data_dir: Path, name: str) -> Path:

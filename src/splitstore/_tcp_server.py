@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +52,8 @@ class TcpServer:
     _server: asyncio.Server
     _gate: ConnectionGate
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    #: Called once the server has stopped (start_server's release of the data folder).
+    after_close: list[Callable[[], None]] = field(default_factory=list)
 
     async def close(self) -> None:
         self._server.close()
@@ -60,6 +62,8 @@ class TcpServer:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._server.wait_closed()
+        for call in self.after_close:
+            call()
 
 
 async def start_tcp_server(
