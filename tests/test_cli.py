@@ -612,6 +612,31 @@ def test_init_bad_ports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     one_error(err, "different ports")
 
 
+def test_init_with_a_short_passphrase_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SPLITSTORE_PASSPHRASE", "short")
+    code, _, err = run(capsys, "init", "--dir", tmp_path / "setup", "--passphrase")
+    assert code == 2
+    one_error(err, "at least 8 characters")
+    assert not (tmp_path / "setup").exists()
+
+
+def test_init_force_with_a_passphrase_never_leaves_the_old_key_unprotected(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """init keeps an existing key (stored files need it): asked for a passphrase too, it
+    says so rather than ignore it and leave the key as it was without a word."""
+    setup = tmp_path / "setup"
+    assert run(capsys, "init", "--dir", setup, "-q")[0] == 0
+    key = (setup / "key").read_text()
+    monkeypatch.setenv("SPLITSTORE_PASSPHRASE", "correct horse battery")
+    code, _, err = run(capsys, "init", "--dir", setup, "--force", "--passphrase")
+    assert code == 2
+    one_error(err, "already has a master key", "leave --passphrase out")
+    assert (setup / "key").read_text() == key
+
+
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         main(["--version"])

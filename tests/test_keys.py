@@ -37,9 +37,25 @@ def test_passphrase_key_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         create_key_file(tmp_path / "k2", passphrase="short", scrypt_n=FAST_N)
 
 
+SCRYPT = '{"format": 1, "kind": "scrypt", "key_id": "%s", "salt": "%s", "n": %s, "r": 8, "p": 1}'
+SALT = "AAAAAAAAAAAAAAAAAAAAAA=="  # 16 bytes
+
+
 @pytest.mark.parametrize(
     "text",
-    ["", "{}", '{"format": 9}', '{"format": 1, "kind": "raw", "key": "AA==", "key_id": "00"}'],
+    [
+        "",
+        "{}",
+        '{"format": 9}',
+        '{"format": 1, "kind": "raw", "key": "AA==", "key_id": "00"}',
+        "[" * 4000,  # nested too deep for the parser
+        SCRYPT % ("0123456789abcdef", "", 1024),  # no salt
+        SCRYPT % ("0123456789abcdef", "AAAA", 1024),  # a salt of 3 bytes
+        SCRYPT % ("zz", SALT, 1024),  # not a key id
+        SCRYPT % ("0123456789abcdef", SALT, 1024.7),  # not a whole number
+        SCRYPT % ("0123456789abcdef", SALT, '"1024"'),
+        SCRYPT % ("0123456789abcdef", SALT, "true"),
+    ],
 )
 def test_damaged_key_files(tmp_path: Path, text: str) -> None:
     path = tmp_path / "key"
@@ -51,3 +67,13 @@ def test_damaged_key_files(tmp_path: Path, text: str) -> None:
 def test_missing_key_file_says_how_to_restore(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="key import"):
         load_master_key(tmp_path / "nope")
+
+
+def test_a_secret_file_is_never_written_over_a_folder(tmp_path: Path) -> None:
+    from splitstore._keys import write_secret_file
+
+    (tmp_path / "usb").mkdir()
+    for force in (False, True):
+        with pytest.raises(UsageError, match="is a folder"):
+            write_secret_file(tmp_path / "usb", "secret", force=force)
+    assert list((tmp_path / "usb").iterdir()) == []

@@ -291,11 +291,15 @@ def _print_info(info: FileInfo, client: AsyncClient) -> None:
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
-    from ._keys import ask_new_passphrase
+    from ._keys import ask_new_passphrase, check_passphrase
     from ._setup import init_setup
 
     if args.passphrase and args.encryption == ENCRYPTION_OFF:
         raise UsageError("--passphrase makes a master key; it cannot go with --encryption none")
+    passphrase = None
+    if args.passphrase:
+        passphrase = ask_new_passphrase()
+        check_passphrase(passphrase)  # before any of the setup is written
     paths = init_setup(
         Path(args.dir),
         https_port=args.https_port,
@@ -303,7 +307,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
         host=args.host,
         force=args.force,
         encryption=args.encryption,
-        passphrase=ask_new_passphrase() if args.passphrase else None,
+        passphrase=passphrase,
     )
     if not args.quiet:
         print(f"wrote a splitstore setup in {paths.root}:")

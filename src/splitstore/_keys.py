@@ -17,6 +17,7 @@ import contextlib
 import getpass
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ __all__ = [
     "PASSPHRASE_ENV_VAR",
     "KeyFile",
     "ask_new_passphrase",
+    "check_passphrase",
     "create_key_file",
     "export_key",
     "import_key",
@@ -45,6 +47,9 @@ KEY_FILE_FORMAT = 1
 # scrypt cost: 2**17 takes ~0.3 s and 128 MiB, the strength age and restic choose.
 DEFAULT_SCRYPT_N = 2**17
 MAX_KEY_FILE_BYTES = 4096
+MIN_PASSPHRASE_CHARS = 8
+SALT_BYTES = 16  # scrypt's salt (docs/format.md, "Key file")
+_KEY_ID = re.compile(r"[0-9a-f]{16}")
 
 
 @dataclass(frozen=True)
@@ -78,13 +83,18 @@ def create_key_file(
         master = os.urandom(KEY_SIZE)
         kf = KeyFile("raw", key_id(master).hex(), key=master)
     else:
-        if len(passphrase) < 8:
-            raise UsageError("a passphrase needs at least 8 characters")
-        salt = os.urandom(16)
+        check_passphrase(passphrase)
+        salt = os.urandom(SALT_BYTES)
         master = _scrypt(passphrase, salt, scrypt_n, 8, 1)
         kf = KeyFile("scrypt", key_id(master).hex(), salt=salt, n=scrypt_n)
     write_key_file(path, kf)
     return master
+
+
+def check_passphrase(passphrase: str) -> None:
+    """Refuse a passphrase too short to protect a key (before anything is written)."""
+    if len(passphrase) < MIN_PASSPHRASE_CHARS:
+        raise UsageError(f"a passphrase needs at least {MIN_PASSPHRASE_CHARS} characters")
 
 
 def write_key_file(path: Path, kf: KeyFile, *, force: bool = False) -> None:
@@ -94,6 +104,8 @@ def write_key_file(path: Path, kf: KeyFile, *, force: bool = False) -> None:
 
 def write_secret_file(path: Path, text: str, *, force: bool = False) -> None:
     """Write ``text`` to ``path`` with mode 0600: temp file, fsync, rename."""
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder: name the file to write")
     if path.exists() and not force:
         raise UsageError(f"{path} already exists (use --force to replace it)")
     try:
@@ -108,9 +120,11 @@ def write_secret_file(path: Path, text: str, *, force: bool = False) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        if isinstance(exc, OSError):  # a full disk, say: nothing was replaced
+            raise UsageError(f"cannot write {path}: {exc.strerror}") from exc
         raise
 
 
@@ -144,14 +158,20 @@ def parse_key_text(raw: bytes | str, path: str) -> KeyFile:
             return KeyFile("raw", kid, key=key)
         if kind == "scrypt":
             salt = base64.b64decode(doc["salt"], validate=True)
-            n, r, p = (int(doc[k]) for k in ("n", "r", "p"))
+            if len(salt) != SALT_BYTES:
+                raise ValueError(f"the salt must be {SALT_BYTES} bytes")
+            if not isinstance(kid, str) or not _KEY_ID.fullmatch(kid):
+                raise ValueError("the key id must be 16 lowercase hex digits")
+            n, r, p = (doc[k] for k in ("n", "r", "p"))
+            if not all(type(v) is int for v in (n, r, p)):
+                raise ValueError("scrypt parameters must be whole numbers")
             if not (2**10 <= n <= 2**22 and n & (n - 1) == 0 and 1 <= r <= 32 and 1 <= p <= 16):
                 raise ValueError("scrypt parameters out of range")
-            return KeyFile("scrypt", str(kid), salt=salt, n=n, r=r, p=p)
+            return KeyFile("scrypt", kid, salt=salt, n=n, r=r, p=p)
         raise ValueError(f"unknown kind {kind!r}")
     except ConfigError:
         raise
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise ConfigError(
             f"the key file {path} is damaged or not a splitstore key ({exc})"
         ) from exc
@@ -218,7 +238,8 @@ def import_key(
     where = "standard input" if source is None else str(source)
     if source is not None:
         try:
-            raw: bytes | str = source.read_bytes()[: MAX_KEY_FILE_BYTES + 1]
+            with source.open("rb") as f:
+                raw: bytes | str = f.read(MAX_KEY_FILE_BYTES + 1)
         except OSError as exc:
             raise UsageError(f"cannot read {where}: {exc.strerror}") from exc
     else:

@@ -154,6 +154,12 @@ def init_setup(
             f"{root} already holds a splitstore setup ({CONFIG_NAME}); use --force to overwrite"
         )
     read_tenants(paths.tenants)  # a broken tenants file stops init before anything changes
+    if passphrase is not None and paths.key.exists():
+        # The key is never replaced (stored files need it): a passphrase would be ignored.
+        raise UsageError(
+            f"{root} already has a master key ({paths.key.name}), which init keeps (stored "
+            "files need it): --passphrase would make a new one; leave --passphrase out"
+        )
 
     ca = generate_ca()
     server = _issue(ca, alt_names)
