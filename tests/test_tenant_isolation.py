@@ -42,6 +42,7 @@ from splitstore._tenant_admin import (
     add_setup_tenant,
     list_setup_tenants,
     parse_size,
+    revoke_setup_tenant,
 )
 from splitstore._tenants import Tenant, read_tenants
 
@@ -271,6 +272,17 @@ def test_tenant_add_refusals(servers: LiveServers) -> None:
         "alice": 5,
         "default": 0,
     }
+    # A new token without --quota keeps the quota (it does not lift it), through the
+    # command too; --quota 0 lifts it.
+    args = ["tenant", "add", "alice", "--force", "-q", "--config", str(servers.config_path)]
+    assert add_setup_tenant(servers.config, "alice", force=True).quota_bytes == 5
+    assert main(args) == 0
+    assert {t.name: t.quota_bytes for t in read_tenants(servers.paths.tenants)}["alice"] == 5
+    assert main([*args, "--quota", "0"]) == 0
+    assert {t.name: t.quota_bytes for t in read_tenants(servers.paths.tenants)}["alice"] == 0
+    # The setup's own tenant cannot be revoked: that would lock its own config out.
+    with pytest.raises(UsageError, match="setup's own tenant"):
+        revoke_setup_tenant(servers.config, "default")
 
 
 def test_a_name_with_leftover_data_needs_force(servers: LiveServers, tmp_path: Path) -> None:
@@ -315,7 +327,7 @@ def test_parse_size(text: str, size: int) -> None:
 
 
 def test_parse_size_refuses_nonsense() -> None:
-    for text in ("", "ten", "-5", "5X", "1e9"):
+    for text in ("", "ten", "-5", "5X", "1e9", "0.5"):  # half a byte is not "no quota"
         with pytest.raises(UsageError):
             parse_size(text)
 

@@ -428,10 +428,11 @@ def _cmd_tenant(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     if args.action == "add":
-        quota = admin.parse_size(args.quota) if args.quota is not None else 0
+        quota = admin.parse_size(args.quota) if args.quota is not None else None
         added = admin.add_setup_tenant(config, args.name, quota_bytes=quota, force=args.force)
         if not args.quiet:
-            limit = f"a quota of {_size(quota)} per server" if quota else "no quota"
+            size = added.quota_bytes
+            limit = f"a quota of {_size(size)} per server" if size else "no quota"
             print(f"added tenant {added.name!r} ({limit}); the running servers accept it now:")
             print(f"  config       {added.config}")
             print(f"  token        {added.token}  (keep it private)")

@@ -80,6 +80,8 @@ def parse_size(text: str) -> int:
     value = float(match.group(1)) * _UNITS[match.group(2).lower()]
     if value >= 2**63:
         raise UsageError(f"{text!r} is too large")
+    if 0 < value < 1:  # as 0 it would mean no quota at all
+        raise UsageError(f"{text!r} is less than a byte")
     return int(value)
 
 
@@ -96,16 +98,15 @@ def tenants_files(config: Config) -> tuple[Path, ...]:
 
 
 def add_setup_tenant(
-    config: Config, name: str, *, quota_bytes: int = 0, force: bool = False
+    config: Config, name: str, *, quota_bytes: int | None = None, force: bool = False
 ) -> AddedTenant:
-    """Issue a token for a new tenant and write its client files beside ``config``."""
+    """Issue a token for a new tenant and write its client files beside ``config``.
+
+    ``quota_bytes`` None: no quota for a new tenant, the one it had for an existing one
+    (given a new token with ``force``); 0: no quota."""
     validate_tenant_name(name)
-    if name == SINGLE_TENANT:
-        raise UsageError(
-            f"{SINGLE_TENANT!r} is the setup's own tenant, whose token is the config's "
-            "token_file: choose another name (to replace that token, run 'splitstore init --force')"
-        )
-    if quota_bytes < 0:
+    _not_the_setups_own(name, "choose another name")
+    if quota_bytes is not None and quota_bytes < 0:
         raise UsageError("a quota cannot be negative")
     files = tenants_files(config)
     folder = _config_folder(config)
@@ -114,7 +115,10 @@ def add_setup_tenant(
     for path in paths.values():
         if _same(path, taken):
             raise UsageError(f"{path} belongs to the setup itself: choose another tenant name")
-    existing = [t.name for f in files for t in read_tenants(f)]
+    tenants = [t for f in files for t in read_tenants(f)]
+    existing = [t.name for t in tenants]
+    if quota_bytes is None:
+        quota_bytes = next((t.quota_bytes for t in tenants if t.name == name), 0)
     if name in existing and not force:
         raise UsageError(
             f"tenant {name!r} exists already (use --force to give it a new token, "
@@ -167,6 +171,7 @@ def revoke_setup_tenant(config: Config, name: str) -> tuple[Path, ...]:
     """Remove tenant ``name`` from the tenants files; return the data folders (on this
     machine) that still hold its files, which are kept."""
     validate_tenant_name(name)
+    _not_the_setups_own(name, "revoking it would lock this config out")
     files = tenants_files(config)
     holding = [f for f in files if name in {t.name for t in read_tenants(f)}]
     if not holding:
@@ -174,6 +179,14 @@ def revoke_setup_tenant(config: Config, name: str) -> tuple[Path, ...]:
     for f in holding:
         revoke_tenant(f, name)
     return tuple(tenant_folder(d, name) for d in _data_dirs(config) if tenant_stored_bytes(d, name))
+
+
+def _not_the_setups_own(name: str, why: str) -> None:
+    if name == SINGLE_TENANT:
+        raise UsageError(
+            f"{SINGLE_TENANT!r} is the setup's own tenant, whose token is the config's "
+            f"token_file: {why} (to replace that token, run 'splitstore init --force')"
+        )
 
 
 def list_setup_tenants(config: Config) -> list[TenantUsage]:
