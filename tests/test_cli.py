@@ -637,6 +637,30 @@ def test_init_force_with_a_passphrase_never_leaves_the_old_key_unprotected(
     assert (setup / "key").read_text() == key
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["serve", "tcp", "--port", "70000", "--data-dir", "d", "--no-tls", "--token-file", "t"],
+        ["serve", "--idle-timeout", "nan"],
+        ["serve", "--idle-timeout", "inf"],
+        ["demo", "--size-mb", "inf"],
+        ["demo", "--size-mb", "nan"],
+    ],
+)
+def test_out_of_range_numbers_are_one_clear_line(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    argv: list[str],
+) -> None:
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    one_error(err, "must be")
+    assert list((tmp_path / "here").iterdir()) == []  # nothing was made
+
+
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         main(["--version"])

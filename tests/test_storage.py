@@ -23,6 +23,7 @@ from splitstore._service import IO_BATCH_BYTES, WRITE_BATCH_BYTES, StorageServic
 from splitstore._storage import (
     MAX_MANIFEST_TEXT,
     DataFolder,
+    FolderLock,
     LocalDiskStore,
     ObjectRecord,
     StorageError,
@@ -743,10 +744,11 @@ def test_a_folder_of_other_files_is_not_taken_for_a_data_folder(tmp_path: Path) 
     an empty one, or one holding only what a first start cut short leaves, is taken."""
     (tmp_path / "mine" / "tmp").mkdir(parents=True)
     (tmp_path / "mine" / "tmp" / "notes.txt").write_text("the user's")
-    with pytest.raises(StorageError, match="not a splitstore data folder"):
-        DataFolder(tmp_path / "mine")
+    for open_it in (DataFolder, FolderLock):  # a server locks the folder first
+        with pytest.raises(StorageError, match="not a splitstore data folder"):
+            open_it(tmp_path / "mine")
     assert (tmp_path / "mine" / "tmp" / "notes.txt").read_text() == "the user's"
-    assert not (tmp_path / "mine" / "FORMAT").exists()
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["tmp"]  # no lock left
     cut_short = tmp_path / "cut-short"
     for folder in ("tmp", "tenants", "lost+found"):
         (cut_short / folder).mkdir(parents=True)
@@ -754,3 +756,16 @@ def test_a_folder_of_other_files_is_not_taken_for_a_data_folder(tmp_path: Path) 
     (cut_short / ".a1b2c3.tmp").write_text("splitstore-ser")
     DataFolder(cut_short)
     assert (cut_short / "FORMAT").read_text() == "splitstore-server-data 3\n"
+
+
+def test_a_claim_of_nothing_holds_nothing(tmp_path: Path) -> None:
+    """A batch of records all refused reserves nothing: its release must not touch what
+    other requests of the tenant hold (it once took their entry away, a KeyError)."""
+    service = StorageService(DataFolder(tmp_path))
+    alice = Tenant("alice", quota_bytes=100)
+    store = service.stores.tenant("alice")
+    release = service._reserve(alice, store, 0, "nothing")
+    held = service._reserve(alice, store, 60, "a stripe")
+    held()
+    release()
+    assert service._in_flight == {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import os
 import sys
 import time
@@ -328,9 +329,9 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from ._serve import ServerSpec, run_until_stopped
+    from ._serve import ServerSpec, config_specs, run_until_stopped
 
-    if args.idle_timeout <= 0:
+    if not 0 < args.idle_timeout < math.inf:  # nan and inf included
         raise UsageError("--idle-timeout must be a number of seconds above 0")
     limits = ServerLimits(idle_timeout=args.idle_timeout)
     if args.kind is None:
@@ -352,11 +353,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 f"{', '.join(alone)} only apply to one server alone: "
                 "say which ('serve tcp ...' or 'serve https ...')"
             )
-        config = load_config(args.config)
-        specs = [ServerSpec.from_config(s) for s in config.servers]
+        specs = config_specs(load_config(args.config))
     else:
         if args.data_dir is None or args.port is None:
             raise UsageError(f"'serve {args.kind}' needs --data-dir and --port")
+        if not 0 <= args.port <= 65535:
+            raise UsageError("--port must be from 0 (any free port) to 65535")
         if args.token_file is None and args.tenants_file is None:
             raise UsageError(f"'serve {args.kind}' needs --tenants-file or --token-file")
         tls = not args.no_tls
@@ -387,8 +389,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ._demo import run_demo
 
-    if not args.size_mb >= 0:
-        raise UsageError("--size-mb must be 0 or more")
+    if not 0 <= args.size_mb < math.inf:  # nan and inf included
+        raise UsageError("--size-mb must be a number of MiB, 0 or more")
     workdir = Path(args.workdir).resolve() if args.workdir else None
     return run_demo(workdir, size_mb=args.size_mb, encryption=args.encryption)
 

@@ -197,11 +197,6 @@ def parse_config(data: Mapping[str, Any], *, base: Path, path: Path | None = Non
         raise ConfigError(
             f"{where}: servers must be listed as {list(SERVER_ORDER)}, found {list(kinds)}"
         )
-    folders = [s.data_dir.resolve() for s in servers if s.data_dir is not None]
-    if len(set(folders)) < len(folders):  # their stripes would take each other's names
-        raise ConfigError(
-            f"{where}: each server needs a data_dir of its own, not both {folders[0]}"
-        )
     return Config(
         servers=servers,
         token_file=token_file,

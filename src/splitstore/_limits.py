@@ -28,6 +28,10 @@ from typing import Protocol, cast
 from ._service import ServerLimits
 from ._storage import StorageError
 
+#: Beyond the idle time-out, before a connection whose writing stays paused is dropped:
+#: the TCP server first says why itself (a 'timeout' ERROR, within the idle time-out).
+WRITE_STALL_GRACE = 2.0
+
 __all__ = [
     "ConnectionGate",
     "GatedConnection",
@@ -118,6 +122,9 @@ class ConnectionGate:
         self.ssl_context = ssl_context
         self.handshake_timeout = limits.handshake_timeout
         self.header_timeout = header_timeout
+        # How long a connection's writing may stay paused (its client takes nothing of
+        # what it is sent): then it is dropped, whatever the server was writing.
+        self.write_stall_timeout = limits.idle_timeout + WRITE_STALL_GRACE
         self.refused = 0  # connections closed at once because a cap was reached
         self._open: set[GatedConnection] = set()
         self._closed = False
@@ -148,6 +155,7 @@ class GatedConnection(asyncio.Protocol):
         self._lost = False
         self._header_timer: asyncio.TimerHandle | None = None
         self._in_request = False
+        self._stall_timer: asyncio.TimerHandle | None = None
 
     # -- from the transport ----------------------------------------------------------------
 
@@ -189,10 +197,15 @@ class GatedConnection(asyncio.Protocol):
         return self._inner.eof_received()
 
     def pause_writing(self) -> None:
+        if self._stall_timer is None:
+            self._stall_timer = asyncio.get_running_loop().call_later(
+                self._gate.write_stall_timeout, self._stalled
+            )
         if self._inner is not None:
             self._inner.pause_writing()
 
     def resume_writing(self) -> None:
+        self._cancel_stall_timer()
         if self._inner is not None:
             self._inner.resume_writing()
 
@@ -270,6 +283,20 @@ class GatedConnection(asyncio.Protocol):
             log.debug("dropped %s: its request headers took too long", self._peer)
             self._raw.abort()
 
+    def _stalled(self) -> None:
+        """The client took nothing for the write stall time-out: drop it. aiohttp waits
+        on such a client with no time-out of its own, and a graceful close would wait
+        for it too: the connection, and whatever the request holds open, would stay."""
+        self._stall_timer = None
+        if self._raw is not None:
+            log.debug("dropped %s: it took nothing of what it was sent", self._peer)
+            self._raw.abort()
+
+    def _cancel_stall_timer(self) -> None:
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+
     def abort_if_not_started(self) -> None:
         if self._inner is None and self._raw is not None:
             self._release()
@@ -277,6 +304,7 @@ class GatedConnection(asyncio.Protocol):
 
     def _release(self) -> None:
         self._cancel_header_timer()
+        self._cancel_stall_timer()
         if self._peer is not None:
             self._gate.counter.release(self._peer)
             self._peer = None

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from ._config import ServerConfig
+from ._config import Config, ServerConfig
 from ._errors import ConfigError
 from ._http_server import start_https_server
 from ._service import ServerLimits, StorageService
@@ -81,6 +81,19 @@ class ServerSpec:
         if self.token_file is None:
             raise ConfigError(f"the {self.kind} server needs a tenants file or a token file")
         return TenantRegistry(token_file=self.token_file)
+
+
+def config_specs(config: Config) -> list[ServerSpec]:
+    """The servers a config runs. Each needs a data folder of its own: two servers'
+    stripes of a version have the same name (a client never looks at data_dir, so this
+    is checked only here)."""
+    specs = [ServerSpec.from_config(s) for s in config.servers]
+    folders = [spec.data_dir.resolve() for spec in specs]
+    if len(set(folders)) < len(folders):
+        raise ConfigError(
+            f"config {config.path}: each server needs a data_dir of its own, not {folders[0]}"
+        )
+    return specs
 
 
 async def start_server(spec: ServerSpec, limits: ServerLimits | None = None) -> RunningServer:

@@ -119,7 +119,7 @@ class StorageService:
     def _admit(self, tenant: Tenant, store: StripeStore, more: int, what: str) -> None:
         """Refuse ``more`` bytes with ``quota_exceeded`` if they do not fit the quota."""
         quota = tenant.quota_bytes
-        if not quota or more <= 0:  # nothing more: never refused (a batch all of whose items were)
+        if not quota:
             return
         used = store.used_bytes() + self._in_flight.get(tenant.name, 0)
         if used + more > quota:
@@ -153,6 +153,8 @@ class StorageService:
     ) -> Callable[[], None]:
         """Admit ``claim`` bytes against the quota and count them as in flight until the
         returned function is called."""
+        if claim <= 0:  # nothing to hold (a batch all of whose items were refused)
+            return lambda: None
         self._admit(tenant, store, claim, what)
         self._in_flight[tenant.name] = self._in_flight.get(tenant.name, 0) + claim
 

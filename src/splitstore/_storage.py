@@ -26,6 +26,7 @@ import binascii
 import contextlib
 import errno
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -63,9 +64,14 @@ __all__ = [
     "StorageError",
     "StripeStore",
     "StripeUpload",
+    "refuse_unless_new",
     "tenant_folder",
     "tenant_stored_bytes",
 ]
+
+log = logging.getLogger("splitstore.storage")
+# flock's answers for a file system that has no locks (some NFS and CIFS mounts).
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP}
 
 DATA_FORMAT = "splitstore-server-data 3"
 # Format 2 kept bare SHA-256s in records and .meta files, which format 3 still reads: a
@@ -203,7 +209,7 @@ class DataFolder:
         if marker.exists():
             found = marker.read_text(encoding="utf-8", errors="replace").strip()
         else:
-            self._check_unmarked()
+            refuse_unless_new(self.root)
         if found == DATA_FORMAT_1:
             self._upgrade_from_1()
         elif found not in (DATA_FORMAT, DATA_FORMAT_2):
@@ -216,24 +222,6 @@ class DataFolder:
         self._tmp.mkdir(exist_ok=True)
         if not marker.exists() or found != DATA_FORMAT:
             _atomic_write(marker, (DATA_FORMAT + "\n").encode())
-
-    def _check_unmarked(self) -> None:
-        """A folder without a marker is taken for a new data folder only if it holds
-        nothing but what a first start cut short leaves (or a file system's lost+found):
-        a data_dir mistyped as a folder of the user's must not have its tmp/ emptied."""
-        for entry in self.root.iterdir():
-            name = entry.name
-            ours = (
-                name in ("lock", "lost+found")
-                or (name in ("tmp", "tenants") and entry.is_dir() and not any(entry.iterdir()))
-                or (name.startswith(".") and name.endswith(".tmp"))  # the marker, cut off
-            )
-            if not ours:
-                raise StorageError(
-                    "internal",
-                    f"it is not a splitstore data folder (it has no FORMAT file, and holds "
-                    f"{name!r}): give the server an empty or new folder",
-                )
 
     def _upgrade_from_1(self) -> None:
         """Move objects/ to tenants/default/objects: one rename, so a crash leaves either
@@ -278,6 +266,25 @@ class DataFolder:
             return {name: store.used_bytes() for name, store in sorted(self._stores.items())}
 
 
+def refuse_unless_new(root: Path) -> None:
+    """Refuse a folder without a FORMAT marker unless it holds nothing but what a first
+    start cut short leaves (or a file system's lost+found): a data_dir mistyped as a
+    folder of the user's must not have its tmp/ emptied, nor a lock file left in it."""
+    for entry in root.iterdir():
+        name = entry.name
+        ours = (
+            name in ("lock", "lost+found")
+            or (name in ("tmp", "tenants") and entry.is_dir() and not any(entry.iterdir()))
+            or (name.startswith(".") and name.endswith(".tmp"))  # the marker, cut off
+        )
+        if not ours:
+            raise StorageError(
+                "internal",
+                f"it is not a splitstore data folder (it has no FORMAT file, and holds "
+                f"{name!r}): give the server an empty or new folder",
+            )
+
+
 class FolderLock:
     """A server's hold on its data folder: an exclusive ``flock`` on ``DATA_DIR/lock``,
     taken before the folder is opened (which empties its ``tmp/``) and kept while the
@@ -290,6 +297,8 @@ class FolderLock:
         if fcntl is None:
             return
         with _translate_os_errors():
+            if folder.is_dir() and not (folder / "FORMAT").exists():
+                refuse_unless_new(folder)  # before a lock file is left in it
             _make_folders(folder, Path(folder.anchor))
             fd = os.open(folder / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
@@ -298,6 +307,9 @@ class FolderLock:
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise StorageError("internal", "another splitstore server is using it") from None
+            if exc.errno in _NO_LOCKS:  # some network file systems: served as before
+                log.warning("cannot lock %s (%s): nothing stops a second server", folder, exc)
+                return
             raise StorageError("internal", f"cannot lock it: {exc.strerror}") from exc
         self._fd = fd
 

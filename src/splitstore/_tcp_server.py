@@ -56,14 +56,16 @@ class TcpServer:
     after_close: list[Callable[[], None]] = field(default_factory=list)
 
     async def close(self) -> None:
-        self._server.close()
-        self._gate.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
-        for call in self.after_close:
-            call()
+        try:
+            self._server.close()
+            self._gate.close()
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self._server.wait_closed()
+        finally:
+            for call in self.after_close:
+                call()
 
 
 async def start_tcp_server(
