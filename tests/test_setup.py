@@ -90,6 +90,21 @@ def test_config_names_files_relative_to_its_folder(tmp_path: Path) -> None:
     assert moved.server("tcp").data_dir == (tmp_path / "b" / "server_files" / "tcp").resolve()
 
 
+@pytest.mark.parametrize(
+    ("typo", "named"),
+    [('pading = "padme"\n', "'pading'"), ("chunk-size = 4096\n", "'chunk-size'")],
+)
+def test_a_misspelt_setting_is_refused_not_ignored(tmp_path: Path, typo: str, named: str) -> None:
+    paths = init_setup(tmp_path)
+    text = paths.config.read_text()
+    paths.config.write_text(text.replace("format = 1\n", "format = 1\n" + typo, 1))
+    with pytest.raises(UsageError, match=f"has no setting {named}"):
+        load_config(paths.config)
+    paths.config.write_text(text.replace('kind = "tcp"\n', 'kind = "tcp"\nprot = 1\n', 1))
+    with pytest.raises(UsageError, match="server 2: has no setting 'prot'"):
+        load_config(paths.config)
+
+
 def test_a_config_giving_both_servers_one_data_folder_is_refused(tmp_path: Path) -> None:
     """Their stripes of a version would have the same name and overwrite each other."""
     from splitstore._serve import config_specs

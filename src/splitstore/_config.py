@@ -173,6 +173,7 @@ def parse_config(data: Mapping[str, Any], *, base: Path, path: Path | None = Non
     fmt = data.get("format", CONFIG_FORMAT)
     if fmt != CONFIG_FORMAT:
         raise ConfigError(f"{where}: format {fmt!r} is not supported (expected {CONFIG_FORMAT})")
+    _refuse_unknown(data, _TOP_LEVEL_KEYS, where, "")
     chunk_size = _int(data, "chunk_size", DEFAULT_CHUNK_SIZE, where, 1, MAX_CHUNK_SIZE)
     token_file = _path(data, "token_file", base, where)
     if token_file is None:
@@ -219,9 +220,7 @@ def _parse_scan(raw: Any, base: Path, where: str) -> ScanSettings:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: [scan] must be a table")
     known = {"enabled", "hash_lists", "yara_rules", "clamd", "clamd_timeout", "policy"}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"{where}: [scan] has no setting {unknown[0]!r}")
+    _refuse_unknown(raw, frozenset(known), where, "[scan] ")
     enabled = raw.get("enabled", True)
     if not isinstance(enabled, bool):
         raise ConfigError(f"{where}: scan.enabled must be true or false")
@@ -253,6 +252,7 @@ def _paths(d: Mapping[str, Any], key: str, base: Path, where: str) -> tuple[Path
 def _parse_server(raw: Any, base: Path, where: str, default_token: Path) -> ServerConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: must be a table")
+    _refuse_unknown(raw, _SERVER_KEYS, where, "")
     kind = raw.get("kind")
     if kind not in SERVER_ORDER:
         raise ConfigError(f"{where}: 'kind' must be one of {list(SERVER_ORDER)}")
@@ -275,6 +275,28 @@ def _parse_server(raw: Any, base: Path, where: str, default_token: Path) -> Serv
         token_file=_path(raw, "token_file", base, where) or default_token,
         tenants_file=_path(raw, "tenants_file", base, where),
     )
+
+
+# Every setting a config may have: a misspelt one (say "pading") must not leave its
+# default silently in force.
+_TOP_LEVEL_KEYS = frozenset(
+    {
+        "format", "chunk_size", "token_file", "servers", "encryption", "padding", "key_file",
+        "ca_file", "connect_timeout", "io_timeout", "state_file", "scan",
+    }
+)  # fmt: skip
+_SERVER_KEYS = frozenset(
+    {
+        "kind", "host", "port", "tls", "data_dir", "cert_file", "key_file", "token_file",
+        "tenants_file",
+    }
+)  # fmt: skip
+
+
+def _refuse_unknown(raw: Mapping[str, Any], known: frozenset[str], where: str, table: str) -> None:
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{where}: {table}has no setting {unknown[0]!r}")
 
 
 def _int(d: Mapping[str, Any], key: str, default: int | None, where: str, lo: int, hi: int) -> int:
