@@ -759,3 +759,57 @@ def test_scanner_style_member_findings_are_not_prefixed_twice(tmp_path: Path) ->
     path = write(tmp_path, "s.zip", zip_of({"d/a.txt": b"x"}))
     found = scan(path, ArchiveEngine(scan_member=scan_member))
     assert [f.member for f in found] == ["d/a.txt"]
+
+
+# --- crafted data that a decoder itself refuses --------------------------------------------
+
+
+def test_a_member_no_decoder_can_read_keeps_what_was_found_before_it(tmp_path: Path) -> None:
+    """An LZMA member whose properties liblzma refuses (lc=8) raises in the decoder's own
+    setup: reported as not scanned, beside the malware already found, never instead of it
+    (the verdict would drop from block to warn)."""
+    import io
+    import struct
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("payload.txt", eicar())
+        z.writestr("b.bin", b"hello world" * 10)
+    data = bytearray(buf.getvalue())
+    local = data.find(b"PK\x03\x04", 10)  # b.bin's headers: method 14 (LZMA)
+    central = data.find(b"PK\x01\x02", data.find(b"PK\x01\x02") + 4)
+    struct.pack_into("<H", data, local + 8, 14)
+    struct.pack_into("<H", data, central + 10, 14)
+    name_len, extra_len = struct.unpack_from("<HH", data, local + 26)
+    start = local + 30 + name_len + extra_len
+    data[start : start + 9] = b"\x09\x14\x05\x00" + bytes([8]) + struct.pack("<I", 1 << 16)
+    found = scan(write(tmp_path, "docs.zip", bytes(data)))
+    assert ("test-signature", "eicar") in kinds(found)
+    assert ("not-scanned", "engine-error") in kinds(found)
+
+
+def test_links_with_absurdly_deep_names_stop_the_scan_not_the_machine(tmp_path: Path) -> None:
+    """Each link's path components are kept to catch members written through it: a
+    crafted name of a million components is refused, not kept (some 150 MB a link)."""
+    deep = "/".join(["d"] * 1_000_000)
+    tracemalloc.start()
+    try:
+        found = scan(
+            write(tmp_path, "deep.tar", tar_of([(info(deep, tarfile.SYMTYPE, "x"), None)]))
+        )
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert ("not-scanned", "too-many-links") in kinds(found)
+    assert peak < 64 * MiB
+
+
+def test_ppmd_model_memory_counts_as_a_dictionary() -> None:
+    """py7zr allocates a PPMd model of the size a 7z block declares (up to 4 GiB)."""
+    import struct
+
+    from splitstore.scanning._archives import _7z_dictionary
+
+    ppmd = {"method": b"\x03\x04\x01", "properties": bytes([6]) + struct.pack("<I", 1 << 30)}
+    folder = type("Folder", (), {"coders": [ppmd]})()
+    assert _7z_dictionary(folder) == 1 << 30

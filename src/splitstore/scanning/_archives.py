@@ -415,6 +415,9 @@ _XZ_MAGIC = b"\xfd7zXZ\x00"
 #: The largest LZMA dictionary a decoder may use: enough for "xz -9e" and 7-Zip's "ultra"
 #: (64 MiB), not for a crafted 1.5 GiB (the dictionary fills as far as the output goes).
 _MAX_DICTIONARY = 128 * _MiB
+# Path components of link members kept to see whether a member lies under a link: ample
+# for any real archive (a name of 4,096 bytes has at most 2,048), bounded for a crafted one.
+_MAX_LINK_NODES = 200_000
 _XZ_MEMLIMIT = _MAX_DICTIONARY + 8 * _MiB
 
 
@@ -548,6 +551,11 @@ class _Scan:
             pass
         except OSError as exc:
             self.add("not-scanned", "unreadable", f"the archive cannot be read: {exc}")
+        except Exception as exc:  # a decoder's own error on crafted data, say
+            # Reported here, with what was found before it: an error escaping would take
+            # every finding with it (one bad member must not hide another's malware).
+            detail = f"the archive could not be read to its end: {type(exc).__name__}: {exc}"
+            self.add("not-scanned", "engine-error", detail[:500])
         finally:
             self.files.cleanup()
         return self.found.result()
@@ -753,14 +761,20 @@ def link_problem(name: str, target: str, hard: bool) -> str | None:
 
 
 class _LinkTree:
-    """The link members seen so far, as a tree of path components."""
+    """The link members seen so far, as a tree of path components: at most
+    ``_MAX_LINK_NODES`` of them (a node costs some 150 bytes, and a name can have
+    millions of components), past which the scan stops."""
 
     _MARK = ""  # never a component
 
     def __init__(self) -> None:
         self._root: dict[str, Any] = {}
+        self._nodes = 0
 
     def add(self, parts: list[str]) -> None:
+        self._nodes += len(parts)
+        if self._nodes > _MAX_LINK_NODES:
+            raise _Stop("too-many-links", "its links' names are too many or too deep to follow")
         node = self._root
         for part in parts:
             node = node.setdefault(part, {})
@@ -1378,10 +1392,12 @@ def _7z_encrypted(folder: Any) -> bool:
 
 _7Z_LZMA = b"\x03\x01\x01"
 _7Z_LZMA2 = b"\x21"
+_7Z_PPMD = b"\x03\x04\x01"
 
 
 def _7z_dictionary(folder: Any) -> int:
-    """The largest LZMA dictionary a 7z block's coders declare (0 if none)."""
+    """The largest memory a 7z block's coders declare for their model (0 if none): an
+    LZMA dictionary, or PPMd's model memory (up to 4 GiB, allocated as declared)."""
     largest = 0
     for coder in getattr(folder, "coders", None) or ():
         props = coder.get("properties") or b""
@@ -1389,8 +1405,8 @@ def _7z_dictionary(folder: Any) -> int:
             code = props[0]
             size = 0xFFFFFFFF if code >= 40 else (2 | (code & 1)) << (code // 2 + 11)
             largest = max(largest, size)
-        elif coder.get("method") == _7Z_LZMA and len(props) >= 5:
-            largest = max(largest, struct.unpack_from("<I", props, 1)[0])
+        elif coder.get("method") in (_7Z_LZMA, _7Z_PPMD) and len(props) >= 5:
+            largest = max(largest, struct.unpack_from("<I", props, 1)[0])  # after 1 byte
     return largest
 
 
