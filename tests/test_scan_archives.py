@@ -813,3 +813,42 @@ def test_ppmd_model_memory_counts_as_a_dictionary() -> None:
     ppmd = {"method": b"\x03\x04\x01", "properties": bytes([6]) + struct.pack("<I", 1 << 30)}
     folder = type("Folder", (), {"coders": [ppmd]})()
     assert _7z_dictionary(folder) == 1 << 30
+
+
+def _gnu_sparse_tar(map_blocks: int) -> bytes:
+    """An old GNU sparse member ('S') whose map goes on for ``map_blocks`` extension
+    blocks of 21 regions each."""
+
+    def octal(n: int, width: int = 12) -> bytes:
+        return b"%0*o\0" % (width - 1, n)
+
+    head = bytearray(512)
+    head[0:10] = b"sparse.bin"
+    head[100:124] = b"0000644\0" + b"0000000\0" + b"0000000\0"
+    head[124:148] = octal(0) + octal(0)
+    head[156:157] = b"S"
+    head[257:265] = b"ustar  \0"
+    head[482] = 1  # isextended
+    head[483:495] = octal(1000)
+    head[148:156] = b" " * 8
+    head[148:156] = b"%06o\0 " % sum(head)
+    block = bytearray(512)
+    for i in range(21):
+        block[i * 24 : i * 24 + 24] = octal(1000 + i) + octal(1)
+    block[504] = 1  # and another one follows
+    return bytes(head) + bytes(block) * map_blocks + bytes(1024)
+
+
+def test_a_sparse_map_is_read_within_the_header_bound(tmp_path: Path) -> None:
+    """tarfile reads an old GNU sparse member's whole map in one step, an entry per
+    region: read through a counter, it stops at the extended headers' bound."""
+    limits = ArchiveLimits(max_header_bytes=MiB)
+    path = write(tmp_path, "sparse.tar", _gnu_sparse_tar(4 * 2048))  # 4 MiB of map
+    tracemalloc.start()
+    try:
+        found = scan(path, engine(limits))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert ("not-scanned", "header-too-large") in kinds(found)
+    assert peak < 16 * MiB  # the whole map's entries would be some 40 MiB

@@ -71,7 +71,7 @@ from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol, cast
 
 from ._engine import Finding, Head
 
@@ -1090,6 +1090,36 @@ class _BoundedTarInfo(tarfile.TarInfo):
             raise _OversizedHeader(f"an extended header of {info.size} bytes")
         return info
 
+    def _proc_sparse(self, archive: tarfile.TarFile) -> tarfile.TarInfo:
+        """An old GNU sparse member's map: tarfile reads every extension block of it at
+        once, keeping an entry per region (some 11 bytes of memory per byte of map). Its
+        blocks are read here through a counter, up to the extended headers' bound."""
+        source = archive.fileobj
+        archive.fileobj = cast(Any, _CountedReads(source, self.max_extended, "a sparse map"))
+        try:
+            read: tarfile.TarInfo = super()._proc_sparse(archive)  # type: ignore[misc]
+            return read
+        finally:
+            archive.fileobj = source
+
+
+class _CountedReads:
+    """A file whose reads stop with _OversizedHeader past ``limit`` bytes."""
+
+    def __init__(self, source: Any, limit: int, what: str) -> None:
+        self._source, self._left, self._what = source, limit, what
+
+    def read(self, n: int) -> bytes:
+        self._left -= n
+        if self._left < 0:
+            raise _OversizedHeader(f"{self._what} of more than its bound")
+        data: bytes = self._source.read(n)
+        return data
+
+    def tell(self) -> int:
+        where: int = self._source.tell()
+        return where
+
 
 #: tarfile.open, untyped: its overloads want the mode as a literal.
 _TAR_OPEN: Any = tarfile.open
@@ -1102,7 +1132,9 @@ def _open_tar(scan: _Scan, f: BinaryIO | io.RawIOBase, mode: str) -> tarfile.Tar
         return opened
     except _OversizedHeader as exc:
         raise _Stop("header-too-large", f"{exc} was not read") from exc
-    except (tarfile.TarError, EOFError, UnicodeError, ValueError, OverflowError) as exc:
+    except (
+        tarfile.TarError, EOFError, UnicodeError, ValueError, OverflowError, IndexError
+    ) as exc:  # fmt: skip
         raise _Corrupt("bad-header", f"the tar header cannot be read: {exc}") from exc
 
 
@@ -1130,7 +1162,9 @@ def _tar_members(scan: _Scan, tf: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
             member = tf.next()
         except _OversizedHeader as exc:
             raise _Stop("header-too-large", f"{exc} was not read") from exc
-        except (tarfile.TarError, EOFError, UnicodeError, ValueError, OverflowError) as exc:
+        except (
+            tarfile.TarError, EOFError, UnicodeError, ValueError, OverflowError, IndexError
+        ) as exc:  # IndexError: a sparse header cut short  # fmt: skip
             rule = "truncated" if "unexpected end" in str(exc) else "bad-header"
             raise _Corrupt(rule, f"a tar header cannot be read: {exc}") from exc
         if member is None or not scan.count_member():
