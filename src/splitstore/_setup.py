@@ -125,7 +125,8 @@ def init_setup(
     """Create (or with ``force``, regenerate) a setup in ``directory``.
 
     ``host`` is where both servers listen and the client connects; it is added to the
-    certificate's names unless it is a wildcard address such as 0.0.0.0. With ``force``,
+    certificate's names (a wildcard address such as 0.0.0.0 is refused: no client can
+    connect to it). With ``force``,
     the config, TLS keys, certificates and token are replaced; stored data and an
     existing master key are never touched (a new key would make every stored file
     unreadable). ``passphrase`` derives the master key from a passphrase (scrypt)
@@ -138,10 +139,8 @@ def init_setup(
     _check_port(tcp_port, "tcp port")
     if https_port == tcp_port:
         raise UsageError(f"the https and tcp servers need different ports (both are {https_port})")
-    _check_host(host)
-    hostnames = [*DEFAULT_HOSTNAMES, *extra_hostnames]
-    if not _is_unspecified_address(host):
-        hostnames.append(host)
+    host = _checked_host(host)
+    hostnames = [*DEFAULT_HOSTNAMES, *extra_hostnames, host]
     # Validate names before touching the disk, so a typo leaves nothing behind.
     alt_names = _subject_alt_names(hostnames)
 
@@ -467,16 +466,25 @@ def _check_port(port: int, what: str) -> None:
         raise UsageError(f"the {what} must be a whole number from 1 to 65535, not {port!r}")
 
 
-def _check_host(host: str) -> None:
+def _checked_host(host: str) -> str:
+    """The host both servers listen on and the client connects to, as the config keeps
+    it: an IPv6 address without brackets, and never a wildcard address."""
     if not isinstance(host, str) or not host or any(c.isspace() for c in host):
         raise UsageError(f"the host must be a host name or IP address, not {host!r}")
-
-
-def _is_unspecified_address(host: str) -> bool:
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_unspecified
+        unspecified = ipaddress.ip_address(host).is_unspecified
     except ValueError:
-        return False
+        unspecified = False
+    if unspecified:
+        raise UsageError(
+            f"{host} means every address to listen on, but no client can connect to it: give "
+            "the host name or address clients use (it goes into the certificate); to listen "
+            "on every address, start each server with 'splitstore serve https|tcp --host "
+            f"{host}'"
+        )
+    return host
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
