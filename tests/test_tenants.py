@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from splitstore import ConfigError, UsageError
-from splitstore._tenants import TenantRegistry, add_tenant, revoke_tenant
+from splitstore._tenants import TenantRegistry, add_tenant, put_tenant, revoke_tenant
 
 
 def bump(path: Path) -> None:
@@ -60,3 +60,12 @@ def test_single_token_mode(tmp_path: Path) -> None:
     assert registry.authenticate("") is None
     with pytest.raises(ConfigError):
         TenantRegistry()
+
+
+def test_a_token_that_is_not_unicode_matches_nothing(tmp_path: Path) -> None:
+    """A lone surrogate (JSON may carry one) was hashed as "?": never as another token."""
+    path = tmp_path / "tenants.toml"
+    put_tenant(path, "alice", "abc?def")
+    registry = TenantRegistry(tenants_file=path)
+    assert registry.authenticate("abc?def") is not None
+    assert registry.authenticate("abc\ud800def") is None

@@ -49,7 +49,8 @@ class Tenant:
 
 
 def token_digest(token: str) -> bytes:
-    return hashlib.sha256(token.encode("utf-8", "replace")).digest()
+    """SHA-256 of the token's UTF-8; UnicodeEncodeError for one that is not Unicode."""
+    return hashlib.sha256(token.encode("utf-8")).digest()
 
 
 def is_tenant_name(value: object) -> bool:
@@ -84,8 +85,11 @@ class TenantRegistry:
         """The tenant a bearer token belongs to, or None. Compares digests in constant time."""
         if not token:
             return None
+        try:
+            offered = token_digest(token)
+        except UnicodeEncodeError:  # a lone surrogate: no token (not the same with "?")
+            return None
         self._reload()
-        offered = token_digest(token)
         found = None
         for digest, tenant in self._by_digest.items():
             if hmac.compare_digest(offered, digest):
