@@ -159,6 +159,29 @@ def test_chunks_reordered_within_a_stripe(
     refused(client, "doc", tmp_path, IntegrityError, "damaged", where, server=label(servers, kind))
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_stripe_that_changes_length_before_it_is_hashed_again(
+    servers: LiveServers, client: Client, tmp_path: Path, kind: str
+) -> None:
+    """When a segment fails, both stripes are read again to name the server: one that now
+    announces another length is named at once, not read on for the length it made up."""
+    write_random(tmp_path / "in", 300_000)
+    client.store(tmp_path / "in", "doc")
+    path = servers.stripe_path(kind, "doc")
+    data = bytearray(path.read_bytes())
+    data[5] ^= 0x01
+    write_stripe(path, bytes(data))
+
+    def grow_once_read(done: int, total: int) -> None:
+        if done == total:  # read whole: before it is read again, the stripe grows
+            write_stripe(path, bytes(data) + bytes(1 << 20))
+
+    with pytest.raises(IntegrityError) as info:
+        client.fetch("doc", tmp_path / "out", progress=grow_once_read)
+    check_message(info.value, "bytes where", "were stored", server=label(servers, kind))
+    assert not (tmp_path / "out").exists()
+
+
 # -- 2. the two servers' stripes swapped ------------------------------------------------
 
 # 10,224 bytes seal to 10,240 (one segment and its tag): five whole rounds of 2 KiB, so

@@ -489,3 +489,28 @@ def test_receive_into_refuses_when_no_payload_is_under_way() -> None:
                 await stream.receive_into(memoryview(bytearray(10)))
 
     asyncio.run(run())
+
+
+def test_a_stripe_body_longer_than_announced_is_refused_not_drained_for_ever() -> None:
+    """After its reader has taken a stripe's announced length, the rest of the body is
+    read to reuse the connection: a server sending DATA without end is stopped at the
+    first byte too many."""
+    import asyncio
+
+    from splitstore import ProtocolError
+    from splitstore._tcp_client import _TcpStripe
+
+    class Endless:
+        remote = type("Remote", (), {"label": "tcp server at 127.0.0.1:1"})()
+        sent = 0
+
+        async def body(self) -> AsyncIterator[bytes]:
+            while True:
+                self.sent += 1
+                yield b"x"
+
+    link = Endless()
+    stripe = _TcpStripe(link, 0)  # type: ignore[arg-type]
+    with pytest.raises(ProtocolError, match="more than the 0 bytes"):
+        asyncio.run(stripe.drain())
+    assert link.sent == 1

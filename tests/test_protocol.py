@@ -1196,3 +1196,16 @@ def test_a_connection_closed_mid_payload_is_a_violation_with_partial_data() -> N
     client.receive_data(b"")
     with pytest.raises(ProtocolViolation, match="middle of a frame"):
         client.next_event()
+
+
+def test_a_servers_words_reach_the_user_as_one_safe_line() -> None:
+    """A server's error message could carry line breaks, terminal escape sequences,
+    bidirectional overrides, and kilobytes of them: escaped, and cut short."""
+    from splitstore._remote import SERVER_TEXT_CHARS, error_for_code
+
+    forged = "x\n\x1b[2K\rsplitstore: all files verified OK \u202e" + "A" * 60_000
+    message = str(error_for_code("conflict", forged, "tcp server at 127.0.0.1:1"))
+    assert message.isprintable()
+    assert "\\u001b" in message
+    assert "\\u202e" in message
+    assert len(message) < SERVER_TEXT_CHARS + 200

@@ -707,7 +707,8 @@ class AsyncClient:
         version_id = manifest.version_id
 
         async def digest(remote: Remote) -> str:
-            h = hasher_for(manifest.stripe_for(remote.kind).digest)
+            info = manifest.stripe_for(remote.kind)
+            h = hasher_for(info.digest)
             async with contextlib.AsyncExitStack() as stack:
                 try:
                     reader = await stack.enter_async_context(remote.get_stripe(oid, version_id))
@@ -716,6 +717,12 @@ class AsyncClient:
                         f"the {remote.label} no longer holds the data it was just serving",
                         server=remote.label,
                     ) from None
+                if reader.length != info.length:  # never read on for a length it made up
+                    raise IntegrityError(
+                        f"the {remote.label} now holds {reader.length} bytes where "
+                        f"{info.length} were stored: its data is damaged",
+                        server=remote.label,
+                    )
                 done = 0
                 while done < reader.length:
                     piece = await reader.read(min(_REHASH_BYTES, reader.length - done))

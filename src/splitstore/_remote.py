@@ -8,6 +8,7 @@ refusal reads the same whichever server sent it.
 from __future__ import annotations
 
 import errno
+import re
 import socket
 import ssl
 from collections.abc import AsyncIterator, Sequence
@@ -46,6 +47,7 @@ __all__ = [
     "read_put_stripes_reply",
     "read_record_lines",
     "record_lines_body",
+    "server_text",
     "split_stripes",
     "stripe_index",
     "stripe_keys",
@@ -114,8 +116,22 @@ def raise_for_code(code: str, message: str, label: str) -> NoReturn:
     raise error_for_code(code, message, label)
 
 
+# What a server's words may not bring to a terminal: control characters (escape
+# sequences, line breaks) and the bidirectional overrides that reorder what is shown.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+SERVER_TEXT_CHARS = 300
+
+
+def server_text(text: str) -> str:
+    """A server's own words as one safe line: what could act on a terminal escaped, and
+    at most SERVER_TEXT_CHARS characters of it (a server may send kilobytes)."""
+    shown = _UNPRINTABLE.sub(lambda m: f"\\u{ord(m.group()):04x}", text[:SERVER_TEXT_CHARS])
+    return shown + ("..." if len(text) > SERVER_TEXT_CHARS else "")
+
+
 def error_for_code(code: str, message: str, label: str) -> SplitStoreError:
-    """The SplitStoreError for a server's error code."""
+    """The SplitStoreError for a server's error code (its message and code made safe)."""
+    code, message = server_text(code), server_text(message)
     if code == "unauthorized":
         return AuthenticationError(f"the {label} refused the access token", server=label)
     if code == "not_found":
@@ -258,7 +274,7 @@ def _item_error(item: dict[str, Any], label: str) -> SplitStoreError | None:
         return None
     if not isinstance(error, dict):
         raise ProtocolError(f"the {label} sent a malformed batch reply", server=label)
-    return error_for_code(str(error.get("code")), str(error.get("message"))[:500], label)
+    return error_for_code(str(error.get("code")), str(error.get("message")), label)
 
 
 def read_put_stripes_reply(reply: dict[str, Any], lengths: Sequence[int], label: str) -> list[str]:

@@ -415,6 +415,7 @@ class _TcpStripe:
         self._link = link
         self._rest = b""  # what the last frame brought beyond the last read
         self._done = False
+        self._taken = 0  # bytes handed out by read
 
     async def read(self, n: int) -> memoryview:
         import numpy as np  # on first use, as in _stripes
@@ -432,11 +433,21 @@ class _TcpStripe:
             have += filled
             self._done = rest is None
             self._rest = rest or b""
+        self._taken += have
         return view if have == n else view[:have]  # short only where the stripe ended
 
     async def drain(self) -> None:
-        """Read to the END frame so the connection can be reused."""
-        if self._done:
-            return
-        async for _ in self._link.body():
-            pass
+        """Read to the END frame so the connection can be reused: no further than the
+        announced length, or a server sending DATA for ever would hold the fetch."""
+        left = self.length - self._taken - len(self._rest)
+        if not self._done:
+            async for piece in self._link.body():
+                left -= len(piece)
+                if left < 0:
+                    break
+        if left < 0:
+            label = self._link.remote.label
+            raise ProtocolError(
+                f"the {label} sent more than the {self.length} bytes it announced for a stripe",
+                server=label,
+            )

@@ -11,7 +11,7 @@ from typing import Any, Final
 
 from . import _protocol as p
 from ._errors import ProtocolError
-from ._remote import raise_for_code
+from ._remote import raise_for_code, server_text
 from ._version import __version__
 
 __all__ = [
@@ -37,7 +37,7 @@ def handshake_steps(token: str, label: str) -> Generator[Any, Any, None]:
         error = yield RECEIVE
         message = error.message if isinstance(error, p.Error) else "no common version"
         raise ProtocolError(
-            f"the {label} speaks another protocol version ({message[:200]}); "
+            f"the {label} speaks another protocol version ({server_text(message)}); "
             f"this client, splitstore {__version__}, speaks protocol version "
             f"{p.PROTOCOL_VERSION}: "
             "run the same splitstore version on the client and the servers",
