@@ -461,3 +461,77 @@ def test_a_local_failure_mid_fetch_is_not_blamed_on_a_server(
             client.fetch("f", tmp_path / "out")
     assert not isinstance(info.value, ServerError)
     assert info.value.errno == errno.ENOSPC
+
+
+@pytest.mark.parametrize("call", ["get_record", "pooled stripe", "bulk stripe"])
+def test_a_tcp_server_dripping_its_answer_times_out(servers: LiveServers, call: str) -> None:
+    """A server that sends its answer a byte at a time, each well within the read
+    time-out, is cut off by the deadline of the whole exchange (for a bulk connection,
+    of the whole opening: its handshake is dripped too)."""
+
+    async def scenario() -> float:
+        held: list[asyncio.StreamWriter] = []
+
+        async def drip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            held.append(writer)
+            conn = p.Connection(p.Role.SERVER)
+
+            async def next_event() -> Any:
+                while (event := conn.next_event()) is p.NEED_DATA:
+                    conn.receive_data(await reader.read(65536))
+                return event
+
+            async def slowly(data: bytes) -> None:
+                for i in range(len(data)):
+                    writer.write(data[i : i + 1])
+                    await writer.drain()
+                    await asyncio.sleep(0.2)
+
+            async def quickly(data: bytes) -> None:
+                writer.write(data)
+                await writer.drain()
+
+            handshake = slowly if call == "bulk stripe" else quickly
+            await next_event()  # PREFACE
+            await handshake(conn.send(p.PrefaceReply(p.PROTOCOL_VERSION)))
+            await next_event()  # HELLO
+            await handshake(conn.send(p.Ready({})))
+            await next_event()  # REQUEST
+            await next_event()  # END
+            await slowly(conn.send(p.Response({"length": STRIPE, "padding": "x" * 200})))
+
+        ctx = server_ssl_context(servers.paths.server_cert, servers.paths.server_key)
+        peer = await asyncio.start_server(drip, "127.0.0.1", 0, ssl=ctx)
+        port = peer.sockets[0].getsockname()[1]
+        remote = remote_for(servers, "tcp", port=port, io_timeout=1.0, connect_timeout=2.0)
+        try:
+            return await timed_out_asking(remote, call)
+        finally:
+            for writer in held:
+                writer.transport.abort()
+            peer.close()
+
+    assert asyncio.run(scenario()) < 10
+
+
+async def timed_out_asking(remote: Remote, call: str) -> float:
+    """Ask ``remote`` (``call``: ping, get_record, pooled stripe or bulk stripe), which
+    must time out; how long that took. The remote is closed after."""
+
+    async def ask() -> None:
+        if call == "ping":
+            await remote.ping()
+        elif call == "get_record":
+            await remote.get_record(OID)
+        else:
+            length = STRIPE if call == "bulk stripe" else 10
+            async with remote.get_stripe(OID, VID, expected_length=length):
+                pass
+
+    started = time.monotonic()
+    try:
+        with pytest.raises(ServerUnavailableError, match="timed out"):
+            await ask()
+    finally:
+        await remote.close()
+    return time.monotonic() - started

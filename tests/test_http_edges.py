@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -20,6 +21,7 @@ from splitstore._manifest import Manifest, StripeInfo
 from splitstore._tls import client_ssl_context, server_ssl_context
 
 from .conftest import LiveServers
+from .test_bulk import timed_out_asking
 from .test_server_robustness import status, tls_socket
 
 
@@ -157,3 +159,36 @@ def test_expect_headers_never_make_a_500(servers: LiveServers, path: str, expect
         assert reply.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200")
     else:
         assert status(reply) == 417, reply[:200]
+
+
+@pytest.mark.parametrize(
+    "call",
+    ["ping", "get_record", "pooled stripe", "bulk stripe"],
+    ids=lambda c: c.replace(" ", "-"),
+)
+def test_a_server_that_never_ends_its_answer_times_out(servers: LiveServers, call: str) -> None:
+    """Endless '100 Continue' lines: aiohttp and http.client read each within their read
+    time-out and wait for the next, so only a deadline on the whole exchange (the request
+    and the answer's head) ends it."""
+
+    async def scenario() -> float:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read(65536)
+            with contextlib.suppress(ConnectionError):
+                while True:
+                    writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    await writer.drain()
+                    await asyncio.sleep(0.2)
+
+        ctx = server_ssl_context(servers.paths.server_cert, servers.paths.server_key)
+        server = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=ctx)
+        port = server.sockets[0].getsockname()[1]
+        remote = HttpsRemote(
+            "127.0.0.1", port, "token", client_ssl_context(servers.paths.ca_cert), io_timeout=1.0
+        )
+        try:
+            return await timed_out_asking(remote, call)
+        finally:
+            server.close()
+
+    assert asyncio.run(scenario()) < 15  # io_timeout (and connect_timeout for the bulk one)

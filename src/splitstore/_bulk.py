@@ -141,10 +141,15 @@ class BulkOpener:
     ) -> AsyncIterator[BulkStripe]:
         """The stripe ``open_stripe`` opens in a bulk thread, after the address lookup,
         both inside ``translating``; the connection is closed when the caller is done."""
+        at = self._at
         try:
             with translating():
-                addresses = await resolve(self._at)
-                stripe = await in_bulk_thread(lambda: open_stripe(addresses), self.cancel)
+                addresses = await resolve(at)
+                # Each step in the thread has a time-out of its own, per read: the whole
+                # opening (connect, handshake, the reply's head) has one too, or a server
+                # dripping a byte now and then, or 100 Continue without end, would hold it.
+                async with asyncio.timeout(at.connect_timeout + at.io_timeout):
+                    stripe = await in_bulk_thread(lambda: open_stripe(addresses), self.cancel)
             # Outside the translation: what the caller raises here is its own (a full
             # disk is not the server's failing connection); reads translate themselves.
             yield stripe

@@ -100,7 +100,7 @@ class HttpsRemote:
 
     async def ping(self) -> None:
         with self._translating():
-            async with self._http().get(f"{self._base}/v1/ping") as resp:
+            async with self._exchange(), self._http().get(f"{self._base}/v1/ping") as resp:
                 await self._json(resp)
 
     async def put_stripe(
@@ -154,9 +154,10 @@ class HttpsRemote:
         url = f"{self._base}{path}"
         async with contextlib.AsyncExitStack() as stack:
             with self._translating():
-                resp = await stack.enter_async_context(self._http().get(url))
-                if resp.status != 200:
-                    await self._json(resp)
+                async with self._exchange():  # the head; each read of the body has its own
+                    resp = await stack.enter_async_context(self._http().get(url))
+                    if resp.status != 200:
+                        await self._json(resp)
                 if resp.content_length is None:
                     raise ProtocolError(
                         f"the {self.label} sent a stripe without a length", server=self.label
@@ -181,13 +182,13 @@ class HttpsRemote:
     async def commit(self, object_id: str, record: ObjectRecord) -> None:
         url = f"{self._base}/v1/objects/{object_id}/record"
         with self._translating():
-            async with self._http().put(url, json=record.to_json()) as resp:
+            async with self._exchange(), self._http().put(url, json=record.to_json()) as resp:
                 await self._json(resp)
 
     async def get_record(self, object_id: str) -> ObjectRecord:
         url = f"{self._base}/v1/objects/{object_id}/record"
         with self._translating():
-            async with self._http().get(url) as resp:
+            async with self._exchange(), self._http().get(url) as resp:
                 reply = await self._json(resp)
         return parse_record(reply.get("record"), self.label)
 
@@ -203,8 +204,9 @@ class HttpsRemote:
                 listing.close()
 
     async def delete(self, object_id: str) -> None:
+        url = f"{self._base}/v1/objects/{object_id}"
         with self._translating():
-            async with self._http().delete(f"{self._base}/v1/objects/{object_id}") as resp:
+            async with self._exchange(), self._http().delete(url) as resp:
                 await self._json(resp)
 
     # -- batches -------------------------------------------------------------------------
@@ -214,9 +216,8 @@ class HttpsRemote:
         body = b"".join([index, b"\n", *(data for _, _, data in stripes)])
         url = f"{self._base}/v1/batch/put-stripes"
         with self._translating():
-            async with asyncio.timeout(self._io_timeout):
-                async with self._http().post(url, data=body, headers=_BINARY) as resp:
-                    reply = await self._json(resp)
+            async with self._exchange(), self._http().post(url, data=body, headers=_BINARY) as resp:
+                reply = await self._json(resp)
         return read_put_stripes_reply(reply, [len(d) for _, _, d in stripes], self.label)
 
     async def commit_records(
@@ -224,9 +225,9 @@ class HttpsRemote:
     ) -> list[SplitStoreError | None]:
         url = f"{self._base}/v1/batch/commit"
         with self._translating():
-            async with asyncio.timeout(self._io_timeout):
-                async with self._http().post(url, data=record_lines_body(records)) as resp:
-                    reply = await self._json(resp)
+            lines = record_lines_body(records)
+            async with self._exchange(), self._http().post(url, data=lines) as resp:
+                reply = await self._json(resp)
         return read_commit_results(reply, len(records), self.label)
 
     async def get_records(self, object_ids: Sequence[str]) -> list[ObjectRecord | SplitStoreError]:
@@ -251,24 +252,30 @@ class HttpsRemote:
     async def _post_for_body(self, what: str, doc: dict[str, Any], limit: int) -> bytes:
         url = f"{self._base}/v1/batch/{what}"
         with self._translating():
-            async with asyncio.timeout(self._io_timeout):
-                async with self._http().post(url, json=doc) as resp:
-                    if resp.status != 200:
-                        await self._json(resp)
-                    if resp.content_length is not None and resp.content_length > limit:
-                        raise ProtocolError(
-                            f"the {self.label} sent an oversized batch", server=self.label
-                        )
-                    body = await resp.content.read(limit + 1)
-                    while len(body) <= limit and (piece := await resp.content.read(limit + 1)):
-                        body += piece
-                    if len(body) > limit:
-                        raise ProtocolError(
-                            f"the {self.label} sent an oversized batch", server=self.label
-                        )
-                    return body
+            async with self._exchange(), self._http().post(url, json=doc) as resp:
+                if resp.status != 200:
+                    await self._json(resp)
+                if resp.content_length is not None and resp.content_length > limit:
+                    raise ProtocolError(
+                        f"the {self.label} sent an oversized batch", server=self.label
+                    )
+                body = await resp.content.read(limit + 1)
+                while len(body) <= limit and (piece := await resp.content.read(limit + 1)):
+                    body += piece
+                if len(body) > limit:
+                    raise ProtocolError(
+                        f"the {self.label} sent an oversized batch", server=self.label
+                    )
+                return body
 
     # -- helpers -------------------------------------------------------------------------
+
+    def _exchange(self) -> asyncio.Timeout:
+        """The deadline of an exchange of bounded size (a request and its reply, or a
+        stripe's head): io_timeout in all. aiohttp's read time-out is per read, so without
+        it a server sending a byte now and then (or 100 Continue without end) would hold
+        the exchange for days."""
+        return asyncio.timeout(self._io_timeout)
 
     async def _json(self, resp: aiohttp.ClientResponse) -> dict[str, Any]:
         """Read a JSON reply; raise the matching error for a non-2xx status."""

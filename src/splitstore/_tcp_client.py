@@ -157,8 +157,10 @@ class TcpRemote:
             return
         async with self._link() as link:
             with self._translating():
-                await link.request("get_stripe", {"object_id": object_id, "version_id": version_id})
-                length = stripe_length(await link.read_response(), self.label)
+                async with self._exchange():  # the head; each read of the body has its own
+                    request = {"object_id": object_id, "version_id": version_id}
+                    await link.request("get_stripe", request)
+                    length = stripe_length(await link.read_response(), self.label)
             stripe = _TcpStripe(link, length)
             yield stripe  # the caller's errors are its own; reads translate themselves
             with self._translating(in_body=True):
@@ -241,9 +243,11 @@ class TcpRemote:
                 except (ConnectionError, OSError):
                     # The server may have refused mid-upload (disk full, ...) and closed:
                     # its ERROR frame says why, so read it before blaming the network.
-                    await link.read_reply()
+                    async with self._exchange():
+                        await link.read_reply()
                     raise
-                return await link.read_reply()
+                async with self._exchange():
+                    return await link.read_reply()
 
     async def _fetch_body(
         self, op: str, fields: dict[str, Any], limit: int
@@ -251,16 +255,17 @@ class TcpRemote:
         """One exchange whose response body is read whole, up to ``limit`` bytes."""
         async with self._link() as link:
             with self._translating():
-                await link.request(op, fields)
-                reply = await link.read_response()
-                parts, size = [], 0
-                async for piece in link.body():
-                    size += len(piece)
-                    if size > limit:
-                        raise ProtocolError(
-                            f"the {self.label} sent an oversized batch", server=self.label
-                        )
-                    parts.append(piece)
+                async with self._exchange():
+                    await link.request(op, fields)
+                    reply = await link.read_response()
+                    parts, size = [], 0
+                    async for piece in link.body():
+                        size += len(piece)
+                        if size > limit:
+                            raise ProtocolError(
+                                f"the {self.label} sent an oversized batch", server=self.label
+                            )
+                        parts.append(piece)
         return reply, b"".join(parts)
 
     # -- helpers -------------------------------------------------------------------------
@@ -268,8 +273,15 @@ class TcpRemote:
     async def _simple(self, op: str, fields: dict[str, Any]) -> dict[str, Any]:
         async with self._link() as link:
             with self._translating():
-                await link.request(op, fields)
-                return await link.read_reply()
+                async with self._exchange():
+                    await link.request(op, fields)
+                    return await link.read_reply()
+
+    def _exchange(self) -> asyncio.Timeout:
+        """The deadline of an exchange of bounded size (a request, its reply, a batch's
+        body): io_timeout in all. Each read also has io_timeout of its own, so without it a
+        server sending a byte now and then would hold the exchange for days."""
+        return asyncio.timeout(self._io_timeout)
 
     @contextlib.contextmanager
     def _translating(self, *, in_body: bool = False) -> Iterator[None]:
