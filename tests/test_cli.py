@@ -661,6 +661,15 @@ def test_out_of_range_numbers_are_one_clear_line(
     assert list((tmp_path / "here").iterdir()) == []  # nothing was made
 
 
+def test_serve_with_a_config_refuses_a_host_it_would_ignore(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """With a config, the servers listen on its hosts: --host was dropped without a word."""
+    code, _, err = run(capsys, "serve", "--host", "0.0.0.0")
+    assert code == 2
+    one_error(err, "--host only apply to one server alone")
+
+
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         main(["--version"])

@@ -1203,7 +1203,7 @@ def test_a_servers_words_reach_the_user_as_one_safe_line() -> None:
     bidirectional overrides, and kilobytes of them: escaped, and cut short."""
     from splitstore._remote import SERVER_TEXT_CHARS, error_for_code
 
-    forged = "x\n\x1b[2K\rsplitstore: all files verified OK \u202e" + "A" * 60_000
+    forged = "x\n\x1b[2K\rsplitstore: all files verified OK \u202e\u200f\ud800" + "A" * 60_000
     message = str(error_for_code("conflict", forged, "tcp server at 127.0.0.1:1"))
     assert message.isprintable()
     assert "\\u001b" in message

@@ -804,15 +804,19 @@ def test_links_with_absurdly_deep_names_stop_the_scan_not_the_machine(tmp_path: 
     assert peak < 64 * MiB
 
 
-def test_ppmd_model_memory_counts_as_a_dictionary() -> None:
-    """py7zr allocates a PPMd model of the size a 7z block declares (up to 4 GiB)."""
+def test_ppmd_model_memory_is_bounded_but_7zip_presets_pass() -> None:
+    """py7zr allocates a PPMd model of the size a 7z block declares (up to 4 GiB); 7-Zip's
+    strongest preset (192 MiB) still scans."""
     import struct
 
-    from splitstore.scanning._archives import _7z_dictionary
+    from splitstore.scanning._archives import _7z_too_costly
 
-    ppmd = {"method": b"\x03\x04\x01", "properties": bytes([6]) + struct.pack("<I", 1 << 30)}
-    folder = type("Folder", (), {"coders": [ppmd]})()
-    assert _7z_dictionary(folder) == 1 << 30
+    def folder(model: int) -> object:
+        ppmd = {"method": b"\x03\x04\x01", "properties": bytes([6]) + struct.pack("<I", model)}
+        return type("Folder", (), {"coders": [ppmd]})()
+
+    assert _7z_too_costly(folder(1 << 30)) == (1 << 30, "PPMd model")
+    assert _7z_too_costly(folder(192 * MiB)) is None
 
 
 def _gnu_sparse_tar(map_blocks: int) -> bytes:
@@ -842,11 +846,10 @@ def _gnu_sparse_tar(map_blocks: int) -> bytes:
 def test_a_sparse_map_is_read_within_the_header_bound(tmp_path: Path) -> None:
     """tarfile reads an old GNU sparse member's whole map in one step, an entry per
     region: read through a counter, it stops at the extended headers' bound."""
-    limits = ArchiveLimits(max_header_bytes=MiB)
     path = write(tmp_path, "sparse.tar", _gnu_sparse_tar(4 * 2048))  # 4 MiB of map
     tracemalloc.start()
     try:
-        found = scan(path, engine(limits))
+        found = scan(path)  # the default bound: 16 MiB of headers, a 16th of it for maps
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

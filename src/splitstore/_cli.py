@@ -345,6 +345,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 ("--token-file", args.token_file),
                 ("--tenants-file", args.tenants_file),
                 ("--no-tls", args.no_tls or None),
+                ("--host", args.host),  # with a config, its own host is where they listen
             ]
             if value is not None
         ]
@@ -367,7 +368,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         specs = [
             ServerSpec(
                 kind=args.kind,
-                host=args.host,
+                host=args.host or "127.0.0.1",
                 port=args.port,
                 data_dir=Path(args.data_dir),
                 token_file=Path(args.token_file) if args.token_file else None,
@@ -556,7 +557,9 @@ def _build_parser() -> argparse.ArgumentParser:
         choices=["https", "tcp"],
         help="run only this server, set up by the options below instead of a config",
     )
-    p.add_argument("--host", default="127.0.0.1", help="one server: address to listen on")
+    p.add_argument(
+        "--host", help="one server: address to listen on (default 127.0.0.1; 0.0.0.0: all)"
+    )
     p.add_argument("--port", type=int, help="one server: port to listen on")
     p.add_argument("--data-dir", metavar="DIR", help="one server: folder to store data in")
     p.add_argument("--cert", metavar="PEM", help="one server: TLS certificate")

@@ -35,6 +35,7 @@ from ._remote import (
     read_put_stripes_reply,
     read_record_lines,
     record_lines_body,
+    server_text,
     split_stripes,
     stripe_index,
     stripe_keys,
@@ -71,6 +72,7 @@ class HttpsRemote:
         self._token = token
         self._ssl = ssl_context
         self._io_timeout = io_timeout
+        self._connect_timeout = connect_timeout
         # Where the blocking connections of large fetches go (``_http_bulk``).
         self._bulk_at = Endpoint(
             host, port, token, ssl_context, connect_timeout, io_timeout, self.label
@@ -274,8 +276,8 @@ class HttpsRemote:
         """The deadline of an exchange of bounded size (a request and its reply, or a
         stripe's head): io_timeout in all. aiohttp's read time-out is per read, so without
         it a server sending a byte now and then (or 100 Continue without end) would hold
-        the exchange for days."""
-        return asyncio.timeout(self._io_timeout)
+        the exchange for days. aiohttp's connect, within it, has connect_timeout."""
+        return asyncio.timeout(self._connect_timeout + self._io_timeout)
 
     async def _json(self, resp: aiohttp.ClientResponse) -> dict[str, Any]:
         """Read a JSON reply; raise the matching error for a non-2xx status."""
@@ -338,7 +340,7 @@ class HttpsRemote:
             ) from exc
         except http.client.HTTPException as exc:
             raise ServerUnavailableError(
-                f"talking to the {label} failed: {exc!r}", server=label
+                f"talking to the {label} failed: {server_text(repr(exc))}", server=label
             ) from exc
         except OSError as exc:  # ssl.SSLError included
             raise connection_error(exc, label, in_body=in_body) from exc

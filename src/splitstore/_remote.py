@@ -8,7 +8,6 @@ refusal reads the same whichever server sent it.
 from __future__ import annotations
 
 import errno
-import re
 import socket
 import ssl
 from collections.abc import AsyncIterator, Sequence
@@ -116,16 +115,15 @@ def raise_for_code(code: str, message: str, label: str) -> NoReturn:
     raise error_for_code(code, message, label)
 
 
-# What a server's words may not bring to a terminal: control characters (escape
-# sequences, line breaks) and the bidirectional overrides that reorder what is shown.
-_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 SERVER_TEXT_CHARS = 300
 
 
 def server_text(text: str) -> str:
-    """A server's own words as one safe line: what could act on a terminal escaped, and
-    at most SERVER_TEXT_CHARS characters of it (a server may send kilobytes)."""
-    shown = _UNPRINTABLE.sub(lambda m: f"\\u{ord(m.group()):04x}", text[:SERVER_TEXT_CHARS])
+    """A server's own words as one safe line: every character that is not printable (line
+    breaks, escape sequences, bidirectional marks, lone surrogates) escaped, and at most
+    SERVER_TEXT_CHARS characters of it (a server may send kilobytes)."""
+    cut = text[:SERVER_TEXT_CHARS]
+    shown = "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in cut)
     return shown + ("..." if len(text) > SERVER_TEXT_CHARS else "")
 
 

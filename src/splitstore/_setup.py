@@ -306,7 +306,7 @@ def render_config(
         f"ca_file = {rel(paths.ca_cert)}\n"
         "\n"
         "# Optional: seconds to wait for a connection, and for each read or write (and\n"
-        "# for a whole request and reply, but for a stripe's body, which streams).\n"
+        "# for a whole request and its reply, but for what streams: stripes, listings).\n"
         "# connect_timeout = 10.0\n"
         "# io_timeout = 60.0\n"
         "\n"
@@ -482,8 +482,8 @@ def _checked_host(host: str) -> str:
         raise UsageError(
             f"{host} means every address to listen on, but no client can connect to it: give "
             "the host name or address clients use (it goes into the certificate); to listen "
-            "on every address, start each server with 'splitstore serve https|tcp --host "
-            f"{host}'"
+            f"on every address, run each server alone with 'splitstore serve https|tcp --host "
+            f"{host} ...' (README: 'Running each server on its own machine')"
         )
     return host
 

@@ -415,6 +415,8 @@ _XZ_MAGIC = b"\xfd7zXZ\x00"
 #: The largest LZMA dictionary a decoder may use: enough for "xz -9e" and 7-Zip's "ultra"
 #: (64 MiB), not for a crafted 1.5 GiB (the dictionary fills as far as the output goes).
 _MAX_DICTIONARY = 128 * _MiB
+# 7-Zip's PPMd at its strongest (-mx=9) takes 192 MiB of model (older versions 256).
+_MAX_PPMD_MODEL = 256 * _MiB
 # Path components of link members kept to see whether a member lies under a link: ample
 # for any real archive (a name of 4,096 bytes has at most 2,048), bounded for a crafted one.
 _MAX_LINK_NODES = 200_000
@@ -772,12 +774,15 @@ class _LinkTree:
         self._nodes = 0
 
     def add(self, parts: list[str]) -> None:
-        self._nodes += len(parts)
-        if self._nodes > _MAX_LINK_NODES:
-            raise _Stop("too-many-links", "its links' names are too many or too deep to follow")
         node = self._root
         for part in parts:
-            node = node.setdefault(part, {})
+            child = node.get(part)
+            if child is None:
+                self._nodes += 1
+                if self._nodes > _MAX_LINK_NODES:
+                    raise _Stop("too-many-links", "its links' names are too many or too deep")
+                child = node[part] = {}
+            node = child
         node[self._MARK] = {}
 
     def under_link(self, parts: list[str]) -> str | None:
@@ -1095,12 +1100,18 @@ class _BoundedTarInfo(tarfile.TarInfo):
         once, keeping an entry per region (some 11 bytes of memory per byte of map). Its
         blocks are read here through a counter, up to the extended headers' bound."""
         source = archive.fileobj
-        archive.fileobj = cast(Any, _CountedReads(source, self.max_extended, "a sparse map"))
+        limit = self.max_extended // _SPARSE_MAP_SHARE
+        archive.fileobj = cast(Any, _CountedReads(source, limit, "a sparse map"))
         try:
             read: tarfile.TarInfo = super()._proc_sparse(archive)  # type: ignore[misc]
             return read
         finally:
             archive.fileobj = source
+
+
+# A sparse map costs some ten times its bytes as tarfile's tuples (a map of 1 MiB, the
+# default bound's share, is about 10 MiB): it gets a 16th of the extended headers' bound.
+_SPARSE_MAP_SHARE = 16
 
 
 class _CountedReads:
@@ -1413,8 +1424,8 @@ def _7z_header_streams(data: bytes) -> tuple[int, bool] | None:
             sizes = folder.unpacksizes
             unpacked += max(sizes) if isinstance(sizes, list | tuple) else int(sizes)
             encrypted |= _7z_encrypted(folder)
-            if _7z_dictionary(folder) > _MAX_DICTIONARY:
-                unpacked = max(unpacked, _7z_dictionary(folder))  # as costly as that
+            if (costly := _7z_too_costly(folder)) is not None:
+                unpacked = max(unpacked, costly[0])  # as costly as that
         return unpacked, encrypted
     except Exception:  # an internal API: a parse failure here is py7zr's to report
         return None
@@ -1429,19 +1440,27 @@ _7Z_LZMA2 = b"\x21"
 _7Z_PPMD = b"\x03\x04\x01"
 
 
-def _7z_dictionary(folder: Any) -> int:
-    """The largest memory a 7z block's coders declare for their model (0 if none): an
-    LZMA dictionary, or PPMd's model memory (up to 4 GiB, allocated as declared)."""
-    largest = 0
+def _7z_too_costly(folder: Any) -> tuple[int, str] | None:
+    """What a 7z block's decoder would allocate past our bounds, as (bytes, what), or
+    None: an LZMA dictionary over _MAX_DICTIONARY, or a PPMd model (allocated as declared,
+    up to 4 GiB) over _MAX_PPMD_MODEL."""
+    dictionary = model = 0
     for coder in getattr(folder, "coders", None) or ():
         props = coder.get("properties") or b""
-        if coder.get("method") == _7Z_LZMA2 and props:
+        method = coder.get("method")
+        if method == _7Z_LZMA2 and props:
             code = props[0]
             size = 0xFFFFFFFF if code >= 40 else (2 | (code & 1)) << (code // 2 + 11)
-            largest = max(largest, size)
-        elif coder.get("method") in (_7Z_LZMA, _7Z_PPMD) and len(props) >= 5:
-            largest = max(largest, struct.unpack_from("<I", props, 1)[0])  # after 1 byte
-    return largest
+            dictionary = max(dictionary, size)
+        elif method == _7Z_LZMA and len(props) >= 5:
+            dictionary = max(dictionary, struct.unpack_from("<I", props, 1)[0])
+        elif method == _7Z_PPMD and len(props) >= 5:  # the order, then the model's size
+            model = max(model, struct.unpack_from("<I", props, 1)[0])
+    if dictionary > _MAX_DICTIONARY:
+        return dictionary, "dictionary"
+    if model > _MAX_PPMD_MODEL:
+        return model, "PPMd model"
+    return None
 
 
 def _7z_targets(scan: _Scan, archive: Any, size: int) -> list[Any]:
@@ -1462,8 +1481,8 @@ def _7z_targets(scan: _Scan, archive: Any, size: int) -> list[Any]:
             scan.link(member.filename, display, None, hard=False)
         elif _7z_encrypted(folder):
             scan.add("archive-encrypted", "encrypted-member", "member is encrypted", display)
-        elif _7z_dictionary(folder) > _MAX_DICTIONARY:
-            detail = f"its block needs a {_7z_dictionary(folder) // _MiB} MiB dictionary"
+        elif (costly := _7z_too_costly(folder)) is not None:
+            detail = f"its block needs a {costly[0] // _MiB} MiB {costly[1]}"
             scan.add("not-scanned", "dictionary-too-large", detail, display)
         elif member.uncompressed > scan.limits.max_member_bytes:
             scan.too_large(display)
