@@ -31,14 +31,15 @@ SERVER_LIMIT_MIB = 150
 _MEASURED_CLI = """
 import atexit, sys
 from pathlib import Path
+out = Path(sys.argv[1])
 def report():
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
-            Path(sys.argv[1]).write_text(line.split()[1])
+            out.write_text(line.split()[1])
 atexit.register(report)
 from splitstore._cli import main
-code = main(sys.argv[2:])
-sys.exit(code)
+sys.argv = ["splitstore", *sys.argv[2:]]
+sys.exit(main())  # as the program: it sets up its own process (BLAS threads, malloc)
 """
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import math
 import os
 import sys
@@ -46,6 +47,7 @@ Command = Callable[[argparse.Namespace], int]
 def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:  # run as the program, so this process is ours to set up
         _one_blas_thread()
+        _two_malloc_arenas()
     parser = _build_parser()
     args = parser.parse_args(argv)
     configure_logging(args.verbose)
@@ -79,6 +81,22 @@ def _one_blas_thread() -> None:
     a fifth of a small `put`.
     A user's own setting is kept. (The library leaves its host process's BLAS alone.)"""
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
+def _two_malloc_arenas() -> None:
+    """glibc gives threads that allocate at once arenas of their own, up to eight per
+    core, and each keeps what it freed: a store's or fetch's worker threads (reading,
+    sealing, hashing, writing) then leave the process larger than its buffers need. Two
+    arenas took a scanned 256 MiB `put` from peaks of 125-130 MiB to 118-122, in the same
+    time. Before any thread starts, and only where the C library is glibc (the same as
+    MALLOC_ARENA_MAX=2, which a user's own setting overrides)."""
+    if sys.platform != "linux" or "MALLOC_ARENA_MAX" in os.environ:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(_M_ARENA_MAX, 2)
+
+
+_M_ARENA_MAX = -8  # glibc's malloc.h
 
 
 def _fail(message: str, verbose: bool) -> None:
