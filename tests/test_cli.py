@@ -667,7 +667,7 @@ def test_serve_with_a_config_refuses_a_host_it_would_ignore(
     """With a config, the servers listen on its hosts: --host was dropped without a word."""
     code, _, err = run(capsys, "serve", "--host", "0.0.0.0")
     assert code == 2
-    one_error(err, "--host only apply to one server alone")
+    one_error(err, "--host only applies to one server alone")
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:

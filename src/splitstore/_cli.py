@@ -369,7 +369,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         ]
         if alone:
             raise UsageError(
-                f"{', '.join(alone)} only apply to one server alone: "
+                f"{', '.join(alone)} only {'apply' if len(alone) > 1 else 'applies'} to one "
+                "server alone: "
                 "say which ('serve tcp ...' or 'serve https ...')"
             )
         specs = config_specs(load_config(args.config))
