@@ -1209,3 +1209,18 @@ def test_a_servers_words_reach_the_user_as_one_safe_line() -> None:
     assert "\\u001b" in message
     assert "\\u202e" in message
     assert len(message) < SERVER_TEXT_CHARS + 200
+
+
+def test_not_found_in_the_middle_of_a_body_is_not_no_such_object() -> None:
+    """Before the body, 'not_found' means the object is not stored (exit 3); once its
+    data has begun, it is the server failing mid-transfer, and named."""
+    from splitstore import NotFoundError, ServerError
+    from splitstore import _protocol as p
+    from splitstore._tcp_steps import body_piece, response_fields
+
+    with pytest.raises(NotFoundError):
+        response_fields(p.Error("not_found", "no such stripe"), "tcp server at h:1")
+    with pytest.raises(ServerError, match="in the middle of the data") as raised:
+        body_piece(p.Error("not_found", "gone"), "tcp server at h:1")
+    assert not isinstance(raised.value, NotFoundError)
+    assert raised.value.server == "tcp server at h:1"

@@ -10,7 +10,7 @@ from collections.abc import Callable, Generator
 from typing import Any, Final
 
 from . import _protocol as p
-from ._errors import ProtocolError
+from ._errors import ProtocolError, ServerError
 from ._remote import raise_for_code, server_text
 from ._version import __version__
 
@@ -84,6 +84,11 @@ def body_piece(event: Any, label: str) -> bytes | None:
     if isinstance(event, p.End):
         return None
     if isinstance(event, p.Error):
+        if event.code == "not_found":  # the body had begun: not "no such object"
+            raise ServerError(
+                f"the {label} stopped in the middle of the data it was sending (not_found)",
+                server=label,
+            )
         raise_for_code(event.code, event.message, label)
     raise p.ProtocolViolation("expected DATA or END")
 
