@@ -20,6 +20,7 @@ its time-out; the cancellation is raised only once the thread has ended, as
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import socket
@@ -111,7 +112,7 @@ class BulkSocket:
         shut_down(sock)
 
 
-class BulkOpener:
+class BulkOpener(abc.ABC):
     """What opens a bulk connection for one stripe, in a bulk thread (each remote's
     ``open``): where to (``_at``), its socket as it is made (``_held``, which ``cancel``
     shuts down from any thread), and how a read of the body translates its errors into
@@ -129,9 +130,9 @@ class BulkOpener:
     def cancel(self) -> None:
         self._held.cancel()
 
+    @abc.abstractmethod
     def close(self) -> None:
         """Close the connection, whatever step it reached (each opener's own)."""
-        raise NotImplementedError
 
     @contextlib.asynccontextmanager
     async def stripe(

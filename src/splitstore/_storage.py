@@ -588,8 +588,9 @@ class LocalDiskStore:
         for path in folder.iterdir():
             stem, dot, suffix = path.name.partition(".")
             dropped = bool(dot) and suffix in ("stripe", "meta") and stem not in keep
-            cut_off = not stem and suffix.endswith(".tmp")  # ".XXXXXXXX.tmp"
-            if dropped or cut_off:
+            # _atomic_write's and _stage's temp names: "." and a random stem, then ".tmp".
+            crash_leftover = not stem and suffix.endswith(".tmp")
+            if dropped or crash_leftover:
                 doomed.append(path)
         doomed.sort(key=lambda path: not path.name.endswith(".meta"))
         for path in doomed:
